@@ -1,0 +1,28 @@
+"""Request dependencies: typed access to the process State."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.core.errors import NotReady
+from app.inference.worker import BatchWorker
+from app.lifespan import State
+
+
+def get_state(request: Request) -> State:
+    state: State = request.app.state.vs
+    return state
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+def get_worker(state: StateDep) -> BatchWorker:
+    if state.worker is None or not state.worker.running:
+        raise NotReady("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+    return state.worker
+
+
+WorkerDep = Annotated[BatchWorker, Depends(get_worker)]

@@ -1,0 +1,47 @@
+"""Liveness and readiness probes."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from app.api.deps import StateDep
+from app.api.schemas import HealthRead, ModelRead, ReadyRead
+
+router = APIRouter(tags=["health"])
+
+
+@router.get(
+    "/health",
+    summary="Liveness probe",
+    description="200 while the process runs, whatever the state of the model or database.",
+)
+async def health() -> HealthRead:
+    return HealthRead(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyRead,
+    summary="Readiness probe",
+    description=(
+        "200 when the service can answer searches: the model is loaded and the inference "
+        "worker runs. 503 (same body, `status: starting`) otherwise. Load balancers and the "
+        "Docker HEALTHCHECK use this."
+    ),
+    responses={503: {"model": ReadyRead, "description": "Not ready yet."}},
+)
+async def ready(state: StateDep) -> ReadyRead | JSONResponse:
+    checks = {
+        "model": state.embedder is not None,
+        "worker": state.worker is not None and state.worker.running,
+    }
+    model = None
+    if state.embedder is not None:
+        model = ModelRead(**state.embedder.describe(), fallback=state.model_fallback)
+    body = ReadyRead(
+        status="ready" if all(checks.values()) else "starting", checks=checks, model=model
+    )
+    if body.status != "ready":
+        return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})
+    return body

@@ -1,0 +1,217 @@
+"""`vsearch bench embed`: the inference path against the model card's loop, side by side.
+
+All figures come from one run on the same images:
+
+- `reference`: the card's code, one image at a time, fp32 (decode included);
+- `worker_bs{N}`: the service's BatchWorker with max batch N and C concurrent callers
+  (decode included), plus the worst cosine of its embeddings against the reference;
+- `machine`: measured GEMM throughput (fp32, bf16) and the model's GFLOPs per image, so
+  each throughput is also given as a fraction of the roofline for its precision.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from app.imaging.decode import decode_image
+from app.inference.model import Embedder, ModelConfig, build_module, load_model
+from app.inference.worker import BatchWorker
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+def load_image_bytes(count: int, images_dir: Path | None, seed: int = 0) -> list[bytes]:
+    """`count` encoded images: files from `images_dir` (sorted, cycled) or synthetic JPEGs."""
+    if images_dir is not None:
+        files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"no images under {images_dir}")
+        return [files[i % len(files)].read_bytes() for i in range(count)]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        h, w = int(rng.integers(300, 700)), int(rng.integers(300, 700))
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        arr = np.stack(
+            [
+                127 + 120 * np.sin(xx / (7 + i % 13)),
+                127 + 120 * np.cos(yy / (5 + i % 11)),
+                rng.random((h, w)) * 255,
+            ],
+            axis=-1,
+        )
+        buf = io.BytesIO()
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def gemm_gflops(dtype: torch.dtype, size: int = 2048, seconds: float = 1.5) -> float:
+    """Sustained matrix-multiply GFLOP/s on this machine (best of sizes 1024/2048/4096)."""
+    best = 0.0
+    for n in (1024, size, 4096):
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        a @ b
+        reps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            a @ b
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def model_gflops(config: ModelConfig) -> float:
+    """Forward-pass GFLOPs per image (multiply-add counted as 2), on a fresh fp32 copy."""
+    module = build_module(config)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        module(torch.zeros(1, 3, config.input_size, config.input_size))
+    return counter.get_total_flops() / 1e9
+
+
+def run_reference(model_dir: Path, images: list[bytes]) -> tuple[float, np.ndarray]:
+    from app.benchmarks.reference import CardPipeline
+
+    pipe = CardPipeline(model_dir)
+    pipe.embed_one(Image.open(io.BytesIO(images[0])))
+    rows = []
+    start = time.perf_counter()
+    for data in images:
+        rows.append(pipe.embed_one(Image.open(io.BytesIO(data))).numpy())
+    elapsed = time.perf_counter() - start
+    return len(images) / elapsed, np.stack(rows)
+
+
+def run_worker(
+    embedder: Embedder,
+    images: list[bytes],
+    *,
+    max_size: int,
+    callers: int,
+    max_wait_ms: float,
+    preprocess_threads: int,
+) -> tuple[float, np.ndarray, float]:
+    """Throughput with `callers` concurrent requests, as the service runs them: an event
+    loop, decoding on a thread, one image per request through `BatchWorker.embed`."""
+    worker = BatchWorker(
+        embedder,
+        max_size=max_size,
+        max_wait_ms=max_wait_ms,
+        queue_size=max(len(images), 1024),
+        preprocess_threads=preprocess_threads,
+    )
+    worker.start()
+    out = np.zeros((len(images), embedder.embedding_dim), dtype=np.float32)
+
+    async def request(i: int, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            image = await asyncio.to_thread(decode_image, images[i], max_pixels=10**9)
+            out[i] = (await worker.embed([image]))[0]
+
+    async def load() -> float:
+        limit = asyncio.Semaphore(callers)
+        await asyncio.gather(*(request(i, limit) for i in range(min(max_size, 4))))
+        worker.stats.batch_sizes.clear()
+        start = time.perf_counter()
+        await asyncio.gather(*(request(i, limit) for i in range(len(images))))
+        return time.perf_counter() - start
+
+    try:
+        elapsed = asyncio.run(load())
+        sizes = worker.stats.batch_sizes
+        mean_batch = float(np.mean(sizes)) if sizes else 0.0
+    finally:
+        worker.shutdown()
+    return len(images) / elapsed, out, mean_batch
+
+
+def run_embed_benchmark(
+    model_dir: Path,
+    *,
+    n_images: int = 64,
+    images_dir: Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 8, 32),
+    callers: int = 16,
+    device: str = "auto",
+    precision: str = "auto",
+    max_wait_ms: float = 5.0,
+    preprocess_threads: int = 2,
+    compile_model: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    say = progress or (lambda _msg: None)
+    images = load_image_bytes(n_images, images_dir)
+    say(f"reference loop on {n_images} images")
+    ref_ips, ref_rows = run_reference(model_dir, images)
+
+    embedder = load_model(model_dir, device=device, precision=precision)
+    rows: list[dict[str, Any]] = [
+        {"name": "reference", "precision": "fp32", "images_per_s": round(ref_ips, 3)}
+    ]
+
+    def measure(suffix: str) -> None:
+        for bs in batch_sizes:
+            say(f"worker{suffix}, batch {bs}, {callers} callers")
+            ips, out, mean_batch = run_worker(
+                embedder,
+                images,
+                max_size=bs,
+                callers=callers,
+                max_wait_ms=max_wait_ms,
+                preprocess_threads=preprocess_threads,
+            )
+            rows.append(
+                {
+                    "name": f"worker_bs{bs}{suffix}",
+                    "precision": embedder.precision,
+                    "images_per_s": round(ips, 3),
+                    "speedup_vs_reference": round(ips / ref_ips, 3),
+                    "mean_batch": round(mean_batch, 2),
+                    "min_cosine_vs_reference": round(float(np.min(np.sum(out * ref_rows, 1))), 6),
+                }
+            )
+
+    measure("")
+    if compile_model:
+        say("torch.compile (about a minute for large models)")
+        started = time.perf_counter()
+        if embedder.compile():
+            compile_s = time.perf_counter() - started
+            measure("_compiled")
+            rows[-1]["compile_s"] = round(compile_s, 1)
+    say("machine roofline")
+    flops = model_gflops(embedder.config)
+    gemm = {"fp32": gemm_gflops(torch.float32), "bf16": gemm_gflops(torch.bfloat16)}
+    for row in rows:
+        peak = gemm.get(row["precision"], gemm["fp32"])
+        row["roofline_images_per_s"] = round(peak / flops, 3)
+        row["fraction_of_roofline"] = round(row["images_per_s"] * flops / peak, 3)
+    best = max(rows[1:], key=lambda r: r["images_per_s"])
+    return {
+        "model": embedder.describe(),
+        "images": n_images,
+        "callers": callers,
+        "torch_threads": torch.get_num_threads(),
+        "machine": {
+            "gemm_gflops_fp32": round(gemm["fp32"], 1),
+            "gemm_gflops_bf16": round(gemm["bf16"], 1),
+            "model_gflops_per_image": round(flops, 3),
+        },
+        "rows": rows,
+        "best": {
+            "name": best["name"],
+            "speedup_vs_reference": best["speedup_vs_reference"],
+            "fraction_of_roofline": best["fraction_of_roofline"],
+        },
+    }

@@ -1,0 +1,102 @@
+"""Service settings: one pydantic-settings class, read from `VS_*` environment variables.
+
+Nested groups use `__` (e.g. `VS_BATCH__MAX_SIZE=16`). Every field here is documented in
+the README's configuration table; a test fails when the two drift apart.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "Trendyol/e-commerce-product-image-encoder"
+
+
+class BatchSettings(BaseModel):
+    """Micro-batching of the inference worker."""
+
+    max_size: int = Field(32, ge=1, le=1024, description="Most images in one forward pass.")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="Longest wait for a batch to fill after its first image."
+    )
+    queue_size: int = Field(
+        256, ge=1, description="Images waiting for the model before requests get 503."
+    )
+    preprocess_threads: int = Field(
+        2, ge=1, le=64, description="Threads that decode, crop and resize images."
+    )
+
+
+class ImageSettings(BaseModel):
+    """Limits applied to every image that enters the service."""
+
+    max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (pixels).")
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image file (bytes).")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="Total time allowed per URL download.")
+    fetch_connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout per URL.")
+    fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed.")
+
+
+class Settings(BaseSettings):
+    """All configuration of the service and the CLI."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VS_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        protected_namespaces=(),
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses unsafe settings."
+    )
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Model directory (config.json + model.safetensors) or a hub id.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Inference precision; auto = fp16 on CUDA, bf16 on capable CPUs."
+    )
+    data_dir: Path = Field(Path("./data"), description="SQLite file, index files, cached models.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default: SQLite file under the data directory."
+    )
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    image: ImageSettings = Field(default_factory=ImageSettings)
+    allow_private_urls: bool = Field(
+        False, description="Allow image URLs on private/loopback addresses (tests, trusted nets)."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="Log level."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="json lines, plain text, or auto (text on a terminal, else json)."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the model at start (about a minute; ~40% faster on CPU).",
+    )
+    warmup: bool = Field(True, description="Run the model once at start (and check precision).")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_in_production(self) -> Settings:
+        if self.environment == "production" and self.allow_private_urls:
+            raise ValueError("VS_ALLOW_PRIVATE_URLS must not be enabled in production")
+        return self
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under `data_dir`."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'vsearch.db').resolve()}"

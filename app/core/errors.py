@@ -1,0 +1,88 @@
+"""The service's error hierarchy: each error knows its HTTP status and stable code.
+
+One exception handler (app.main) renders every `ServiceError` as
+`{"error": {"code": "...", "message": "..."}}`; routes list the errors they raise in
+`responses=` so the OpenAPI docs show them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """Base of every error a client may see."""
+
+    status_code: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    status_code = 422
+    code = "invalid_request"
+
+
+class ImageUndecodable(ServiceError):
+    status_code = 422
+    code = "image_undecodable"
+
+
+class ImageTooLarge(ServiceError):
+    status_code = 413
+    code = "image_too_large"
+
+
+class InvalidBox(ServiceError):
+    status_code = 422
+    code = "invalid_box"
+
+
+class UrlNotAllowed(ServiceError):
+    status_code = 422
+    code = "url_not_allowed"
+
+
+class ImageFetchFailed(ServiceError):
+    status_code = 422
+    code = "image_fetch_failed"
+
+
+class ProductNotFound(ServiceError):
+    status_code = 404
+    code = "product_not_found"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class RateLimited(ServiceError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class Overloaded(ServiceError):
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str = "The service is busy; retry shortly.", retry_after: int = 1):
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
+class NotReady(ServiceError):
+    status_code = 503
+    code = "not_ready"
+
+
+class ModelLoadError(Exception):
+    """The model directory is missing, malformed, or does not match its config."""
+
+
+class ModelUnavailable(ModelLoadError):
+    """A hub model could not be downloaded and is not cached."""
