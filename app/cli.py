@@ -55,6 +55,29 @@ def serve(
     )
 
 
+@cli.command("config")
+def config_table(
+    readme: Annotated[
+        Path | None, typer.Option(help="Rewrite the table between the markers in this file.")
+    ] = None,
+) -> None:
+    """Print the configuration table (Markdown) generated from the settings class."""
+    from app.core.config import settings_markdown
+
+    table = settings_markdown()
+    if readme is None:
+        print(table)
+        return
+    text = readme.read_text()
+    start, end = "<!-- config-table:start -->", "<!-- config-table:end -->"
+    if start not in text or end not in text:
+        raise typer.BadParameter(f"{readme} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
+    err.print(f"updated the configuration table in {readme}")
+
+
 @model_cli.command("init-random")
 def model_init_random(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write.")],

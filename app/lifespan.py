@@ -11,14 +11,23 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI
 
+from app.catalogue import repository as repo
+from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
+from app.core.database import Database
 from app.core.errors import ModelUnavailable
+from app.core.migrations import ensure_schema
+from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.inference.model import CONFIG_FILE, Embedder, load_model
 from app.inference.worker import BatchWorker
 
 LOG = logging.getLogger(__name__)
 
 FALLBACK_MODEL_DIR = "models/efficientnet-lite0-imagenet"
+
+
+class ModelMismatch(RuntimeError):
+    """The catalogue holds embeddings of another model than the one loaded."""
 
 
 @dataclass
@@ -28,7 +37,11 @@ class State:
     settings: Settings
     embedder: Embedder | None = None
     worker: BatchWorker | None = None
+    db: Database | None = None
+    fetcher: ImageFetcher | None = None
+    catalogue: CatalogueService | None = None
     model_fallback: bool = False
+    write_keys: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -51,7 +64,7 @@ def load_embedder(settings: Settings) -> tuple[Embedder, bool]:
 
         target = settings.data_dir / FALLBACK_MODEL_DIR
         LOG.warning(
-            "!!! %s. FALLING BACK to the generic ImageNet EfficientNet-Lite0 model in %s: "
+            "!!! %s FALLING BACK to the generic ImageNet EfficientNet-Lite0 model in %s: "
             "search works, but product-level quality is far below the Trendyol model. "
             "Embeddings carry the model id, so they will not mix with the real model's later.",
             exc,
@@ -60,6 +73,20 @@ def load_embedder(settings: Settings) -> tuple[Embedder, bool]:
         if not (target / CONFIG_FILE).is_file():
             init_pretrained(target)
         return load_model(target, settings.device, settings.precision), True
+
+
+def check_model_matches_catalogue(db: Database, model_id: str) -> None:
+    """Refuse to serve a catalogue embedded by another model (they must never mix)."""
+    with db.read() as session:
+        counts = repo.model_id_counts(session)
+    others = {m: n for m, n in counts.items() if m != model_id}
+    if others:
+        listing = ", ".join(f"{m} ({n} images)" for m, n in sorted(others.items()))
+        raise ModelMismatch(
+            f"The catalogue holds embeddings of another model: {listing}; the loaded model is "
+            f"{model_id}. Set VS_MODEL back to that model, or re-embed the catalogue with "
+            "`vsearch reembed` before serving with the new one."
+        )
 
 
 def start_worker(settings: Settings, embedder: Embedder) -> BatchWorker:
@@ -74,12 +101,33 @@ def start_worker(settings: Settings, embedder: Embedder) -> BatchWorker:
     return worker
 
 
+def make_fetcher(settings: Settings) -> ImageFetcher:
+    return ImageFetcher(
+        FetchLimits(
+            max_bytes=settings.image.max_bytes,
+            connect_timeout_s=settings.image.fetch_connect_timeout_s,
+            total_timeout_s=settings.image.fetch_timeout_s,
+            max_redirects=settings.image.fetch_max_redirects,
+            allow_private=settings.allow_private_urls,
+        )
+    )
+
+
+def open_database(settings: Settings) -> Database:
+    db = Database(settings.resolved_database_url)
+    ensure_schema(db, migrate=settings.migrate_on_start)
+    return db
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     state: State = app.state.vs
     settings = state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    state.write_keys = settings.write_keys()
+    state.db = await asyncio.to_thread(open_database, settings)
     embedder, fallback = await asyncio.to_thread(load_embedder, settings)
+    await asyncio.to_thread(check_model_matches_catalogue, state.db, embedder.model_id)
     if settings.compile:
         await asyncio.to_thread(embedder.compile)
     if settings.warmup:
@@ -87,6 +135,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(embedder.warmup, sizes)
     state.embedder, state.model_fallback = embedder, fallback
     state.worker = start_worker(settings, embedder)
+    state.fetcher = make_fetcher(settings)
+    state.catalogue = CatalogueService(
+        state.db,
+        state.worker,
+        state.fetcher,
+        max_pixels=settings.image.max_pixels,
+        max_bytes=settings.image.max_bytes,
+    )
     LOG.info("ready: %s", embedder.describe())
     try:
         yield
@@ -94,3 +150,5 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         LOG.info("shutting down: draining the inference queue")
         await asyncio.to_thread(state.worker.shutdown, drain=True)
         state.worker = None
+        await state.fetcher.aclose()
+        state.db.dispose()

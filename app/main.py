@@ -6,7 +6,10 @@ from fastapi import FastAPI
 
 from app import __version__
 from app.api.errors import install_error_handlers
-from app.api.routes import health
+from app.api.limits import BodySizeLimit
+from app.api.openapi import install_openapi
+from app.api.routes import health, products
+from app.api.schemas import ProductsCreate
 from app.core.config import Settings
 from app.lifespan import State, lifespan
 
@@ -18,21 +21,31 @@ Self-hosted visual product search.
 * **Unify** the catalogue: product pairs that show the same item (`GET /duplicates`).
 
 Every error has the body `{"error": {"code": "...", "message": "..."}}`; the codes are
-listed under each route. Embeddings come from the model named in `GET /ready`
+listed under each route. Write routes need an `X-API-Key` header when the service has
+`VS_API_KEYS` set. Embeddings come from the model named in `GET /ready`
 (`model.model_id`).
 """
 
+TAGS = [
+    {"name": "products", "description": "Index and manage catalogue products."},
+    {"name": "health", "description": "Probes for orchestrators and load balancers."},
+]
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model and worker start in the lifespan."""
+    """Build the app; the model, database and worker start in the lifespan."""
     settings = settings or Settings()
     app = FastAPI(
         title="vsearch: visual product search",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        openapi_tags=TAGS,
     )
     app.state.vs = State(settings=settings)
     install_error_handlers(app)
+    app.include_router(products.router)
     app.include_router(health.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    install_openapi(app, [ProductsCreate])
     return app

@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.catalogue.service import CatalogueService
 from app.core.errors import NotReady
 from app.inference.worker import BatchWorker
 from app.lifespan import State
@@ -26,3 +27,14 @@ def get_worker(state: StateDep) -> BatchWorker:
 
 
 WorkerDep = Annotated[BatchWorker, Depends(get_worker)]
+
+
+def get_catalogue(state: StateDep) -> CatalogueService:
+    if state.catalogue is None:
+        raise NotReady(
+            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
+        )
+    return state.catalogue
+
+
+CatalogueDep = Annotated[CatalogueService, Depends(get_catalogue)]

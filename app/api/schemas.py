@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import datetime
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class ErrorBody(BaseModel):
@@ -48,3 +49,114 @@ class ReadyRead(BaseModel):
     status: str = Field(examples=["ready"], description="`ready` or `starting`.")
     checks: dict[str, bool] = Field(description="Each component and whether it is ready.")
     model: ModelRead | None = None
+
+
+# products -------------------------------------------------------------------------------
+class BoxIn(BaseModel):
+    """A box in pixels of the upright image (Products-10K convention)."""
+
+    x: float = Field(ge=0, description="Left edge.", examples=[0])
+    y: float = Field(ge=0, description="Top edge.", examples=[0])
+    w: float = Field(gt=0, description="Width.", examples=[300])
+    h: float = Field(gt=0, description="Height.", examples=[400])
+
+    def as_tuple(self) -> tuple[float, float, float, float]:
+        return (self.x, self.y, self.w, self.h)
+
+
+class ImageIn(BaseModel):
+    """One product image: exactly one of `url` or `data`."""
+
+    url: str | None = Field(
+        None,
+        max_length=4096,
+        description="Public http(s) URL of the image (private addresses are refused).",
+        examples=["https://cdn.example.com/sku-1/front.jpg"],
+    )
+    data: str | None = Field(
+        None, description="The image file, base64-encoded (JPEG, PNG, WebP or GIF)."
+    )
+    box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageIn:
+        if (self.url is None) == (self.data is None):
+            raise ValueError("give exactly one of `url` or `data`")
+        return self
+
+
+class ProductIn(BaseModel):
+    id: str = Field(
+        min_length=1,
+        max_length=256,
+        description="Your product id. Re-posting an id replaces that product.",
+        examples=["sku-123"],
+    )
+    title: str | None = Field(None, max_length=4096, examples=["Organic whole milk 1 L"])
+    category: str | None = Field(None, max_length=256, examples=["dairy"])
+    attributes: dict[str, Any] = Field(
+        default_factory=dict, description="Free-form JSON kept with the product."
+    )
+    images: list[ImageIn] = Field(min_length=1, max_length=64)
+
+
+class ProductsCreate(BaseModel):
+    products: list[ProductIn] = Field(min_length=1, description="Products to index.")
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "products": [
+                        {
+                            "id": "sku-123",
+                            "title": "Organic whole milk 1 L",
+                            "category": "dairy",
+                            "attributes": {"brand": "Arla"},
+                            "images": [{"url": "https://cdn.example.com/sku-123/front.jpg"}],
+                        }
+                    ]
+                }
+            ]
+        }
+    }
+
+
+class ProductResultRead(BaseModel):
+    id: str = Field(examples=["sku-123"])
+    status: Literal["created", "updated", "unchanged", "failed"]
+    images: int = Field(description="Images stored for the product (0 when failed).")
+    error: ErrorBody | None = Field(None, description="Why the product failed.")
+
+
+class ProductsCreateRead(BaseModel):
+    """One result per posted product, in the order posted."""
+
+    results: list[ProductResultRead]
+
+
+class ImageRead(BaseModel):
+    image_id: int = Field(description="The image's id in the index (search results name it).")
+    position: int
+    url: str | None = Field(None, description="Where the image was fetched from, if a URL.")
+    sha256: str
+    box: list[float] | None = None
+    width: int
+    height: int
+    model_id: str
+    embedding: list[float] | None = Field(None, description="Only with `?embeddings=true`.")
+
+
+class ProductRead(BaseModel):
+    id: str
+    title: str | None
+    category: str | None
+    attributes: dict[str, Any]
+    images: list[ImageRead]
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProductsRead(BaseModel):
+    products: list[ProductRead]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")

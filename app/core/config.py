@@ -68,6 +68,21 @@ class Settings(BaseSettings):
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
+    api_keys: str = Field(
+        "", description="Comma-separated API keys allowed to write (empty: writes are open)."
+    )
+    api_keys_file: Path | None = Field(
+        None, description="File with one write API key per line (added to VS_API_KEYS)."
+    )
+    max_products_per_request: int = Field(
+        64, ge=1, le=10_000, description="Most products in one POST /products."
+    )
+    max_request_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest request body, counted while streaming."
+    )
+    migrate_on_start: bool = Field(
+        True, description="Run database migrations at start (else refuse a schema behind)."
+    )
     allow_private_urls: bool = Field(
         False, description="Allow image URLs on private/loopback addresses (tests, trusted nets)."
     )
@@ -94,9 +109,45 @@ class Settings(BaseSettings):
             raise ValueError("VS_ALLOW_PRIVATE_URLS must not be enabled in production")
         return self
 
+    def write_keys(self) -> list[str]:
+        """The configured write API keys (from VS_API_KEYS and VS_API_KEYS_FILE)."""
+        keys = [k.strip() for k in self.api_keys.split(",") if k.strip()]
+        if self.api_keys_file is not None:
+            lines = self.api_keys_file.read_text().splitlines()
+            keys += [k.strip() for k in lines if k.strip() and not k.startswith("#")]
+        return keys
+
     @cached_property
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to a SQLite file under `data_dir`."""
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'vsearch.db').resolve()}"
+
+
+def settings_rows() -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting, nested ones flattened."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            annotation = info.annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{prefix}{name.upper()}__")
+                continue
+            default = info.get_default(call_default_factory=True)
+            shown = "(unset)" if default is None else str(default)
+            if isinstance(default, bool):
+                shown = str(default).lower()
+            rows.append((f"{prefix}{name.upper()}", shown, info.description or ""))
+
+    walk(Settings, "VS_")
+    return rows
+
+
+def settings_markdown() -> str:
+    """The README's configuration table, generated from `Settings`."""
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for env, default, description in settings_rows():
+        lines.append(f"| `{env}` | `{default}` | {description} |")
+    return "\n".join(lines)

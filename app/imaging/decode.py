@@ -83,7 +83,9 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
 def apply_exif_orientation(image: Image.Image) -> Image.Image:
     """Rotate/flip the image as its EXIF orientation says; corrupt EXIF is ignored."""
     try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Corrupt EXIF data"
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - hostile EXIF must not fail an otherwise good image
         LOG.debug("ignoring unreadable EXIF block")
         return image

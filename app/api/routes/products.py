@@ -1,0 +1,260 @@
+"""Catalogue routes: index, read, list and delete products."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from app.api.deps import CatalogueDep, StateDep
+from app.api.errors import error_responses
+from app.api.schemas import (
+    ErrorBody,
+    ImageRead,
+    ProductRead,
+    ProductResultRead,
+    ProductsCreate,
+    ProductsCreateRead,
+    ProductsRead,
+)
+from app.api.security import WriteKeyDep
+from app.catalogue.models import Product
+from app.catalogue.service import ImageInput, ProductInput, ProductResult
+from app.core.errors import InvalidRequest, ServiceError
+
+router = APIRouter(prefix="/products", tags=["products"])
+
+_MULTIPART_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["id", "image"],
+    "properties": {
+        "id": {"type": "string", "minLength": 1, "maxLength": 256, "example": "sku-123"},
+        "title": {"type": "string", "maxLength": 4096},
+        "category": {"type": "string", "maxLength": 256},
+        "attributes": {"type": "string", "description": "A JSON object, as text."},
+        "image": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "One or more image files (JPEG, PNG, WebP, GIF).",
+        },
+    },
+}
+
+CREATE_DESCRIPTION = """
+Index up to `VS_MAX_PRODUCTS_PER_REQUEST` products (default 64) in one call.
+
+* **JSON** (`application/json`): `{"products": [...]}`; each image is `{"url": ...}` or
+  `{"data": "<base64>"}`, optionally with a `box` to crop before embedding.
+* **Multipart** (`multipart/form-data`), for one product: fields `id`, `title`,
+  `category`, `attributes` (a JSON object as text) and one or more `image` files.
+
+Re-posting an `id` replaces that product's fields and images (an idempotent upsert):
+images whose bytes did not change are not embedded again, and a re-post of identical
+content reports `unchanged`. Each product is stored in its own transaction: a product
+that fails (`status: failed`, with its `error`) leaves nothing behind and does not affect
+the others, so the response is 200 whenever the request itself is well-formed. Products
+are searchable as soon as this call returns.
+"""
+
+
+@router.post(
+    "",
+    response_model=ProductsCreateRead,
+    summary="Index products (create or replace)",
+    description=CREATE_DESCRIPTION,
+    responses=error_responses(401, 413, 415, 422, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ProductsCreate"}},
+                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+            },
+        }
+    },
+)
+async def create_products(
+    request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep
+) -> ProductsCreateRead:
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        inputs = [await _multipart_product(request)]
+    elif content_type in ("application/json", ""):
+        payload = _parse_json(await request.body())
+        limit = state.settings.max_products_per_request
+        if len(payload.products) > limit:
+            raise InvalidRequest(
+                f"At most {limit} products per request (got {len(payload.products)}); "
+                "split the batch."
+            )
+        inputs = [
+            ProductInput(
+                id=p.id,
+                title=p.title,
+                category=p.category,
+                attributes=p.attributes,
+                images=[
+                    ImageInput(
+                        url=img.url,
+                        data_b64=img.data,
+                        box=img.box.as_tuple() if img.box else None,
+                    )
+                    for img in p.images
+                ],
+            )
+            for p in payload.products
+        ]
+    else:
+        raise UnsupportedMediaType(
+            "Send application/json or multipart/form-data (see the API docs)."
+        )
+    results = await catalogue.upsert_products(inputs)
+    return ProductsCreateRead(results=[_result(r) for r in results])
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+def _parse_json(body: bytes) -> ProductsCreate:
+    try:
+        return ProductsCreate.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+async def _multipart_product(request: Request) -> ProductInput:
+    async with request.form(max_files=64, max_fields=32) as form:
+        product_id = form.get("id")
+        if not isinstance(product_id, str) or not 0 < len(product_id) <= 256:
+            raise InvalidRequest("Multipart products need an `id` field of 1-256 characters.")
+        files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
+        if not files:
+            raise InvalidRequest("Multipart products need at least one `image` file.")
+        attributes: dict[str, Any] = {}
+        raw_attributes = form.get("attributes")
+        if isinstance(raw_attributes, str) and raw_attributes.strip():
+            try:
+                attributes = json.loads(raw_attributes)
+            except json.JSONDecodeError:
+                raise InvalidRequest("`attributes` must be a JSON object.") from None
+            if not isinstance(attributes, dict):
+                raise InvalidRequest("`attributes` must be a JSON object.")
+        title, category = form.get("title"), form.get("category")
+        images = [ImageInput(data=await f.read()) for f in files]
+    return ProductInput(
+        id=product_id,
+        title=title if isinstance(title, str) else None,
+        category=category if isinstance(category, str) else None,
+        attributes=attributes,
+        images=images,
+    )
+
+
+def _result(result: ProductResult) -> ProductResultRead:
+    error = None
+    if result.error is not None:
+        error = ErrorBody(code=result.error.code, message=result.error.message)
+    return ProductResultRead(id=result.id, status=result.status, images=result.images, error=error)
+
+
+def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
+    return ProductRead(
+        id=product.external_id,
+        title=product.title,
+        category=product.category,
+        attributes=product.attributes or {},
+        created_at=product.created_at,
+        updated_at=product.updated_at,
+        images=[
+            ImageRead(
+                image_id=img.id,
+                position=img.position,
+                url=img.source_url if img.source_url and "://" in img.source_url else None,
+                sha256=img.sha256,
+                box=img.box,
+                width=img.width,
+                height=img.height,
+                model_id=img.model_id,
+                embedding=(
+                    np.frombuffer(img.embedding, dtype=np.float32).tolist() if embeddings else None
+                ),
+            )
+            for img in product.images
+        ],
+    )
+
+
+@router.get(
+    "",
+    response_model=ProductsRead,
+    summary="List products",
+    description="Products in insertion order, a page at a time; follow `next_cursor`.",
+    responses=error_responses(422),
+)
+async def list_products(
+    catalogue: CatalogueDep,
+    cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    category: Annotated[str | None, Query(description="Only this category.")] = None,
+) -> ProductsRead:
+    after = _decode_cursor(cursor) if cursor else None
+    products = await asyncio.to_thread(
+        catalogue.list_products, after_pk=after, limit=limit, category=category
+    )
+    next_cursor = _encode_cursor(products[-1].pk) if len(products) == limit else None
+    return ProductsRead(products=[product_read(p) for p in products], next_cursor=next_cursor)
+
+
+@router.get(
+    "/{product_id:path}",
+    response_model=ProductRead,
+    summary="Get one product",
+    description="The product and its images; `?embeddings=true` adds each image's vector.",
+    responses=error_responses(404),
+)
+async def get_product(
+    product_id: str,
+    catalogue: CatalogueDep,
+    embeddings: Annotated[bool, Query(description="Include embedding vectors.")] = False,
+) -> ProductRead:
+    product = await asyncio.to_thread(catalogue.get_product, product_id)
+    return product_read(product, embeddings=embeddings)
+
+
+@router.delete(
+    "/{product_id:path}",
+    status_code=204,
+    summary="Delete a product",
+    description="Removes the product, its images (from search at once) and its duplicate pairs.",
+    responses=error_responses(401, 404),
+)
+async def delete_product(product_id: str, catalogue: CatalogueDep, _key: WriteKeyDep) -> Response:
+    await catalogue.delete_product(product_id)
+    return Response(status_code=204)
+
+
+def _encode_cursor(pk: int) -> str:
+    return base64.urlsafe_b64encode(f"p:{pk}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        prefix, value = raw.split(":", 1)
+        if prefix != "p":
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None

@@ -1,0 +1,142 @@
+"""ORM models of the catalogue: the source of truth the index is derived from."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; Postgres gets a real 64-bit identity.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Product(Base):
+    """A catalogue product; `external_id` is the client's id (e.g. "sku-123")."""
+
+    __tablename__ = "products"
+
+    pk: Mapped[int] = mapped_column("id", BigId, primary_key=True, autoincrement=True)
+    external_id: Mapped[str] = mapped_column(String(256), unique=True)
+    title: Mapped[str | None] = mapped_column(Text)
+    category: Mapped[str | None] = mapped_column(String(256), index=True)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    images: Mapped[list[ProductImage]] = relationship(
+        back_populates="product", lazy="raise", order_by="ProductImage.position"
+    )
+
+
+class ProductImage(Base):
+    """One image of a product. Its `id` is the id in the vector index."""
+
+    __tablename__ = "product_images"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    product_pk: Mapped[int] = mapped_column(
+        "product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    source_url: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    box: Mapped[list[float] | None] = mapped_column(JSON)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    embedding: Mapped[bytes] = mapped_column(LargeBinary)
+    model_id: Mapped[str] = mapped_column(String(256), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    product: Mapped[Product] = relationship(back_populates="images", lazy="raise")
+
+
+class ChangeLog(Base):
+    """One row per image change, written in the change's own transaction.
+
+    `txid` is the writing transaction's id on Postgres (NULL on SQLite, whose writers are
+    serialised): readers use it to never skip rows of transactions that commit late.
+    """
+
+    __tablename__ = "change_log"
+
+    seq: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    image_id: Mapped[int] = mapped_column(BigInteger)
+    op: Mapped[str] = mapped_column(String(8))
+    txid: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (Index("ix_change_log_txid", "txid"),)
+
+
+class DuplicatePair(Base):
+    """Two products whose best image pair scores at least the duplicates floor."""
+
+    __tablename__ = "duplicate_pairs"
+
+    a_pk: Mapped[int] = mapped_column(
+        "a_product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    b_pk: Mapped[int] = mapped_column(
+        "b_product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    score: Mapped[float] = mapped_column(Float)
+    a_image_id: Mapped[int] = mapped_column(BigInteger)
+    b_image_id: Mapped[int] = mapped_column(BigInteger)
+    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    __table_args__ = (
+        # highest score first, then the pair: the order and cursor of GET /duplicates
+        Index("ix_duplicate_pairs_score", "score", "a_product_id", "b_product_id"),
+        Index("ix_duplicate_pairs_b", "b_product_id"),
+    )
+
+
+class DuplicateDecision(Base):
+    """A reviewer's verdict on a product pair; scans never overwrite it."""
+
+    __tablename__ = "duplicate_decisions"
+
+    a_pk: Mapped[int] = mapped_column(
+        "a_product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    b_pk: Mapped[int] = mapped_column(
+        "b_product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    decision: Mapped[str] = mapped_column(String(16))
+    decided_by: Mapped[str | None] = mapped_column(String(256))
+    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,171 @@
+"""All SQL of the catalogue. Functions take a Session inside a unit of work and never
+commit; the caller's `Database.write()` / `read()` does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session, selectinload
+
+from app.catalogue.models import ChangeLog, Product, ProductImage, utcnow
+
+OP_UPSERT = "upsert"
+OP_DELETE = "delete"
+
+
+# products -------------------------------------------------------------------------------
+def get_product(
+    session: Session, external_id: str, *, with_images: bool = False, for_update: bool = False
+) -> Product | None:
+    stmt: Select[Product] = select(Product).where(Product.external_id == external_id)
+    if with_images:
+        stmt = stmt.options(selectinload(Product.images))
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.scalars(stmt).one_or_none()
+
+
+def lock_or_create_product(session: Session, external_id: str) -> tuple[Product, bool]:
+    """The product row for `external_id`, locked for this transaction, created if absent.
+
+    Concurrent calls for the same id serialise on the row (Postgres: INSERT ... ON CONFLICT
+    DO NOTHING, then SELECT ... FOR UPDATE; SQLite: writers are serialised already), so
+    they end with one product.
+    """
+    now = utcnow()
+    values = {
+        "external_id": external_id,
+        "attributes": {},
+        "created_at": now,
+        "updated_at": now,
+    }
+    dialect = session.get_bind().dialect.name
+    stmt: Any
+    if dialect == "postgresql":
+        stmt = postgresql.insert(Product).values(values).on_conflict_do_nothing()
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(Product).values(values).on_conflict_do_nothing()
+    else:  # pragma: no cover - only the two supported databases
+        raise RuntimeError(f"unsupported database {dialect}")
+    created = session.execute(stmt.returning(Product.pk)).first() is not None
+    product = get_product(session, external_id, for_update=True)
+    assert product is not None
+    return product, created
+
+
+def list_products(
+    session: Session, *, after_pk: int | None, limit: int, category: str | None = None
+) -> list[Product]:
+    stmt = select(Product).options(selectinload(Product.images)).order_by(Product.pk).limit(limit)
+    if after_pk is not None:
+        stmt = stmt.where(Product.pk > after_pk)
+    if category is not None:
+        stmt = stmt.where(Product.category == category)
+    return list(session.scalars(stmt))
+
+
+def count_products(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(Product)) or 0)
+
+
+def delete_product(session: Session, product: Product) -> list[int]:
+    """Delete a product and its images; logs a `delete` change per image."""
+    image_ids = list(
+        session.scalars(select(ProductImage.id).where(ProductImage.product_pk == product.pk))
+    )
+    session.execute(delete(ProductImage).where(ProductImage.product_pk == product.pk))
+    log_changes(session, image_ids, OP_DELETE)
+    session.execute(delete(Product).where(Product.pk == product.pk))
+    return image_ids
+
+
+def products_by_pk(session: Session, pks: Iterable[int]) -> dict[int, Product]:
+    wanted = list(set(pks))
+    if not wanted:
+        return {}
+    return {p.pk: p for p in session.scalars(select(Product).where(Product.pk.in_(wanted)))}
+
+
+# images ---------------------------------------------------------------------------------
+def images_of(session: Session, product_pk: int) -> list[ProductImage]:
+    stmt = (
+        select(ProductImage)
+        .where(ProductImage.product_pk == product_pk)
+        .order_by(ProductImage.position, ProductImage.id)
+    )
+    return list(session.scalars(stmt))
+
+
+@dataclass(frozen=True)
+class KnownEmbedding:
+    embedding: bytes
+    width: int
+    height: int
+
+
+def known_embeddings(
+    session: Session, keys: Sequence[tuple[str, list[float] | None]], model_id: str
+) -> dict[tuple[str, tuple[float, ...] | None], KnownEmbedding]:
+    """Stored embeddings for (sha256, box) pairs under `model_id`, from any product."""
+    shas = sorted({sha for sha, _ in keys})
+    if not shas:
+        return {}
+    stmt = select(
+        ProductImage.sha256,
+        ProductImage.box,
+        ProductImage.embedding,
+        ProductImage.width,
+        ProductImage.height,
+    ).where(ProductImage.sha256.in_(shas), ProductImage.model_id == model_id)
+    found: dict[tuple[str, tuple[float, ...] | None], KnownEmbedding] = {}
+    for sha, box, emb, width, height in session.execute(stmt):
+        key = (sha, tuple(box) if box is not None else None)
+        found.setdefault(key, KnownEmbedding(emb, width, height))
+    return found
+
+
+def add_image(session: Session, **values: Any) -> ProductImage:
+    image = ProductImage(**values)
+    session.add(image)
+    session.flush()
+    return image
+
+
+def delete_images(session: Session, image_ids: Sequence[int]) -> None:
+    if image_ids:
+        session.execute(delete(ProductImage).where(ProductImage.id.in_(list(image_ids))))
+        log_changes(session, image_ids, OP_DELETE)
+
+
+def set_positions(session: Session, positions: dict[int, int]) -> None:
+    for image_id, position in positions.items():
+        session.execute(
+            update(ProductImage).where(ProductImage.id == image_id).values(position=position)
+        )
+
+
+def model_id_counts(session: Session) -> dict[str, int]:
+    stmt = select(ProductImage.model_id, func.count()).group_by(ProductImage.model_id)
+    return {model_id: int(n) for model_id, n in session.execute(stmt)}
+
+
+def count_images(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(ProductImage)) or 0)
+
+
+# change log -----------------------------------------------------------------------------
+def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
+    """Record changes in the caller's transaction (with its transaction id on Postgres)."""
+    if not image_ids:
+        return
+    now = utcnow()
+    rows = [{"image_id": i, "op": op, "created_at": now} for i in image_ids]
+    if session.get_bind().dialect.name == "postgresql":
+        txid = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        for row in rows:
+            row["txid"] = txid
+    session.execute(insert(ChangeLog), rows)

@@ -1,0 +1,350 @@
+"""Catalogue service: ingest (fetch -> decode -> embed -> store), read and delete products.
+
+Each product is its own unit of work: its images are fetched, decoded and embedded first
+(outside any transaction), then its rows and change-log entries are written in one
+transaction. A failed product leaves nothing behind and never affects the others.
+Identical image bytes (same sha256 and box) already embedded by the current model are
+reused, not re-embedded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from app.catalogue import repository as repo
+from app.catalogue.models import Product, ProductImage, utcnow
+from app.core.database import Database
+from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
+from app.imaging.decode import decode_image
+from app.imaging.fetch import ImageFetcher
+from app.inference.worker import BatchWorker
+
+LOG = logging.getLogger(__name__)
+
+Status = Literal["created", "updated", "unchanged", "failed"]
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Exactly one of `url`, `data` (bytes), `data_b64` (base64) or `path` (CLI only)."""
+
+    url: str | None = None
+    data: bytes | None = None
+    data_b64: str | None = None
+    path: Path | None = None
+    box: Box | None = None
+
+    @property
+    def source(self) -> str | None:
+        if self.url is not None:
+            return self.url
+        return str(self.path) if self.path is not None else None
+
+
+@dataclass(frozen=True)
+class ProductInput:
+    id: str
+    images: Sequence[ImageInput]
+    title: str | None = None
+    category: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ProductResult:
+    id: str
+    status: Status
+    images: int = 0
+    error: ServiceError | None = None
+
+
+@dataclass
+class PreparedImage:
+    sha256: str
+    box: list[float] | None
+    source_url: str | None
+    width: int
+    height: int
+    embedding: bytes
+    reused: bool
+
+
+@dataclass
+class StoreOutcome:
+    status: Status
+    upserted: list[tuple[int, bytes]]
+    deleted: list[int]
+    product_pk: int
+
+
+class IndexSink(Protocol):
+    """Where committed image changes go right after commit (the vector index)."""
+
+    def apply(self, upserts: Sequence[tuple[int, np.ndarray]], deletes: Sequence[int]) -> None: ...
+
+
+@dataclass
+class IngestTimings:
+    """Seconds spent per stage, summed over products (for `vsearch ingest`'s summary)."""
+
+    read: float = 0.0
+    decode: float = 0.0
+    embed: float = 0.0
+    store: float = 0.0
+    images_embedded: int = 0
+    images_reused: int = 0
+
+    def add(self, stage: str, seconds: float) -> None:
+        setattr(self, stage, getattr(self, stage) + seconds)
+
+
+class CatalogueService:
+    def __init__(
+        self,
+        db: Database,
+        worker: BatchWorker,
+        fetcher: ImageFetcher,
+        *,
+        max_pixels: int,
+        max_bytes: int,
+        index: IndexSink | None = None,
+        after_commit: Callable[[StoreOutcome], Any] | None = None,
+        concurrency: int = 8,
+    ) -> None:
+        self.db = db
+        self.worker = worker
+        self.fetcher = fetcher
+        self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self.index = index
+        self.after_commit = after_commit
+        self._limit = asyncio.Semaphore(concurrency)
+        self.timings = IngestTimings()
+
+    @property
+    def model_id(self) -> str:
+        return self.worker.embedder.model_id
+
+    # ingest -----------------------------------------------------------------------------
+    async def upsert_products(self, products: Sequence[ProductInput]) -> list[ProductResult]:
+        """Index products; one result per product, in order."""
+        return list(await asyncio.gather(*(self._guarded_upsert(p) for p in products)))
+
+    async def _guarded_upsert(self, product: ProductInput) -> ProductResult:
+        async with self._limit:
+            try:
+                return await self.upsert_product(product)
+            except ServiceError as exc:
+                LOG.info("product %r failed: %s (%s)", product.id, exc.message, exc.code)
+                return ProductResult(product.id, "failed", 0, exc)
+            except Exception as exc:  # noqa: BLE001 - one product must never sink the others
+                LOG.exception("product %r failed unexpectedly", product.id)
+                error = ServiceError(
+                    f"Internal error while indexing this product ({type(exc).__name__})."
+                )
+                return ProductResult(product.id, "failed", 0, error)
+
+    async def upsert_product(self, product: ProductInput) -> ProductResult:
+        prepared = await self._prepare(product)
+        started = time.perf_counter()
+        outcome = await asyncio.to_thread(self._store, product, prepared)
+        self.timings.add("store", time.perf_counter() - started)
+        await self._publish(outcome)
+        return ProductResult(product.id, outcome.status, len(prepared))
+
+    async def _prepare(self, product: ProductInput) -> list[PreparedImage]:
+        started = time.perf_counter()
+        payloads = await asyncio.gather(*(self._read(img) for img in product.images))
+        self.timings.add("read", time.perf_counter() - started)
+        shas = [hashlib.sha256(p).hexdigest() for p in payloads]
+        boxes = [list(img.box) if img.box is not None else None for img in product.images]
+        known = await asyncio.to_thread(self._known, list(zip(shas, boxes, strict=True)))
+
+        prepared: list[PreparedImage | None] = [None] * len(payloads)
+        todo: list[int] = []
+        for i, (sha, box) in enumerate(zip(shas, boxes, strict=True)):
+            hit = known.get((sha, tuple(box) if box is not None else None))
+            if hit is not None:
+                prepared[i] = PreparedImage(
+                    sha, box, product.images[i].source, hit.width, hit.height, hit.embedding, True
+                )
+            else:
+                todo.append(i)
+        if todo:
+            started = time.perf_counter()
+            decoded = await asyncio.gather(
+                *(
+                    asyncio.to_thread(decode_image, payloads[i], max_pixels=self.max_pixels)
+                    for i in todo
+                )
+            )
+            self.timings.add("decode", time.perf_counter() - started)
+            started = time.perf_counter()
+            vectors = await self.worker.embed(decoded, [product.images[i].box for i in todo])
+            self.timings.add("embed", time.perf_counter() - started)
+            for j, i in enumerate(todo):
+                prepared[i] = PreparedImage(
+                    shas[i],
+                    boxes[i],
+                    product.images[i].source,
+                    decoded[j].width,
+                    decoded[j].height,
+                    vectors[j].astype(np.float32).tobytes(),
+                    False,
+                )
+        self.timings.images_embedded += len(todo)
+        self.timings.images_reused += len(payloads) - len(todo)
+        return [p for p in prepared if p is not None]
+
+    async def _read(self, image: ImageInput) -> bytes:
+        if image.data is not None:
+            data = image.data
+        elif image.data_b64 is not None:
+            data = decode_base64_image(image.data_b64)
+        elif image.url is not None:
+            data = await self.fetcher.fetch(image.url)
+        elif image.path is not None:
+            data = await asyncio.to_thread(_read_file, image.path, self.max_bytes)
+        else:
+            raise ImageUndecodable("The image has neither data nor a URL.")
+        if len(data) > self.max_bytes:
+            raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
+        return data
+
+    def _known(self, keys: list[tuple[str, list[float] | None]]) -> dict[Any, repo.KnownEmbedding]:
+        with self.db.read() as session:
+            return repo.known_embeddings(session, keys, self.model_id)
+
+    def _store(self, product: ProductInput, images: list[PreparedImage]) -> StoreOutcome:
+        with self.db.write() as session:
+            row, created = repo.lock_or_create_product(session, product.id)
+            existing = repo.images_of(session, row.pk)
+            fields_changed = (
+                row.title != product.title
+                or row.category != product.category
+                or (row.attributes or {}) != (product.attributes or {})
+            )
+            if fields_changed or created:
+                row.title = product.title
+                row.category = product.category
+                row.attributes = dict(product.attributes or {})
+
+            # Match new images to existing ones by content (sha256 + box + model).
+            pool: dict[tuple[str, str, str], list[ProductImage]] = {}
+            for img in existing:
+                pool.setdefault(_image_key(img.sha256, img.box, img.model_id), []).append(img)
+            keep: dict[int, int] = {}
+            upserted: list[tuple[int, bytes]] = []
+            for position, new in enumerate(images):
+                matches = pool.get(_image_key(new.sha256, new.box, self.model_id))
+                if matches:
+                    old = matches.pop(0)
+                    keep[old.id] = position
+                    continue
+                added = repo.add_image(
+                    session,
+                    product_pk=row.pk,
+                    position=position,
+                    source_url=new.source_url,
+                    sha256=new.sha256,
+                    box=new.box,
+                    width=new.width,
+                    height=new.height,
+                    embedding=new.embedding,
+                    model_id=self.model_id,
+                )
+                upserted.append((added.id, new.embedding))
+            deleted = [img.id for img in existing if img.id not in keep]
+            repo.delete_images(session, deleted)
+            moved = {i: p for i, p in keep.items() if p != _position_of(existing, i)}
+            repo.set_positions(session, moved)
+            repo.log_changes(session, [i for i, _ in upserted], repo.OP_UPSERT)
+
+            if created:
+                status: Status = "created"
+            elif fields_changed or upserted or deleted or moved:
+                status = "updated"
+                row.updated_at = utcnow()
+            else:
+                status = "unchanged"
+            return StoreOutcome(status, upserted, deleted, row.pk)
+
+    async def _publish(self, outcome: StoreOutcome) -> None:
+        """Make committed changes searchable at once (read-your-writes)."""
+        if self.index is not None and (outcome.upserted or outcome.deleted):
+            upserts = [(i, np.frombuffer(e, dtype=np.float32)) for i, e in outcome.upserted]
+            await asyncio.to_thread(self.index.apply, upserts, outcome.deleted)
+        if self.after_commit is not None:
+            result = self.after_commit(outcome)
+            if asyncio.iscoroutine(result):
+                await result
+
+    # reads and deletes ------------------------------------------------------------------
+    def get_product(self, external_id: str) -> Product:
+        with self.db.read() as session:
+            product = repo.get_product(session, external_id, with_images=True)
+        if product is None:
+            raise ProductNotFound(f"No product with id {external_id!r}.")
+        return product
+
+    def list_products(
+        self, *, after_pk: int | None, limit: int, category: str | None = None
+    ) -> list[Product]:
+        with self.db.read() as session:
+            return repo.list_products(session, after_pk=after_pk, limit=limit, category=category)
+
+    async def delete_product(self, external_id: str) -> list[int]:
+        deleted = await asyncio.to_thread(self._delete, external_id)
+        await self._publish(StoreOutcome("updated", [], deleted, -1))
+        return deleted
+
+    def _delete(self, external_id: str) -> list[int]:
+        with self.db.write() as session:
+            product = repo.get_product(session, external_id, for_update=True)
+            if product is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            return repo.delete_product(session, product)
+
+
+def decode_base64_image(data: str) -> bytes:
+    """Strict base64 (also accepts `data:image/...;base64,` prefixes)."""
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageUndecodable("The image data is not valid base64.") from None
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ImageUndecodable(f"Cannot read {path}: {exc.strerror}") from None
+    if size > max_bytes:
+        raise ImageTooLarge(f"{path} is larger than {max_bytes} bytes.")
+    return path.read_bytes()
+
+
+def _image_key(sha256: str, box: list[float] | None, model_id: str) -> tuple[str, str, str]:
+    box_key = "" if box is None else ",".join(f"{float(v):g}" for v in box)
+    return sha256, box_key, model_id
+
+
+def _position_of(images: list[ProductImage], image_id: int) -> int:
+    for img in images:
+        if img.id == image_id:
+            return img.position
+    return -1
