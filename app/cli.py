@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -20,8 +22,10 @@ cli = typer.Typer(
 )
 model_cli = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
 bench_cli = typer.Typer(help="Benchmarks that print their figures as JSON.", no_args_is_help=True)
+db_cli = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
 cli.add_typer(model_cli, name="model")
 cli.add_typer(bench_cli, name="bench")
+cli.add_typer(db_cli, name="db")
 
 err = Console(stderr=True)
 LOG = logging.getLogger("vsearch")
@@ -160,6 +164,128 @@ def bench_embed(
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     print(json.dumps(result, indent=2))
+
+
+@db_cli.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database (VS_DATABASE_URL) to the latest schema."""
+    from app.core.database import Database
+    from app.core.migrations import current_revision, upgrade
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    upgrade(db)
+    err.print(f"database schema at {current_revision(db)}")
+    db.dispose()
+
+
+@db_cli.command("current")
+def db_current() -> None:
+    """Print the database's schema revision and the code's."""
+    from app.core.database import Database
+    from app.core.migrations import current_revision, head_revision
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    print(json.dumps({"current": current_revision(db), "head": head_revision()}))
+    db.dispose()
+
+
+@cli.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="CSV or JSONL file of products.", exists=True)],
+    images_root: Annotated[
+        Path | None, typer.Option(help="Base of relative image paths (default: the file's dir).")
+    ] = None,
+    id_column: Annotated[str, typer.Option(help="CSV: product id column.")] = "id",
+    image_column: Annotated[str, typer.Option(help="CSV: image path/URL column ('|' splits).")] = (
+        "image"
+    ),
+    title_column: Annotated[str, typer.Option(help="CSV: title column.")] = "title",
+    category_column: Annotated[str, typer.Option(help="CSV: category column.")] = "category",
+    batch_size: Annotated[int, typer.Option(help="Products per service call.")] = 64,
+    concurrency: Annotated[int, typer.Option(help="Products in flight at once.")] = 16,
+    failures: Annotated[
+        Path | None, typer.Option(help="Write failed products here (JSONL).")
+    ] = Path("ingest-failures.jsonl"),
+    json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Index products from a file through the same service as POST /products.
+
+    Re-running the same file resumes: unchanged products are skipped without embedding.
+    """
+    import asyncio
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from app.catalogue.ingest import CsvColumns, read_products
+    from app.catalogue.ingest import ingest as run
+    from app.lifespan import State, start_services, stop_services
+
+    settings = _settings()
+    columns = CsvColumns(
+        id=id_column, image=image_column, title=title_column, category=category_column
+    )
+    total = sum(1 for _ in read_products(file, images_root=images_root, columns=columns))
+    progress = Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s  failed {task.fields[failed]}"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not err.is_terminal and os.environ.get("CI") == "true",
+    )
+
+    async def main() -> dict[str, object]:
+        state = State(settings=settings)
+        await asyncio.to_thread(start_services, state)
+        assert state.catalogue is not None
+        state.catalogue.set_concurrency(concurrency)
+        task = progress.add_task("ingest", total=total, rate="0.0", failed=0)
+        started, counts = time.perf_counter(), {"images": 0, "failed": 0}
+
+        def on_result(product: object, result: object) -> None:
+            from app.catalogue.service import ProductResult
+
+            assert isinstance(result, ProductResult)
+            counts["images"] += result.images
+            counts["failed"] += result.status == "failed"
+            rate = counts["images"] / max(time.perf_counter() - started, 1e-9)
+            progress.update(task, advance=1, rate=f"{rate:.1f}", failed=counts["failed"])
+
+        fh = failures.open("w") if failures else None
+        try:
+            with progress:
+                summary = await run(
+                    state.catalogue,
+                    read_products(file, images_root=images_root, columns=columns),
+                    batch_size=batch_size,
+                    failures=fh,
+                    on_result=on_result,
+                )
+        finally:
+            if fh is not None:
+                fh.close()
+            await stop_services(state)
+        return summary.as_dict()
+
+    result = asyncio.run(main())
+    if failures is not None and result["failed"] == 0:
+        failures.unlink(missing_ok=True)
+    if json_output:
+        print(json.dumps(result, indent=2))
+    else:
+        err.print(result)
+    if result["failed"]:
+        err.print(f"[yellow]{result['failed']} product(s) failed; see {failures}[/yellow]")
+        raise typer.Exit(code=2)
 
 
 def main() -> None:

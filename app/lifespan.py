@@ -84,8 +84,9 @@ def check_model_matches_catalogue(db: Database, model_id: str) -> None:
         listing = ", ".join(f"{m} ({n} images)" for m, n in sorted(others.items()))
         raise ModelMismatch(
             f"The catalogue holds embeddings of another model: {listing}; the loaded model is "
-            f"{model_id}. Set VS_MODEL back to that model, or re-embed the catalogue with "
-            "`vsearch reembed` before serving with the new one."
+            f"{model_id}. Embeddings of two models must never be searched together: set "
+            "VS_MODEL back to that model, or run `vsearch reembed` to embed the catalogue "
+            "again with the new one."
         )
 
 
@@ -119,20 +120,21 @@ def open_database(settings: Settings) -> Database:
     return db
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    state: State = app.state.vs
+def start_services(state: State) -> None:
+    """Open the database, load the model, start the worker: everything but HTTP.
+
+    Used by the app's lifespan and by CLI commands, so both run the same code.
+    """
     settings = state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state.write_keys = settings.write_keys()
-    state.db = await asyncio.to_thread(open_database, settings)
-    embedder, fallback = await asyncio.to_thread(load_embedder, settings)
-    await asyncio.to_thread(check_model_matches_catalogue, state.db, embedder.model_id)
+    state.db = open_database(settings)
+    embedder, fallback = load_embedder(settings)
+    check_model_matches_catalogue(state.db, embedder.model_id)
     if settings.compile:
-        await asyncio.to_thread(embedder.compile)
+        embedder.compile()
     if settings.warmup:
-        sizes = sorted({1, settings.batch.max_size})
-        await asyncio.to_thread(embedder.warmup, sizes)
+        embedder.warmup(sorted({1, settings.batch.max_size}))
     state.embedder, state.model_fallback = embedder, fallback
     state.worker = start_worker(settings, embedder)
     state.fetcher = make_fetcher(settings)
@@ -144,11 +146,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         max_bytes=settings.image.max_bytes,
     )
     LOG.info("ready: %s", embedder.describe())
-    try:
-        yield
-    finally:
+
+
+async def stop_services(state: State) -> None:
+    """Drain the inference queue, then release everything `start_services` opened."""
+    if state.worker is not None:
         LOG.info("shutting down: draining the inference queue")
         await asyncio.to_thread(state.worker.shutdown, drain=True)
         state.worker = None
+    if state.fetcher is not None:
         await state.fetcher.aclose()
+        state.fetcher = None
+    if state.db is not None:
         state.db.dispose()
+        state.db = None
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state: State = app.state.vs
+    try:
+        await asyncio.to_thread(start_services, state)
+        yield
+    finally:
+        await stop_services(state)

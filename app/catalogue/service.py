@@ -133,6 +133,10 @@ class CatalogueService:
         self._limit = asyncio.Semaphore(concurrency)
         self.timings = IngestTimings()
 
+    def set_concurrency(self, concurrency: int) -> None:
+        """How many products are prepared and stored at once."""
+        self._limit = asyncio.Semaphore(concurrency)
+
     @property
     def model_id(self) -> str:
         return self.worker.embedder.model_id

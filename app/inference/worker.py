@@ -50,11 +50,13 @@ class WorkerStats:
     images: int = 0
     rejected: int = 0
     failures: int = 0
+    forward_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
 
-    def record_batch(self, size: int) -> None:
+    def record_batch(self, size: int, seconds: float) -> None:
         self.batches += 1
         self.images += size
+        self.forward_seconds += seconds
         if len(self.batch_sizes) < 100_000:
             self.batch_sizes.append(size)
 
@@ -232,9 +234,10 @@ class BatchWorker:
                     self.stats.failures += 1
                     it.future.set_exception(exc)
             return
-        self.stats.record_batch(len(batch))
+        elapsed = time.perf_counter() - started
+        self.stats.record_batch(len(batch), elapsed)
         if self._on_batch is not None:
-            self._on_batch(len(batch), time.perf_counter() - started)
+            self._on_batch(len(batch), elapsed)
         for it, row in zip(batch, rows, strict=True):
             it.future.set_result(row)
 
