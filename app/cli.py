@@ -288,6 +288,58 @@ def ingest(
         raise typer.Exit(code=2)
 
 
+@cli.command()
+def reindex(
+    train: Annotated[
+        bool | None,
+        typer.Option("--train/--exact", help="Force IVF-PQ or exact shards (default: by size)."),
+    ] = None,
+) -> None:
+    """Rebuild every index shard from the database (the source of truth)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from app.core.database import Database
+    from app.core.migrations import ensure_schema
+    from app.index.lifecycle import IndexService
+    from app.lifespan import check_model_matches_catalogue, load_embedder
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    ensure_schema(db, migrate=settings.migrate_on_start)
+    embedder, _ = load_embedder(settings)
+    check_model_matches_catalogue(db, embedder.model_id)
+    service = IndexService(
+        db,
+        settings.data_dir / "index",
+        model_id=embedder.model_id,
+        dim=embedder.embedding_dim,
+        settings=settings.index,
+    )
+    progress = Progress(
+        TextColumn("[bold]reindex"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+    with progress:
+        task = progress.add_task("reindex", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        service.rebuild(reason="vsearch reindex", train=train, progress=advance)
+    print(json.dumps(service.describe(), indent=2))
+    service.close(save=False)
+    db.dispose()
+
+
 def main() -> None:
     cli()
 

@@ -18,6 +18,7 @@ from app.core.database import Database
 from app.core.errors import ModelUnavailable
 from app.core.migrations import ensure_schema
 from app.imaging.fetch import FetchLimits, ImageFetcher
+from app.index.lifecycle import IndexService
 from app.inference.model import CONFIG_FILE, Embedder, load_model
 from app.inference.worker import BatchWorker
 
@@ -40,13 +41,19 @@ class State:
     db: Database | None = None
     fetcher: ImageFetcher | None = None
     catalogue: CatalogueService | None = None
+    index: IndexService | None = None
     model_fallback: bool = False
     write_keys: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
 
     @property
     def ready(self) -> bool:
-        return self.embedder is not None and self.worker is not None and self.worker.running
+        return (
+            self.embedder is not None
+            and self.worker is not None
+            and self.worker.running
+            and self.index is not None
+        )
 
 
 def load_embedder(settings: Settings) -> tuple[Embedder, bool]:
@@ -114,6 +121,19 @@ def make_fetcher(settings: Settings) -> ImageFetcher:
     )
 
 
+def open_index(settings: Settings, db: Database, embedder: Embedder) -> IndexService:
+    index = IndexService(
+        db,
+        settings.data_dir / "index",
+        model_id=embedder.model_id,
+        dim=embedder.embedding_dim,
+        settings=settings.index,
+    )
+    index.open()
+    index.start_tailing()
+    return index
+
+
 def open_database(settings: Settings) -> Database:
     db = Database(settings.resolved_database_url)
     ensure_schema(db, migrate=settings.migrate_on_start)
@@ -136,6 +156,7 @@ def start_services(state: State) -> None:
     if settings.warmup:
         embedder.warmup(sorted({1, settings.batch.max_size}))
     state.embedder, state.model_fallback = embedder, fallback
+    state.index = open_index(settings, state.db, embedder)
     state.worker = start_worker(settings, embedder)
     state.fetcher = make_fetcher(settings)
     state.catalogue = CatalogueService(
@@ -144,6 +165,7 @@ def start_services(state: State) -> None:
         state.fetcher,
         max_pixels=settings.image.max_pixels,
         max_bytes=settings.image.max_bytes,
+        index=state.index,
     )
     LOG.info("ready: %s", embedder.describe())
 
@@ -157,6 +179,10 @@ async def stop_services(state: State) -> None:
     if state.fetcher is not None:
         await state.fetcher.aclose()
         state.fetcher = None
+    if state.index is not None:
+        LOG.info("shutting down: saving the index")
+        await asyncio.to_thread(state.index.close, save=True)
+        state.index = None
     if state.db is not None:
         state.db.dispose()
         state.db = None

@@ -49,6 +49,9 @@ class ReadyRead(BaseModel):
     status: str = Field(examples=["ready"], description="`ready` or `starting`.")
     checks: dict[str, bool] = Field(description="Each component and whether it is ready.")
     model: ModelRead | None = None
+    index: dict[str, Any] | None = Field(
+        None, description="Index kind, generation, size per shard and change-log watermark."
+    )
 
 
 # products -------------------------------------------------------------------------------

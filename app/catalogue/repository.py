@@ -169,3 +169,83 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
         for row in rows:
             row["txid"] = txid
     session.execute(insert(ChangeLog), rows)
+
+
+# index feeds ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Change:
+    seq: int
+    image_id: int
+    txid: int | None
+
+
+def current_xmin(session: Session) -> int:
+    """Oldest transaction still in flight (Postgres): every older one has ended."""
+    value = session.execute(
+        text("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+    ).scalar_one()
+    return int(value)
+
+
+def last_seq(session: Session) -> int:
+    return int(session.scalar(select(func.max(ChangeLog.seq))) or 0)
+
+
+def changes_after_seq(session: Session, seq: int, limit: int) -> list[Change]:
+    stmt = (
+        select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.txid)
+        .where(ChangeLog.seq > seq)
+        .order_by(ChangeLog.seq)
+        .limit(limit)
+    )
+    return [Change(*row) for row in session.execute(stmt)]
+
+
+def changes_from_txid(session: Session, xmin: int, after_seq: int, limit: int) -> list[Change]:
+    """Visible changes of transactions with id >= `xmin` (Postgres), in seq order."""
+    stmt = (
+        select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.txid)
+        .where(ChangeLog.txid >= xmin, ChangeLog.seq > after_seq)
+        .order_by(ChangeLog.seq)
+        .limit(limit)
+    )
+    return [Change(*row) for row in session.execute(stmt)]
+
+
+def current_embeddings(
+    session: Session, image_ids: Sequence[int], model_id: str
+) -> dict[int, bytes]:
+    """The stored embedding of each image that still exists (under `model_id`)."""
+    if not image_ids:
+        return {}
+    stmt = select(ProductImage.id, ProductImage.embedding).where(
+        ProductImage.id.in_(list(image_ids)), ProductImage.model_id == model_id
+    )
+    return {int(i): e for i, e in session.execute(stmt)}
+
+
+def embeddings_page(
+    session: Session, after_id: int, limit: int, model_id: str
+) -> list[tuple[int, bytes]]:
+    """Embeddings in image-id order, a page at a time (index rebuilds)."""
+    stmt = (
+        select(ProductImage.id, ProductImage.embedding)
+        .where(ProductImage.id > after_id, ProductImage.model_id == model_id)
+        .order_by(ProductImage.id)
+        .limit(limit)
+    )
+    return [(int(i), e) for i, e in session.execute(stmt)]
+
+
+def embedding_sample(session: Session, size: int, model_id: str) -> list[bytes]:
+    """About `size` embeddings spread evenly over the id range (training samples)."""
+    total = count_images(session)
+    if total == 0:
+        return []
+    step = max(1, total // max(size, 1))
+    stmt = (
+        select(ProductImage.embedding)
+        .where(ProductImage.model_id == model_id, (ProductImage.id % step) == 0)
+        .limit(size)
+    )
+    return list(session.scalars(stmt))

@@ -41,6 +41,29 @@ class ImageSettings(BaseModel):
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed.")
 
 
+class IndexSettings(BaseModel):
+    """The sharded FAISS index (a cache of the catalogue's embeddings)."""
+
+    shards: int = Field(4, ge=1, le=256, description="Number of FAISS shards.")
+    train_threshold: int = Field(
+        200_000, ge=1, description="Images above which IVF-PQ is trained (exact search below)."
+    )
+    retrain_growth: float = Field(
+        2.0, gt=1.0, description="Retrain IVF-PQ when the catalogue has grown by this factor."
+    )
+    nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(images).")
+    pq_m: int = Field(64, ge=1, description="PQ sub-quantizers (bytes per vector code).")
+    opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
+    nprobe: int = Field(32, ge=1, description="IVF lists scanned per query.")
+    refine: int = Field(4, ge=1, description="PQ candidates per result re-ranked exactly.")
+    catchup_interval_s: float = Field(
+        1.0, gt=0, description="How often the change log is tailed (replicas converge)."
+    )
+    save_interval_s: float = Field(
+        300.0, gt=0, description="Checkpoint the index files at most this often when changed."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the service and the CLI."""
 
@@ -68,6 +91,7 @@ class Settings(BaseSettings):
     )
     batch: BatchSettings = Field(default_factory=BatchSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
     api_keys: str = Field(
         "", description="Comma-separated API keys allowed to write (empty: writes are open)."
     )

@@ -35,12 +35,17 @@ async def ready(state: StateDep) -> ReadyRead | JSONResponse:
     checks = {
         "model": state.embedder is not None,
         "worker": state.worker is not None and state.worker.running,
+        "database": state.db is not None,
+        "index": state.index is not None,
     }
     model = None
     if state.embedder is not None:
         model = ModelRead(**state.embedder.describe(), fallback=state.model_fallback)
     body = ReadyRead(
-        status="ready" if all(checks.values()) else "starting", checks=checks, model=model
+        status="ready" if all(checks.values()) else "starting",
+        checks=checks,
+        model=model,
+        index=state.index.describe() if state.index is not None else None,
     )
     if body.status != "ready":
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

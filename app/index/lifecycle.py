@@ -1,0 +1,479 @@
+"""IndexService: the vector index as a derived cache of the catalogue.
+
+- start: load the live generation from disk and catch up from the change log; a missing,
+  torn or foreign (other model, other dimension) index is rebuilt from the database;
+- apply: committed changes are applied at once by the writer (read-your-writes);
+- tail: a background thread applies the change log every `catchup_interval_s`, so
+  replicas sharing one database converge, and checkpoints the files now and then;
+- lifecycle: exact shards while small; past `train_threshold` one IVF-PQ template is
+  trained on a sample and every shard rebuilt in the background while searches go on,
+  then swapped in atomically; again whenever the catalogue grows by `retrain_growth`.
+
+Watermark: on SQLite (serialised writers) it is the last applied sequence number. On
+Postgres a transaction can take a sequence number and commit after a later one, so the
+watermark is the snapshot xmin taken before reading: every transaction older than it has
+ended, and rows of younger ones are read again (idempotently) until they are below it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from app.catalogue import repository as repo
+from app.core.config import IndexSettings
+from app.core.database import Database
+from app.index.sharded import SearchKnobs, ShardedIndex
+from app.index.store import (
+    Manifest,
+    Watermark,
+    generation_dir,
+    read_manifest,
+    remove_other_generations,
+    write_manifest,
+)
+from app.index.vectors import ExactVectors
+
+LOG = logging.getLogger(__name__)
+
+PAGE = 5_000
+
+
+@dataclass
+class IndexStats:
+    generation: int = 0
+    applied_changes: int = 0
+    last_catchup: float = 0.0
+    last_save: float = 0.0
+    rebuilds: int = 0
+    retrain_running: bool = False
+    last_error: str | None = None
+    log_head_seq: int = 0
+    applied_seq: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[str, Any]]:
+    """The FAISS factory string for `n` vectors, and the parameters recorded with it."""
+    nlist = settings.nlist or int(2 ** round(math.log2(max(4 * math.sqrt(n), 16))))
+    nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
+    m = settings.pq_m
+    while dim % m:
+        m -= 1
+    coarse = f"IVF{nlist}_HNSW32" if nlist >= 4096 else f"IVF{nlist}"
+    prefix = f"OPQ{m}," if settings.opq else ""
+    return f"{prefix}{coarse},PQ{m}", {"nlist": nlist, "pq_m": m, "opq": settings.opq}
+
+
+def train_template(sample: np.ndarray, factory: str) -> faiss.Index:
+    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    index.verbose = False
+    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if hasattr(ivf, "do_polysemous_training"):
+        # On by default from the factory; it costs most of the training time and only
+        # serves polysemous filtering, which these indexes do not use.
+        ivf.do_polysemous_training = False
+    index.train(np.ascontiguousarray(sample, dtype=np.float32))
+    return index
+
+
+class IndexService:
+    """Owns the live ShardedIndex and keeps it in step with the database."""
+
+    def __init__(
+        self,
+        db: Database,
+        root: Path,
+        *,
+        model_id: str,
+        dim: int,
+        settings: IndexSettings,
+    ) -> None:
+        self.db = db
+        self.root = root
+        self.model_id = model_id
+        self.dim = dim
+        self.settings = settings
+        self.stats = IndexStats()
+        self._index: ShardedIndex | None = None
+        self._manifest: Manifest | None = None
+        self._watermark = Watermark()
+        self._apply_lock = threading.RLock()
+        self._recent: dict[int, int] = {}  # seq -> txid of rows applied above the watermark
+        self._dirty = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._retrain: threading.Thread | None = None
+        self._vectors: ExactVectors | None = None
+        self.on_swap: list[Callable[[ShardedIndex], None]] = []
+
+    # start and stop ---------------------------------------------------------------------
+    @property
+    def index(self) -> ShardedIndex:
+        if self._index is None:
+            raise RuntimeError("the index is not open")
+        return self._index
+
+    @property
+    def watermark(self) -> Watermark:
+        return self._watermark
+
+    def open(self) -> None:
+        """Load the live generation (or rebuild it), then catch up from the change log."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        manifest = read_manifest(self.root)
+        loaded = manifest is not None and self._try_load(manifest)
+        if not loaded:
+            self.rebuild(reason="no usable index on disk" if manifest is None else "unusable")
+        self.catch_up()
+        self.maybe_retrain(background=True)
+
+    def _try_load(self, manifest: Manifest) -> bool:
+        if manifest.model_id != self.model_id or manifest.dim != self.dim:
+            LOG.warning(
+                "index on disk was built for model %s (dim %d), not %s (dim %d); rebuilding",
+                manifest.model_id,
+                manifest.dim,
+                self.model_id,
+                self.dim,
+            )
+            return False
+        try:
+            vectors = self._open_vectors(manifest.dim)
+            index = ShardedIndex.read_shards(
+                generation_dir(self.root, manifest.generation),
+                manifest.shards,
+                kind=manifest.kind,
+                dim=manifest.dim,
+                vectors=vectors,
+                knobs=self._knobs(),
+                params=manifest.params,
+            )
+        except Exception as exc:  # noqa: BLE001 - a torn or missing file means: rebuild
+            LOG.warning(
+                "index generation %d could not be loaded (%s: %s); rebuilding from the database",
+                manifest.generation,
+                type(exc).__name__,
+                exc,
+            )
+            return False
+        if index.ntotal != manifest.ntotal:
+            LOG.warning(
+                "index generation %d holds %d vectors, its manifest says %d; rebuilding",
+                manifest.generation,
+                index.ntotal,
+                manifest.ntotal,
+            )
+            index.close()
+            return False
+        self._index, self._manifest, self._watermark = index, manifest, manifest.watermark
+        self.stats.generation = manifest.generation
+        LOG.info(
+            "loaded index generation %d (%s, %d vectors, watermark %s)",
+            manifest.generation,
+            manifest.kind,
+            manifest.ntotal,
+            manifest.watermark,
+        )
+        return True
+
+    def _open_vectors(self, dim: int) -> ExactVectors:
+        # Rows are rewritten from the database for every live image on rebuild and replay,
+        # so an existing file of the same dimension can always be reused.
+        if self._vectors is None or self._vectors.dim != dim:
+            self._vectors = ExactVectors(self.root / f"vectors-{dim}.f16", dim)
+        return self._vectors
+
+    def _knobs(self) -> SearchKnobs:
+        return SearchKnobs(nprobe=self.settings.nprobe, refine=self.settings.refine)
+
+    def start_tailing(self) -> None:
+        """Tail the change log (and checkpoint) on a background thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._tail, name="vs-index-tail", daemon=True)
+            self._thread.start()
+
+    def close(self, *, save: bool = True) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+        if self._retrain is not None:
+            self._retrain.join(600)
+        if save and self._index is not None and self._dirty:
+            self.save()
+        if self._index is not None:
+            self._index.close()
+        if self._vectors is not None:
+            self._vectors.close()
+
+    def _tail(self) -> None:
+        while not self._stop.wait(self.settings.catchup_interval_s):
+            try:
+                self.catch_up()
+                self.maybe_retrain(background=True)
+                if (
+                    self._dirty
+                    and time.time() - self.stats.last_save > self.settings.save_interval_s
+                ):
+                    self.save()
+                self.stats.last_error = None
+            except Exception as exc:  # noqa: BLE001 - keep tailing; the next round retries
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                LOG.exception("index catch-up failed")
+
+    # applying changes -------------------------------------------------------------------
+    def apply(self, upserts: Sequence[tuple[int, np.ndarray]], deletes: Sequence[int]) -> None:
+        """Apply committed changes now (the writer's read-your-writes path)."""
+        with self._apply_lock:
+            index = self.index
+            if deletes:
+                index.remove(np.asarray(deletes, dtype=np.int64))
+            if upserts:
+                ids = np.asarray([i for i, _ in upserts], dtype=np.int64)
+                vectors = np.stack([v for _, v in upserts]).astype(np.float32)
+                index.upsert(ids, vectors)
+            self._dirty = True
+
+    def _apply_current_state(self, index: ShardedIndex, image_ids: Sequence[int]) -> None:
+        """Bring `image_ids` to their current state in the database (idempotent)."""
+        if not image_ids:
+            return
+        with self.db.read() as session:
+            current = repo.current_embeddings(session, image_ids, self.model_id)
+        gone = np.asarray([i for i in image_ids if i not in current], dtype=np.int64)
+        if len(gone):
+            index.remove(gone)
+        if current:
+            ids = np.fromiter(current.keys(), dtype=np.int64, count=len(current))
+            vectors = np.stack([np.frombuffer(current[i], dtype=np.float32) for i in ids])
+            index.upsert(ids, vectors)
+
+    def catch_up(self) -> int:
+        """Apply the change log past the watermark; returns the number of rows applied."""
+        with self._apply_lock:
+            applied, watermark = self._replay(self.index, self._watermark, self._recent)
+            if applied:
+                self._dirty = True
+            self._watermark = watermark
+            self.stats.applied_changes += applied
+            self.stats.last_catchup = time.time()
+            self.stats.applied_seq = watermark.seq
+            with self.db.read() as session:
+                self.stats.log_head_seq = repo.last_seq(session)
+            return applied
+
+    def _replay(
+        self, index: ShardedIndex, start: Watermark, recent: dict[int, int]
+    ) -> tuple[int, Watermark]:
+        applied = 0
+        if self.db.is_postgres:
+            with self.db.read() as session:
+                xmin = repo.current_xmin(session)  # before reading: see the docstring
+            after_seq, max_seq = 0, start.seq
+            while True:
+                with self.db.read() as session:
+                    rows = repo.changes_from_txid(session, start.xmin, after_seq, PAGE)
+                if not rows:
+                    break
+                fresh = [r for r in rows if r.seq not in recent]
+                self._apply_current_state(index, sorted({r.image_id for r in fresh}))
+                for r in fresh:
+                    recent[r.seq] = r.txid or 0
+                applied += len(fresh)
+                after_seq = rows[-1].seq
+                max_seq = max(max_seq, after_seq)
+            for seq in [s for s, txid in recent.items() if txid < xmin]:
+                del recent[seq]
+            return applied, Watermark(seq=max_seq, xmin=max(xmin, start.xmin))
+        seq = start.seq
+        while True:
+            with self.db.read() as session:
+                rows = repo.changes_after_seq(session, seq, PAGE)
+            if not rows:
+                break
+            self._apply_current_state(index, sorted({r.image_id for r in rows}))
+            applied += len(rows)
+            seq = rows[-1].seq
+        return applied, Watermark(seq=seq, xmin=0)
+
+    def _log_position(self) -> Watermark:
+        """Where a rebuild that starts now must replay from."""
+        with self.db.read() as session:
+            if self.db.is_postgres:
+                return Watermark(seq=repo.last_seq(session), xmin=repo.current_xmin(session))
+            return Watermark(seq=repo.last_seq(session), xmin=0)
+
+    # rebuilds ---------------------------------------------------------------------------
+    def _count(self) -> int:
+        with self.db.read() as session:
+            return repo.count_images(session)
+
+    def rebuild(
+        self,
+        *,
+        reason: str,
+        train: bool | None = None,
+        retrain: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Build a new generation from the database and swap it in atomically.
+
+        Searches keep using the old generation meanwhile. `train=None` decides by size;
+        an IVF-PQ rebuild reuses the live trained template unless `retrain` is set.
+        """
+        started = time.perf_counter()
+        start = self._log_position()
+        total = self._count()
+        use_ivf = train if train is not None else total >= self.settings.train_threshold
+        LOG.info(
+            "rebuilding the index from the database (%s): %d images, %s",
+            reason,
+            total,
+            "IVF-PQ" if use_ivf else "exact",
+        )
+        vectors = self._open_vectors(self.dim)
+        params: dict[str, Any] = {}
+        trained_now = False
+        live = self._index
+        if use_ivf and not retrain and live is not None and live.template is not None:
+            new = ShardedIndex.from_template(
+                live.template,
+                self.settings.shards,
+                vectors,
+                knobs=self._knobs(),
+                params=live.params,
+            )
+        elif use_ivf and total > 0:
+            factory, params = ivfpq_factory(total, self.dim, self.settings)
+            sample_size = min(total, max(params["nlist"] * 40, 20_000))
+            with self.db.read() as session:
+                sample = repo.embedding_sample(session, sample_size, self.model_id)
+            t0 = time.perf_counter()
+            template = train_template(
+                np.stack([np.frombuffer(e, dtype=np.float32) for e in sample]), factory
+            )
+            params.update(factory=factory, train_s=round(time.perf_counter() - t0, 2))
+            params["train_sample"] = len(sample)
+            trained_now = True
+            new = ShardedIndex.from_template(
+                template, self.settings.shards, vectors, knobs=self._knobs(), params=params
+            )
+        else:
+            new = ShardedIndex.new_flat(self.dim, self.settings.shards, vectors)
+        after_id, done = 0, 0
+        while True:
+            with self.db.read() as session:
+                page = repo.embeddings_page(session, after_id, PAGE * 4, self.model_id)
+            if not page:
+                break
+            ids = np.asarray([i for i, _ in page], dtype=np.int64)
+            new.upsert(ids, np.stack([np.frombuffer(e, dtype=np.float32) for _, e in page]))
+            after_id, done = int(ids[-1]), done + len(page)
+            if progress is not None:
+                progress(done, total)
+        with self._apply_lock:
+            # Changes committed while we streamed: replay them onto the new generation
+            # under the lock, so no direct apply can slip between this and the swap.
+            recent: dict[int, int] = {}
+            _, watermark = self._replay(new, start, recent)
+            old, self._index = self._index, new
+            self._watermark, self._recent = watermark, recent
+            self._dirty = True
+            self.stats.rebuilds += 1
+            self.stats.timings["last_rebuild_s"] = round(time.perf_counter() - started, 2)
+            trained = self._manifest.trained_at_n if self._manifest else 0
+            self.save(trained_at_n=(total if trained_now else trained) if use_ivf else 0)
+        for hook in self.on_swap:
+            hook(new)
+        if old is not None:
+            old.close()
+        LOG.info(
+            "index generation %d live: %d vectors in %.1fs",
+            self.stats.generation,
+            new.ntotal,
+            time.perf_counter() - started,
+        )
+
+    def maybe_retrain(self, *, background: bool) -> bool:
+        """Start an IVF-PQ (re)training when the catalogue crossed its threshold."""
+        if self._index is None or (self._retrain is not None and self._retrain.is_alive()):
+            return False
+        n = self._index.ntotal
+        trained_at = self._manifest.trained_at_n if self._manifest else 0
+        if self._index.kind == "flat":
+            due = n >= self.settings.train_threshold
+        else:
+            due = trained_at > 0 and n >= trained_at * self.settings.retrain_growth
+        if not due:
+            return False
+        stage = "training" if self._index.kind == "flat" else "retraining"
+        reason = f"{n} images reached the {stage} threshold"
+        if not background:
+            self.rebuild(reason=reason, train=True, retrain=True)
+            return True
+
+        def run() -> None:
+            self.stats.retrain_running = True
+            try:
+                self.rebuild(reason=reason, train=True, retrain=True)
+            except Exception:  # noqa: BLE001 - the old generation keeps serving
+                LOG.exception("background index retraining failed")
+            finally:
+                self.stats.retrain_running = False
+
+        self._retrain = threading.Thread(target=run, name="vs-index-retrain", daemon=True)
+        self._retrain.start()
+        return True
+
+    # checkpoints ------------------------------------------------------------------------
+    def save(self, *, trained_at_n: int | None = None) -> Manifest:
+        """Write a new generation's files, then the manifest, then drop older generations."""
+        with self._apply_lock:
+            watermark = Watermark(self._watermark.seq, self._watermark.xmin)
+            index = self.index
+            self._dirty = False
+        generation = (self._manifest.generation + 1) if self._manifest else 1
+        directory = generation_dir(self.root, generation)
+        names, written = index.write_shards(directory)
+        index.vectors.flush()
+        previous_trained = self._manifest.trained_at_n if self._manifest else 0
+        manifest = Manifest(
+            generation=generation,
+            kind=index.kind,
+            dim=index.dim,
+            model_id=self.model_id,
+            shards=names,
+            watermark=watermark,
+            ntotal=written,
+            template="template.faiss" if index.template is not None else None,
+            params=index.params,
+            trained_at_n=trained_at_n if trained_at_n is not None else previous_trained,
+        )
+        write_manifest(self.root, manifest)
+        remove_other_generations(self.root, generation)
+        self._manifest = manifest
+        self.stats.generation = generation
+        self.stats.last_save = time.time()
+        return manifest
+
+    def describe(self) -> dict[str, Any]:
+        index = self._index
+        return {
+            "kind": index.kind if index else None,
+            "generation": self.stats.generation,
+            "ntotal": index.ntotal if index else 0,
+            "shards": [s.ntotal for s in index.shards] if index else [],
+            "params": index.params if index else {},
+            "watermark": {"seq": self._watermark.seq, "xmin": self._watermark.xmin},
+            "retrain_running": self.stats.retrain_running,
+            "last_error": self.stats.last_error,
+        }
