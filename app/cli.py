@@ -340,6 +340,55 @@ def reindex(
     db.dispose()
 
 
+@bench_cli.command("index")
+def bench_index(
+    n: Annotated[int, typer.Option(help="Database vectors.")] = 1_000_000,
+    dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
+    queries: Annotated[int, typer.Option(help="Queries (half near-duplicates).")] = 1000,
+    shards: Annotated[int, typer.Option(help="Shards of the service's index.")] = 4,
+    flat: Annotated[
+        bool | None, typer.Option("--flat/--no-flat", help="Exact baseline (default: n <= 2M).")
+    ] = None,
+    hnsw: Annotated[
+        bool | None, typer.Option("--hnsw/--no-hnsw", help="hnswlib peer (default: n <= 2M).")
+    ] = None,
+    factory: Annotated[
+        list[str] | None,
+        typer.Option(help="IVF-PQ factory strings to test (default: a measured set)."),
+    ] = None,
+    nprobe: Annotated[str, typer.Option(help="nprobe values for --factory.")] = "16,32,64",
+    refine: Annotated[str, typer.Option(help="refine factors for --factory.")] = "4,8",
+    workdir: Annotated[Path | None, typer.Option(help="Where index files go.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON rows.")] = False,
+) -> None:
+    """Exact vs the sharded IVF-PQ index vs hnswlib on clustered synthetic vectors."""
+    from app.benchmarks.index import IvfConfig, run_index_benchmark
+
+    _settings()
+    configs = None
+    if factory:
+        configs = [
+            IvfConfig(
+                f,
+                tuple(int(v) for v in nprobe.split(",")),
+                tuple(int(v) for v in refine.split(",")),
+            )
+            for f in factory
+        ]
+    result = run_index_benchmark(
+        n=n,
+        dim=dim,
+        n_queries=queries,
+        shards=shards,
+        flat=flat,
+        hnsw=hnsw,
+        configs=configs,
+        workdir=workdir,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result["rows"] if json_output else result, indent=2))
+
+
 def main() -> None:
     cli()
 

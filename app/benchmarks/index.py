@@ -1,0 +1,362 @@
+"""`vsearch bench index`: exact search, the service's sharded IVF-PQ, and hnswlib, measured
+side by side on the same synthetic vectors and queries.
+
+Each row: `recall_at_10` (10-recall@10 against exact search), `qps_batch1`,
+`qps_batch256`, `p50_ms`/`p99_ms` at batch 1, `build_s` (train + add),
+`bytes_per_vector_resident` (index data held in RAM) and `bytes_per_vector_file` (on
+disk, including the float16 exact-vector file used for re-ranking).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from app.benchmarks.synthetic import EmbeddingMixture
+from app.index.lifecycle import train_template
+from app.index.sharded import SearchKnobs, ShardedIndex
+from app.index.vectors import ExactVectors
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Workload:
+    mixture: EmbeddingMixture
+    n: int
+    chunk: int
+    queries: np.ndarray
+    truth: np.ndarray
+    truth_scores: np.ndarray
+    near_duplicate: np.ndarray  # which queries are near-duplicates of a database item
+    truth_s: float
+
+    def chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        for c, start in enumerate(range(0, self.n, self.chunk)):
+            size = min(self.chunk, self.n - start)
+            yield start, self.mixture.chunk(c, self.chunk)[:size]
+
+
+def rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_workload(n: int, dim: int, n_queries: int, chunk: int, seed: int, say: Say) -> Workload:
+    mixture = EmbeddingMixture(dim, seed=seed)
+    rng = np.random.default_rng(seed)
+    half = n_queries // 2
+    sources = np.sort(rng.choice(n, size=half, replace=False))
+    fresh = mixture.sample(n_queries - half, stream=5)
+    picked = np.zeros((half, dim), dtype=np.float32)
+    # Pass 1: the near-duplicate queries need their source rows.
+    say("generating queries")
+    for start, block in _chunks(mixture, n, chunk):
+        inside = (sources >= start) & (sources < start + len(block))
+        picked[inside] = block[sources[inside] - start]
+    queries = np.concatenate([mixture.near_duplicates(picked), fresh])
+    # Pass 2: exact top-10 by streaming the database.
+    say("exact ground truth (streamed)")
+    started = time.perf_counter()
+    heap = faiss.ResultHeap(len(queries), 10, keep_max=True)
+    for start, block in _chunks(mixture, n, chunk):
+        scores = queries @ block.T
+        top = np.argpartition(-scores, 10, axis=1)[:, :10] if block.shape[0] > 10 else None
+        if top is None:
+            top = np.tile(np.arange(block.shape[0]), (len(queries), 1))
+        heap.add_result(
+            np.ascontiguousarray(np.take_along_axis(scores, top, 1), dtype=np.float32),
+            np.ascontiguousarray(top + start, dtype=np.int64),
+        )
+    heap.finalize()
+    flags = np.zeros(len(queries), dtype=bool)
+    flags[:half] = True
+    return Workload(
+        mixture, n, chunk, queries, heap.I, heap.D, flags, time.perf_counter() - started
+    )
+
+
+def _chunks(mixture: EmbeddingMixture, n: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+    for c, start in enumerate(range(0, n, chunk)):
+        yield start, mixture.chunk(c, chunk)[: min(chunk, n - start)]
+
+
+def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
+    hits = sum(
+        len(set(f[:10].tolist()) & set(t[:10].tolist())) for f, t in zip(found, truth, strict=True)
+    )
+    return hits / truth[:, :10].size
+
+
+def time_searches(
+    search: Callable[[np.ndarray, int], np.ndarray], queries: np.ndarray, batch1: int
+) -> dict[str, float]:
+    search(queries[:4], 10)  # warm
+    latencies = []
+    for q in queries[:batch1]:
+        t0 = time.perf_counter()
+        search(q[None, :], 10)
+        latencies.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for i in range(0, len(queries), 256):
+        search(queries[i : i + 256], 10)
+    batch_s = time.perf_counter() - t0
+    lat = np.asarray(latencies) * 1000
+    return {
+        "qps_batch1": round(len(latencies) / (lat.sum() / 1000), 1),
+        "qps_batch256": round(len(queries) / batch_s, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "p99_ms": round(float(np.percentile(lat, 99)), 3),
+    }
+
+
+def quality(found: np.ndarray, w: Workload) -> dict[str, float]:
+    nd = w.near_duplicate
+    return {
+        "recall_at_10": round(recall_at_10(found, w.truth), 4),
+        "near_duplicate_top1": round(float(np.mean(found[nd, 0] == w.truth[nd, 0])), 4),
+    }
+
+
+def bench_flat(w: Workload, batch1: int, say: Say) -> dict[str, Any]:
+    say("flat: exact inner-product search")
+    t0 = time.perf_counter()
+    index = faiss.IndexFlatIP(w.queries.shape[1])
+    for _, block in w.chunks():
+        index.add(block)
+    build = time.perf_counter() - t0
+
+    def search(q: np.ndarray, k: int) -> np.ndarray:
+        return index.search(q, k)[1]
+
+    found = search(w.queries, 10)
+    row = {"name": "flat", **quality(found, w), **time_searches(search, w.queries, batch1)}
+    row.update(
+        build_s=round(build, 1),
+        bytes_per_vector_resident=4 * index.d,
+        bytes_per_vector_file=4 * index.d,
+    )
+    index.reset()
+    return row
+
+
+@dataclass(frozen=True)
+class IvfConfig:
+    factory: str
+    nprobes: tuple[int, ...]
+    refines: tuple[int, ...]
+
+
+def build_sharded(
+    w: Workload, config: IvfConfig, shards: int, workdir: Path, train_n: int, say: Say
+) -> tuple[ShardedIndex, float, float]:
+    sample = w.mixture.sample(train_n, stream=7)
+    say(f"{config.factory}: training on {train_n}")
+    t0 = time.perf_counter()
+    template = train_template(sample, config.factory)
+    train_s = time.perf_counter() - t0
+    vectors = ExactVectors(workdir / f"vectors-{abs(hash(config.factory))}.f16", w.queries.shape[1])
+    index = ShardedIndex.from_template(template, shards, vectors)
+    say(f"{config.factory}: adding {w.n}")
+    t0 = time.perf_counter()
+    for start, block in w.chunks():
+        index.upsert(np.arange(start, start + len(block), dtype=np.int64), block)
+    add_s = time.perf_counter() - t0
+    vectors.flush()
+    return index, train_s, add_s
+
+
+def file_bytes(index: ShardedIndex, workdir: Path) -> int:
+    out = workdir / "files"
+    names, _ = index.write_shards(out)
+    total = sum((out / name).stat().st_size for name in names)
+    for path in out.iterdir():
+        path.unlink()
+    return total + index.vectors.file_bytes()
+
+
+def bench_ivf(
+    w: Workload,
+    config: IvfConfig,
+    shards: int,
+    workdir: Path,
+    train_n: int,
+    batch1: int,
+    say: Say,
+) -> list[dict[str, Any]]:
+    index, train_s, add_s = build_sharded(w, config, shards, workdir, train_n, say)
+    resident = index.memory_bytes() / w.n
+    on_disk = file_bytes(index, workdir) / w.n
+    rows = []
+    label = config.factory.replace(",", "_").replace("IVF", "ivf").replace("PQ", "pq").lower()
+    for nprobe in config.nprobes:
+        for refine in config.refines:
+            knobs = SearchKnobs(nprobe=nprobe, refine=refine)
+
+            def search(q: np.ndarray, k: int, knobs: SearchKnobs = knobs) -> np.ndarray:
+                return index.search(q, k, nprobe=knobs.nprobe, refine=knobs.refine)[1]
+
+            found = search(w.queries, 10)
+            rows.append(
+                {
+                    "name": f"{label}_np{nprobe}_refine{refine}_x{shards}",
+                    **quality(found, w),
+                    **time_searches(search, w.queries, batch1),
+                    "build_s": round(train_s + add_s, 1),
+                    "train_s": round(train_s, 1),
+                    "add_s": round(add_s, 1),
+                    "bytes_per_vector_resident": round(resident, 1),
+                    "bytes_per_vector_file": round(on_disk, 1),
+                    "exact_vectors": "float16 memory-mapped file (page cache)",
+                }
+            )
+            say(f"{rows[-1]['name']}: recall {rows[-1]['recall_at_10']}")
+    # The alternative home for exact vectors: FAISS's own refine stage, held in RAM.
+    assert index.template is not None
+    ivf = faiss.clone_index(index.template)
+    say(f"{config.factory}+RFlat-SQ8: FAISS IndexRefine with SQ8 in RAM")
+    t0 = time.perf_counter()
+    sq = faiss.IndexScalarQuantizer(
+        ivf.d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT
+    )
+    sq.train(w.mixture.sample(min(train_n, 50_000), stream=7))
+    refine_index = faiss.IndexRefine(ivf, sq)
+    for _, block in w.chunks():
+        refine_index.add(block)
+    sq_add = time.perf_counter() - t0
+    nprobe, refine = config.nprobes[len(config.nprobes) // 2], config.refines[-1]
+
+    def search_sq(q: np.ndarray, k: int) -> np.ndarray:
+        params = faiss.IndexRefineSearchParameters()
+        params.k_factor = refine
+        params.base_index_params = faiss.SearchParametersIVF()
+        params.base_index_params.nprobe = nprobe
+        return refine_index.search(q, k, params=params)[1]
+
+    found = search_sq(w.queries, 10)
+    base_resident = index.memory_bytes() / w.n
+    rows.append(
+        {
+            "name": f"{label}_np{nprobe}_refine{refine}_sq8ram",
+            **quality(found, w),
+            **time_searches(search_sq, w.queries, batch1),
+            "build_s": round(train_s + sq_add, 1),
+            "bytes_per_vector_resident": round(base_resident + ivf.d, 1),
+            "bytes_per_vector_file": round(base_resident + ivf.d, 1),
+            "exact_vectors": "FAISS SQ8 refine in RAM (approximate re-ranking)",
+        }
+    )
+    refine_index.reset()
+    index.close()
+    gc.collect()
+    return rows
+
+
+def bench_hnswlib(
+    w: Workload, m: int, efs: tuple[int, ...], batch1: int, say: Say
+) -> list[dict[str, Any]]:
+    import hnswlib
+
+    say(f"hnswlib M={m}: building")
+    dim = w.queries.shape[1]
+    index = hnswlib.Index(space="ip", dim=dim)
+    index.init_index(max_elements=w.n, M=m, ef_construction=100)
+    index.set_num_threads(os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    for start, block in w.chunks():
+        index.add_items(block, np.arange(start, start + len(block)))
+    build = time.perf_counter() - t0
+    # hnswlib stores the float32 vector plus 2*M links (level 0) per element.
+    resident = 4 * dim + 2 * m * 4 + 8 + 4
+    rows = []
+    for ef in efs:
+        index.set_ef(max(ef, 10))
+
+        def search(q: np.ndarray, k: int) -> np.ndarray:
+            return index.knn_query(q, k=k)[0].astype(np.int64)
+
+        found = search(w.queries, 10)
+        rows.append(
+            {
+                "name": f"hnswlib_m{m}_ef{ef}",
+                **quality(found, w),
+                **time_searches(search, w.queries, batch1),
+                "build_s": round(build, 1),
+                "bytes_per_vector_resident": resident,
+                "bytes_per_vector_file": resident,
+            }
+        )
+        say(f"{rows[-1]['name']}: recall {rows[-1]['recall_at_10']}")
+    gc.collect()
+    return rows
+
+
+def default_configs(n: int, dim: int) -> list[IvfConfig]:
+    nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 16))))
+    nlist = max(16, min(nlist, n // 39))
+    hnsw = "_HNSW32" if nlist >= 1024 else ""
+    return [
+        IvfConfig(f"IVF{nlist}{hnsw},PQ64", (32, 64, 128, 256), (8, 16)),
+        IvfConfig(f"OPQ64,IVF{nlist}{hnsw},PQ64", (64, 128), (8,)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ32", (64, 128), (16,)),
+    ]
+
+
+def run_index_benchmark(
+    *,
+    n: int,
+    dim: int = 512,
+    n_queries: int = 1000,
+    shards: int = 4,
+    batch1: int = 200,
+    chunk: int = 100_000,
+    seed: int = 0,
+    flat: bool | None = None,
+    hnsw: bool | None = None,
+    configs: list[IvfConfig] | None = None,
+    train_n: int | None = None,
+    workdir: Path | None = None,
+    progress: Say | None = None,
+) -> dict[str, Any]:
+    say = progress or (lambda _m: None)
+    started = time.perf_counter()
+    rss0 = rss_bytes()
+    w = make_workload(n, dim, n_queries, chunk, seed, say)
+    flat = n <= 2_000_000 if flat is None else flat
+    hnsw = n <= 2_000_000 if hnsw is None else hnsw
+    configs = configs or default_configs(n, dim)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        if flat:
+            rows.append(bench_flat(w, batch1, say))
+        for config in configs:
+            nlist = int(config.factory.split("IVF")[1].split("_")[0].split(",")[0])
+            train = train_n or min(n, max(nlist * 40, 50_000))
+            rows += bench_ivf(w, config, shards, Path(tmp), train, batch1, say)
+        if hnsw:
+            rows += bench_hnswlib(w, 16, (32, 64, 128, 256), batch1, say)
+            rows += bench_hnswlib(w, 32, (32, 64, 128, 256), batch1, say)
+    return {
+        "n": n,
+        "dim": dim,
+        "queries": n_queries,
+        "near_duplicate_queries": int(w.near_duplicate.sum()),
+        "shards": shards,
+        "threads": faiss.omp_get_max_threads(),
+        "ground_truth_s": round(w.truth_s, 1),
+        "peak_rss_gb": round(max(rss_bytes("VmHWM"), rss0) / 1e9, 2),
+        "total_s": round(time.perf_counter() - started, 1),
+        "rows": rows,
+    }
