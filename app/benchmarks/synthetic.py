@@ -47,7 +47,11 @@ class EmbeddingMixture:
         labels = np.searchsorted(self.cumulative, rng.random(n))
         labels = np.minimum(labels, len(self.centres) - 1)
         coeffs = rng.normal(size=(n, len(self.scales))).astype(np.float32) * self.scales
-        local = np.einsum("nk,nkd->nd", coeffs, self.bases[labels % len(self.bases)])
+        local = np.empty((n, self.dim), dtype=np.float32)
+        pool = labels % len(self.bases)
+        for b in np.unique(pool):  # one small matmul per subspace, not an (n, k, d) gather
+            rows = pool == b
+            local[rows] = coeffs[rows] @ self.bases[b]
         noise = rng.normal(size=(n, self.dim)).astype(np.float32) / np.sqrt(self.dim)
         x = self.centres[labels] + self.spread * local + self.noise * noise
         return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)

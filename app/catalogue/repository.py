@@ -5,13 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, func, insert, select, text, update
+from sqlalchemy import Select, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, aliased, selectinload
 
-from app.catalogue.models import ChangeLog, Product, ProductImage, utcnow
+from app.catalogue.models import (
+    ChangeLog,
+    DuplicateDecision,
+    DuplicatePair,
+    Product,
+    ProductImage,
+    utcnow,
+)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -249,3 +257,251 @@ def embedding_sample(session: Session, size: int, model_id: str) -> list[bytes]:
         .limit(size)
     )
     return list(session.scalars(stmt))
+
+
+# search ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ImageOwner:
+    image_id: int
+    product_pk: int
+    external_id: str
+    title: str | None
+    category: str | None
+    source_url: str | None
+
+
+def image_owners(session: Session, image_ids: Sequence[int]) -> dict[int, ImageOwner]:
+    """Product details for each image id that still exists."""
+    if not image_ids:
+        return {}
+    stmt = (
+        select(
+            ProductImage.id,
+            Product.pk,
+            Product.external_id,
+            Product.title,
+            Product.category,
+            ProductImage.source_url,
+        )
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(ProductImage.id.in_(list(set(image_ids))))
+    )
+    return {
+        int(row[0]): ImageOwner(int(row[0]), int(row[1]), *row[2:]) for row in session.execute(stmt)
+    }
+
+
+def category_image_ids(session: Session, category: str, model_id: str, limit: int) -> list[int]:
+    """Image ids of a category, at most `limit` (the caller checks whether it got all)."""
+    stmt = (
+        select(ProductImage.id)
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(Product.category == category, ProductImage.model_id == model_id)
+        .limit(limit)
+    )
+    return [int(i) for i in session.scalars(stmt)]
+
+
+def product_image_vectors(session: Session, product_pk: int) -> list[tuple[int, bytes]]:
+    stmt = select(ProductImage.id, ProductImage.embedding).where(
+        ProductImage.product_pk == product_pk
+    )
+    return [(int(i), e) for i, e in session.execute(stmt)]
+
+
+# duplicates -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairRow:
+    a_pk: int
+    b_pk: int
+    a: str
+    b: str
+    score: float
+    a_image_id: int
+    b_image_id: int
+    found_at: datetime
+    decision: str | None
+
+
+def canonical(a_pk: int, b_pk: int) -> tuple[int, int]:
+    return (a_pk, b_pk) if a_pk < b_pk else (b_pk, a_pk)
+
+
+def delete_pairs_of(session: Session, product_pk: int) -> None:
+    session.execute(
+        delete(DuplicatePair).where(
+            or_(DuplicatePair.a_pk == product_pk, DuplicatePair.b_pk == product_pk)
+        )
+    )
+
+
+def upsert_pairs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert pairs; an existing pair keeps the higher score (and its image ids)."""
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    ins: Any = (
+        postgresql.insert(DuplicatePair)
+        if dialect == "postgresql"
+        else sqlite.insert(DuplicatePair)
+    )
+    stmt = ins.values(list(rows))
+    excluded = stmt.excluded
+    better = excluded.score > DuplicatePair.score
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[DuplicatePair.a_pk, DuplicatePair.b_pk],
+        set_={
+            "score": case((better, excluded.score), else_=DuplicatePair.score),
+            "a_image_id": case((better, excluded.a_image_id), else_=DuplicatePair.a_image_id),
+            "b_image_id": case((better, excluded.b_image_id), else_=DuplicatePair.b_image_id),
+            "found_at": excluded.found_at,
+        },
+    )
+    session.execute(stmt)
+
+
+def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:
+    stmt = select(DuplicateDecision.a_pk, DuplicateDecision.b_pk, DuplicateDecision.decision).where(
+        or_(DuplicateDecision.a_pk == product_pk, DuplicateDecision.b_pk == product_pk)
+    )
+    return {(int(a), int(b)): d for a, b, d in session.execute(stmt)}
+
+
+def different_pairs(session: Session) -> set[tuple[int, int]]:
+    stmt = select(DuplicateDecision.a_pk, DuplicateDecision.b_pk).where(
+        DuplicateDecision.decision == "different"
+    )
+    return {(int(a), int(b)) for a, b in session.execute(stmt)}
+
+
+def _pairs_query(min_score: float, category: str | None, undecided: bool) -> Any:
+    a_product = aliased(Product)
+    b_product = aliased(Product)
+    stmt = (
+        select(
+            DuplicatePair.a_pk,
+            DuplicatePair.b_pk,
+            a_product.external_id,
+            b_product.external_id,
+            DuplicatePair.score,
+            DuplicatePair.a_image_id,
+            DuplicatePair.b_image_id,
+            DuplicatePair.found_at,
+            DuplicateDecision.decision,
+        )
+        .join(a_product, a_product.pk == DuplicatePair.a_pk)
+        .join(b_product, b_product.pk == DuplicatePair.b_pk)
+        .outerjoin(
+            DuplicateDecision,
+            and_(
+                DuplicateDecision.a_pk == DuplicatePair.a_pk,
+                DuplicateDecision.b_pk == DuplicatePair.b_pk,
+            ),
+        )
+        .where(DuplicatePair.score >= min_score)
+        .where(or_(DuplicateDecision.decision.is_(None), DuplicateDecision.decision != "different"))
+    )
+    if category is not None:
+        stmt = stmt.where(a_product.category == category, b_product.category == category)
+    if undecided:
+        stmt = stmt.where(DuplicateDecision.decision.is_(None))
+    return stmt
+
+
+def list_pairs(
+    session: Session,
+    *,
+    min_score: float,
+    limit: int,
+    after: tuple[float, int, int] | None = None,
+    category: str | None = None,
+    undecided: bool = False,
+) -> list[PairRow]:
+    """Pairs by score (highest first), then by product pair: a stable order for paging."""
+    stmt = _pairs_query(min_score, category, undecided)
+    if after is not None:
+        score, a_pk, b_pk = after
+        stmt = stmt.where(
+            or_(
+                DuplicatePair.score < score,
+                and_(
+                    DuplicatePair.score == score,
+                    or_(
+                        DuplicatePair.a_pk > a_pk,
+                        and_(DuplicatePair.a_pk == a_pk, DuplicatePair.b_pk > b_pk),
+                    ),
+                ),
+            )
+        )
+    stmt = stmt.order_by(DuplicatePair.score.desc(), DuplicatePair.a_pk, DuplicatePair.b_pk).limit(
+        limit
+    )
+    return [PairRow(*row) for row in session.execute(stmt)]
+
+
+def all_pairs(
+    session: Session, *, min_score: float, category: str | None = None, limit: int
+) -> list[PairRow]:
+    stmt = _pairs_query(min_score, category, False).limit(limit)
+    return [PairRow(*row) for row in session.execute(stmt)]
+
+
+def count_pairs(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(DuplicatePair)) or 0)
+
+
+def delete_pairs_found_before(session: Session, moment: datetime) -> int:
+    result: Any = session.execute(delete(DuplicatePair).where(DuplicatePair.found_at < moment))
+    return int(result.rowcount or 0)
+
+
+def set_decision(
+    session: Session, a_pk: int, b_pk: int, decision: str, decided_by: str | None
+) -> None:
+    a_pk, b_pk = canonical(a_pk, b_pk)
+    values = {
+        "a_pk": a_pk,
+        "b_pk": b_pk,
+        "decision": decision,
+        "decided_by": decided_by,
+        "decided_at": utcnow(),
+    }
+    dialect = session.get_bind().dialect.name
+    ins: Any = (
+        postgresql.insert(DuplicateDecision)
+        if dialect == "postgresql"
+        else sqlite.insert(DuplicateDecision)
+    )
+    stmt = ins.values(values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[DuplicateDecision.a_pk, DuplicateDecision.b_pk],
+        set_={k: stmt.excluded[k] for k in ("decision", "decided_by", "decided_at")},
+    )
+    session.execute(stmt)
+
+
+def get_decision(session: Session, a_pk: int, b_pk: int) -> DuplicateDecision | None:
+    a_pk, b_pk = canonical(a_pk, b_pk)
+    return session.get(DuplicateDecision, (a_pk, b_pk))
+
+
+def images_page(
+    session: Session, after_id: int, limit: int, model_id: str
+) -> list[tuple[int, int, bytes]]:
+    """(image id, product pk, embedding) in image-id order (duplicate scans)."""
+    stmt = (
+        select(ProductImage.id, ProductImage.product_pk, ProductImage.embedding)
+        .where(ProductImage.id > after_id, ProductImage.model_id == model_id)
+        .order_by(ProductImage.id)
+        .limit(limit)
+    )
+    return [(int(i), int(p), e) for i, p, e in session.execute(stmt)]
+
+
+def image_products(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
+    if not image_ids:
+        return {}
+    stmt = select(ProductImage.id, ProductImage.product_pk).where(
+        ProductImage.id.in_(list(set(image_ids)))
+    )
+    return {int(i): int(p) for i, p in session.execute(stmt)}

@@ -160,6 +160,36 @@ class ShardedIndex:
             scores = np.where(ids >= 0, scores, -np.inf)
         return scores[:, :k].astype(np.float32), ids[:, :k]
 
+    def search_subset(
+        self, queries: np.ndarray, ids: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-`k` among `ids` only (filtered search over a small subset).
+
+        Flat shards search with an id selector (exact float32 scores, as unfiltered
+        searches give); IVF-PQ shards score the subset's exact vectors directly, so a
+        filter never loses results to the approximate stage.
+        """
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        k = max(1, min(k, len(ids)))
+        if self.kind == "flat":
+            selector = faiss.IDSelectorBatch(ids)
+            return self.search(queries, k, selector=selector)
+        exact = self.vectors.get(ids)
+        # Rows not yet written (an image this replica has not caught up on) read as zeros.
+        present = np.abs(exact).sum(axis=1) > 0
+        scores = queries @ exact.T
+        scores[:, ~present] = -np.inf
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top = np.take_along_axis(scores, order, 1)
+        found = np.where(np.isfinite(top), ids[order], -1)
+        return top.astype(np.float32), found
+
+    @property
+    def nlist(self) -> int:
+        """Lists per IVF shard (0 for exact shards)."""
+        return 0 if self.kind == "flat" else int(self.shards[0]._ivf.nlist)
+
     def _rerank(
         self, queries: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
