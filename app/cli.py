@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -387,6 +387,74 @@ def bench_index(
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     print(json.dumps(result["rows"] if json_output else result, indent=2))
+
+
+@cli.command("eval")
+def evaluate(
+    model: Annotated[str, typer.Option(help="Model directory (or hub id).")],
+    gallery: Annotated[Path, typer.Option(help="gallery.csv (Products-10K format).", exists=True)],
+    queries: Annotated[Path, typer.Option(help="queries.csv (Products-10K format).", exists=True)],
+    images_root: Annotated[Path, typer.Option(help="Base of img_path.", exists=True)],
+    index: Annotated[
+        bool, typer.Option("--index", help="Also rank through the sharded IVF-PQ index.")
+    ] = False,
+    submission: Annotated[
+        Path | None, typer.Option(help="Write the top-1000 gallery ids per query (JSON).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    json_output: Annotated[bool, typer.Option("--json", help="End with one JSON object.")] = False,
+) -> None:
+    """Retrieval quality of a model on a gallery/queries protocol (mAP@1000, top-k, delta)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from app.evaluation.run import run_evaluation
+
+    settings = _settings()
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err
+    )
+    tasks: dict[str, object] = {}
+
+    def advance(label: str, done: int, total: int) -> None:
+        if label not in tasks:
+            tasks[label] = progress.add_task(label, total=total)
+        progress.update(tasks[label], completed=done)  # type: ignore[arg-type]
+
+    with progress:
+        result = run_evaluation(
+            model,
+            gallery,
+            queries,
+            images_root,
+            device=device,
+            precision=precision,
+            through_index=index,
+            index_settings=settings.index,
+            submission=submission,
+            batch_size=batch_size,
+            progress=advance,
+        )
+    table = Table(title=f"retrieval quality: {result['model_id']}")
+    for column in ("set", "mAP@1000", "top-1", "top-3", "top-5", "delta sim.", "queries"):
+        table.add_column(column)
+
+    def add(name: str, m: dict[str, Any]) -> None:
+        keys = ("map_at_1000", "top1", "top3", "top5", "delta_similarity")
+        cells = [f"{float(m[k]):.4f}" if k in m else "-" for k in keys]
+        table.add_row(name, *cells, str(m.get("queries", "-")))
+
+    add("all (exact)", result)
+    for group, metrics in result.get("groups", {}).items():
+        add(group, metrics)
+    if "index" in result:
+        add("all (index)", result["index"])
+    err.print(table)
+    err.print(f"{result['images_per_s']} images/s")
+    if json_output:
+        print(json.dumps(result))
 
 
 def main() -> None:

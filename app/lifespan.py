@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI
 
 from app.catalogue import repository as repo
+from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
 from app.core.database import Database
@@ -42,6 +44,8 @@ class State:
     fetcher: ImageFetcher | None = None
     catalogue: CatalogueService | None = None
     index: IndexService | None = None
+    search: SearchService | None = None
+    duplicates: DuplicatesService | None = None
     model_fallback: bool = False
     write_keys: list[str] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
@@ -159,6 +163,12 @@ def start_services(state: State) -> None:
     state.index = open_index(settings, state.db, embedder)
     state.worker = start_worker(settings, embedder)
     state.fetcher = make_fetcher(settings)
+    state.duplicates = DuplicatesService(
+        state.db,
+        state.index,
+        floor=settings.duplicates.floor,
+        neighbours=settings.duplicates.neighbours,
+    )
     state.catalogue = CatalogueService(
         state.db,
         state.worker,
@@ -166,6 +176,15 @@ def start_services(state: State) -> None:
         max_pixels=settings.image.max_pixels,
         max_bytes=settings.image.max_bytes,
         index=state.index,
+        after_commit=state.duplicates.on_commit,
+    )
+    state.search = SearchService(
+        state.db,
+        state.worker,
+        state.fetcher,
+        state.index,
+        max_pixels=settings.image.max_pixels,
+        max_bytes=settings.image.max_bytes,
     )
     LOG.info("ready: %s", embedder.describe())
 

@@ -8,8 +8,8 @@ from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
 from app.api.openapi import install_openapi
-from app.api.routes import health, products
-from app.api.schemas import ProductsCreate
+from app.api.routes import duplicates, health, products, search
+from app.api.schemas import ProductsCreate, SearchRequest
 from app.core.config import Settings
 from app.lifespan import State, lifespan
 
@@ -27,7 +27,9 @@ listed under each route. Write routes need an `X-API-Key` header when the servic
 """
 
 TAGS = [
+    {"name": "search", "description": "Find catalogue products that look like an image."},
     {"name": "products", "description": "Index and manage catalogue products."},
+    {"name": "duplicates", "description": "Catalogue unification: duplicate pairs and groups."},
     {"name": "health", "description": "Probes for orchestrators and load balancers."},
 ]
 
@@ -45,7 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.vs = State(settings=settings)
     install_error_handlers(app)
     app.include_router(products.router)
+    app.include_router(search.router)
+    app.include_router(duplicates.router)
     app.include_router(health.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
-    install_openapi(app, [ProductsCreate])
+    install_openapi(app, [ProductsCreate, SearchRequest])
     return app

@@ -6,6 +6,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.errors import NotReady
 from app.inference.worker import BatchWorker
@@ -38,3 +40,25 @@ def get_catalogue(state: StateDep) -> CatalogueService:
 
 
 CatalogueDep = Annotated[CatalogueService, Depends(get_catalogue)]
+
+
+def get_search(state: StateDep) -> SearchService:
+    if state.search is None:
+        raise NotReady(
+            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
+        )
+    return state.search
+
+
+SearchDep = Annotated[SearchService, Depends(get_search)]
+
+
+def get_duplicates(state: StateDep) -> DuplicatesService:
+    if state.duplicates is None:
+        raise NotReady(
+            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
+        )
+    return state.duplicates
+
+
+DuplicatesDep = Annotated[DuplicatesService, Depends(get_duplicates)]

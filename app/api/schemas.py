@@ -163,3 +163,99 @@ class ProductRead(BaseModel):
 class ProductsRead(BaseModel):
     products: list[ProductRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+# search ---------------------------------------------------------------------------------
+class SearchFilters(BaseModel):
+    category: str | None = Field(None, description="Only products of this category (exact).")
+
+
+class SearchRequest(BaseModel):
+    """Exactly one of `image_url` or `image`."""
+
+    image_url: str | None = Field(
+        None, max_length=4096, description="Public http(s) URL of the query image."
+    )
+    image: str | None = Field(None, description="The query image file, base64-encoded.")
+    bbox: BoxIn | None = Field(None, description="Crop the query image to this box first.")
+    k: int = Field(10, ge=1, le=1000, description="How many products to return.")
+    filters: SearchFilters | None = None
+    min_score: float | None = Field(
+        None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
+    )
+
+    @model_validator(mode="after")
+    def _one_image(self) -> SearchRequest:
+        if (self.image_url is None) == (self.image is None):
+            raise ValueError("give exactly one of `image_url` or `image`")
+        return self
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "image_url": "https://cdn.example.com/shopper-photo.jpg",
+                    "bbox": {"x": 40, "y": 60, "w": 300, "h": 420},
+                    "k": 10,
+                    "filters": {"category": "dairy"},
+                    "min_score": 0.3,
+                }
+            ]
+        }
+    }
+
+
+class SearchHitRead(BaseModel):
+    id: str = Field(description="The product's id.", examples=["sku-123"])
+    score: float = Field(description="Cosine similarity of the best matching image, -1..1.")
+    title: str | None
+    category: str | None
+    image_id: int = Field(description="The product image that matched best.")
+    image_url: str | None = Field(None, description="That image's URL, when it came from one.")
+
+
+class SearchRead(BaseModel):
+    results: list[SearchHitRead] = Field(description="One entry per product, best first.")
+    model_id: str
+    took_ms: float
+
+
+# duplicates -----------------------------------------------------------------------------
+class DuplicatePairRead(BaseModel):
+    a: str = Field(examples=["sku-1"])
+    b: str = Field(examples=["sku-2"])
+    score: float = Field(description="Cosine of the pair's best matching images.")
+    a_image_id: int
+    b_image_id: int
+    found_at: datetime
+    decision: Literal["same", "different"] | None = Field(
+        None, description="A reviewer's decision on this pair, if any."
+    )
+
+
+class DuplicatePairsRead(BaseModel):
+    pairs: list[DuplicatePairRead]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+class DuplicateGroupRead(BaseModel):
+    centre: str = Field(description="The product every member matched.")
+    members: list[str] = Field(description="All products of the group, the centre first.")
+    min_score: float = Field(description="Weakest member-to-centre score in the group.")
+
+
+class DuplicateGroupsRead(BaseModel):
+    groups: list[DuplicateGroupRead]
+    next_cursor: str | None = None
+
+
+class DecisionCreate(BaseModel):
+    a: str = Field(min_length=1, max_length=256, examples=["sku-1"])
+    b: str = Field(min_length=1, max_length=256, examples=["sku-2"])
+    decision: Literal["same", "different"]
+
+
+class DecisionRead(BaseModel):
+    a: str
+    b: str
+    decision: Literal["same", "different"]

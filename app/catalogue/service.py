@@ -291,9 +291,7 @@ class CatalogueService:
             upserts = [(i, np.frombuffer(e, dtype=np.float32)) for i, e in outcome.upserted]
             await asyncio.to_thread(self.index.apply, upserts, outcome.deleted)
         if self.after_commit is not None:
-            result = self.after_commit(outcome)
-            if asyncio.iscoroutine(result):
-                await result
+            await asyncio.to_thread(self.after_commit, outcome)
 
     # reads and deletes ------------------------------------------------------------------
     def get_product(self, external_id: str) -> Product:

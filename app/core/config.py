@@ -64,6 +64,17 @@ class IndexSettings(BaseModel):
     )
 
 
+class DuplicatesSettings(BaseModel):
+    """Duplicate pairs for catalogue unification."""
+
+    floor: float = Field(
+        0.80, ge=-1.0, le=1.0, description="Lowest cosine stored as a duplicate pair."
+    )
+    neighbours: int = Field(
+        20, ge=1, le=1000, description="Nearest images checked per image for pairs."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the service and the CLI."""
 
@@ -92,6 +103,7 @@ class Settings(BaseSettings):
     batch: BatchSettings = Field(default_factory=BatchSettings)
     image: ImageSettings = Field(default_factory=ImageSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
+    duplicates: DuplicatesSettings = Field(default_factory=DuplicatesSettings)
     api_keys: str = Field(
         "", description="Comma-separated API keys allowed to write (empty: writes are open)."
     )

@@ -1,0 +1,141 @@
+"""Catalogue unification: duplicate pairs, bounded groups and review decisions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+
+from app.api.deps import DuplicatesDep
+from app.api.errors import error_responses
+from app.api.schemas import (
+    DecisionCreate,
+    DecisionRead,
+    DuplicateGroupRead,
+    DuplicateGroupsRead,
+    DuplicatePairRead,
+    DuplicatePairsRead,
+)
+from app.api.security import WriteKeyDep
+from app.core.errors import InvalidRequest
+
+router = APIRouter(prefix="/duplicates", tags=["duplicates"])
+
+MinScore = Annotated[
+    float,
+    Query(
+        ge=-1.0,
+        le=1.0,
+        description="Lowest pair score to return; must be at least the floor "
+        "(VS_DUPLICATES__FLOOR, default 0.80).",
+    ),
+]
+
+
+@router.get(
+    "",
+    response_model=DuplicatePairsRead,
+    summary="List duplicate product pairs",
+    description=(
+        "Product pairs whose best image pair scores at least `min_score`, highest first, "
+        "a page at a time (follow `next_cursor`; the order is stable). Pairs are kept up to "
+        "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
+        "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
+        "products must be in it. A `min_score` below the floor is a 422: such pairs are "
+        "not stored."
+    ),
+    responses=error_responses(422),
+)
+async def list_pairs(
+    duplicates: DuplicatesDep,
+    min_score: MinScore = 0.9,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    category: Annotated[str | None, Query(description="Both products in this category.")] = None,
+    undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
+) -> DuplicatePairsRead:
+    rows, next_cursor = await asyncio.to_thread(
+        duplicates.list_pairs,
+        min_score=min_score,
+        limit=limit,
+        cursor=cursor,
+        category=category,
+        undecided=undecided,
+    )
+    return DuplicatePairsRead(
+        pairs=[
+            DuplicatePairRead(
+                a=r.a,
+                b=r.b,
+                score=r.score,
+                a_image_id=r.a_image_id,
+                b_image_id=r.b_image_id,
+                found_at=r.found_at,
+                decision=r.decision,
+            )
+            for r in rows
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+@router.get(
+    "/groups",
+    response_model=DuplicateGroupsRead,
+    summary="Group duplicates into unification clusters",
+    description=(
+        "Products grouped by their duplicate pairs at `min_score`, without plain transitive "
+        "chaining: a group grows around a centre (the product with the most strong "
+        "matches), and a product joins only if it matches the centre and at least half of "
+        "the members already in. So A~B and B~C put A and C together only if A~C too. "
+        "Products left out of a group still appear in `GET /duplicates`. Biggest groups "
+        "first; `limit`/`cursor` page through them."
+    ),
+    responses=error_responses(422),
+)
+async def groups(
+    duplicates: DuplicatesDep,
+    min_score: MinScore = 0.9,
+    category: Annotated[str | None, Query(description="Both products in this category.")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+) -> DuplicateGroupsRead:
+    found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
+    start = _offset(cursor)
+    page = found[start : start + limit]
+    next_cursor = str(start + limit) if start + limit < len(found) else None
+    return DuplicateGroupsRead(
+        groups=[
+            DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
+            for g in page
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+def _offset(cursor: str | None) -> int:
+    if not cursor:
+        return 0
+    if not cursor.isdigit():
+        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.")
+    return int(cursor)
+
+
+@router.post(
+    "/decisions",
+    response_model=DecisionRead,
+    summary="Record a review decision on a pair",
+    description=(
+        "`same`: the two products are one (the pair is kept, marked). `different`: they are "
+        "not; the pair disappears from `GET /duplicates` and no later scan brings it back. "
+        "A new decision on the same pair replaces the old one. The time and a fingerprint "
+        "of the API key are stored with it."
+    ),
+    responses=error_responses(401, 404, 422),
+)
+async def decide(
+    body: DecisionCreate, duplicates: DuplicatesDep, api_key: WriteKeyDep
+) -> DecisionRead:
+    await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key)
+    return DecisionRead(a=body.a, b=body.b, decision=body.decision)

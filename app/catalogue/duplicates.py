@@ -1,0 +1,334 @@
+"""Duplicate detection for catalogue unification.
+
+Pairs are maintained incrementally: whenever a product's images change, its pairs are
+recomputed by searching its images against the index; every other product whose best
+image pair scores at least the floor is stored (score, the two image ids, when found).
+Reviewers' decisions live in their own table: "different" pairs never come back, and no
+scan overwrites a decision. A full scan (`vsearch duplicates scan`) recomputes all pairs
+with batched kNN, resumably.
+
+Groups bound transitive chaining: a group grows around a centre product (the one with
+the most strong matches); a candidate joins only if it matches the centre and at least
+half of the members already in the group. A~B and B~C therefore do not put A and C
+together unless A~C as well (for groups of three: C must match both B and A).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.catalogue import repository as repo
+from app.catalogue.models import utcnow
+from app.catalogue.service import StoreOutcome
+from app.core.database import Database
+from app.core.errors import InvalidRequest, ProductNotFound
+from app.index.lifecycle import IndexService
+
+LOG = logging.getLogger(__name__)
+
+DECISIONS = ("same", "different")
+
+
+@dataclass(frozen=True)
+class DuplicateGroup:
+    centre: str
+    members: list[str]
+    min_score: float
+
+
+def key_fingerprint(api_key: str | None) -> str | None:
+    """Who decided: a short hash of the API key (the key itself is never stored)."""
+    if not api_key:
+        return None
+    return "key:" + hashlib.sha256(api_key.encode()).hexdigest()[:12]
+
+
+class DuplicatesService:
+    def __init__(
+        self, db: Database, index: IndexService, *, floor: float, neighbours: int = 20
+    ) -> None:
+        self.db = db
+        self.index = index
+        self.floor = floor
+        self.neighbours = neighbours
+
+    # incremental maintenance ------------------------------------------------------------
+    def on_commit(self, outcome: StoreOutcome) -> None:
+        """Recompute the pairs of a product whose images changed (after its commit)."""
+        if outcome.product_pk >= 0 and (outcome.upserted or outcome.deleted):
+            self.refresh_product(outcome.product_pk)
+
+    def refresh_product(self, product_pk: int) -> int:
+        """Replace the product's pairs with those found now; returns how many."""
+        with self.db.read() as session:
+            vectors = repo.product_image_vectors(session, product_pk)
+            decided = repo.decided_pairs(session, product_pk)
+        rows = self._pairs_for(product_pk, vectors, decided) if vectors else []
+        with self.db.write() as session:
+            repo.delete_pairs_of(session, product_pk)
+            repo.upsert_pairs(session, rows)
+        return len(rows)
+
+    def _pairs_for(
+        self,
+        product_pk: int,
+        vectors: list[tuple[int, bytes]],
+        decided: dict[tuple[int, int], str],
+    ) -> list[dict[str, Any]]:
+        image_ids = [i for i, _ in vectors]
+        queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, e in vectors])
+        scores, found = self.index.index.search(queries, self.neighbours)
+        candidates = found[(scores >= self.floor) & (found >= 0)]
+        with self.db.read() as session:
+            owners = repo.image_products(session, candidates.tolist())
+        best: dict[int, tuple[float, int, int]] = {}
+        for q, mine in enumerate(image_ids):
+            for score, theirs in zip(scores[q].tolist(), found[q].tolist(), strict=True):
+                if theirs < 0 or score < self.floor:
+                    break
+                other = owners.get(int(theirs))
+                if other is None or other == product_pk:
+                    continue
+                if other not in best or score > best[other][0]:
+                    best[other] = (float(score), mine, int(theirs))
+        now = utcnow()
+        rows = []
+        for other, (score, mine, theirs) in best.items():
+            a, b = repo.canonical(product_pk, other)
+            if decided.get((a, b)) == "different":
+                continue
+            a_img, b_img = (mine, theirs) if a == product_pk else (theirs, mine)
+            rows.append(
+                {
+                    "a_pk": a,
+                    "b_pk": b,
+                    "score": min(score, 1.0),
+                    "a_image_id": a_img,
+                    "b_image_id": b_img,
+                    "found_at": now,
+                }
+            )
+        return rows
+
+    # reads ------------------------------------------------------------------------------
+    def check_min_score(self, min_score: float) -> None:
+        if min_score < self.floor:
+            raise InvalidRequest(
+                f"min_score {min_score:g} is below the duplicates floor {self.floor:g}: pairs "
+                "under the floor are not stored. Lower VS_DUPLICATES__FLOOR and run "
+                "`vsearch duplicates scan` to see them."
+            )
+
+    def list_pairs(
+        self,
+        *,
+        min_score: float,
+        limit: int,
+        cursor: str | None,
+        category: str | None,
+        undecided: bool,
+    ) -> tuple[list[repo.PairRow], str | None]:
+        self.check_min_score(min_score)
+        after = decode_cursor(cursor) if cursor else None
+        with self.db.read() as session:
+            rows = repo.list_pairs(
+                session,
+                min_score=min_score,
+                limit=limit,
+                after=after,
+                category=category,
+                undecided=undecided,
+            )
+        next_cursor = encode_cursor(rows[-1]) if len(rows) == limit else None
+        return rows, next_cursor
+
+    def groups(
+        self, *, min_score: float, category: str | None, max_pairs: int = 1_000_000
+    ) -> list[DuplicateGroup]:
+        self.check_min_score(min_score)
+        with self.db.read() as session:
+            pairs = repo.all_pairs(
+                session, min_score=min_score, category=category, limit=max_pairs + 1
+            )
+        if len(pairs) > max_pairs:
+            raise InvalidRequest(
+                f"More than {max_pairs} pairs at min_score {min_score:g}: raise min_score or "
+                "filter by category."
+            )
+        return bounded_groups(pairs)
+
+    # decisions --------------------------------------------------------------------------
+    def decide(self, a: str, b: str, decision: str, api_key: str | None) -> tuple[str, str]:
+        if decision not in DECISIONS:
+            raise InvalidRequest("decision must be 'same' or 'different'.")
+        if a == b:
+            raise InvalidRequest("A decision needs two different products.")
+        with self.db.write() as session:
+            pa = repo.get_product(session, a)
+            pb = repo.get_product(session, b)
+            missing = [x for x, p in ((a, pa), (b, pb)) if p is None]
+            if missing:
+                raise ProductNotFound(f"No product with id {missing[0]!r}.")
+            assert pa is not None
+            assert pb is not None
+            repo.set_decision(session, pa.pk, pb.pk, decision, key_fingerprint(api_key))
+        return a, b
+
+    # full scans -------------------------------------------------------------------------
+    def scan(
+        self,
+        *,
+        state_path: Path,
+        floor: float | None = None,
+        batch: int = 512,
+        resume: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Recompute every pair with batched kNN; resumable from `state_path`.
+
+        Pairs found are upserted as the scan goes (GET /duplicates keeps serving the old
+        ones meanwhile); when it finishes, pairs the scan did not find again are removed.
+        """
+        floor = self.floor if floor is None else floor
+        state = _read_state(state_path) if resume else None
+        if state is None or state.get("floor") != floor:
+            state = {"floor": floor, "started": utcnow().isoformat(), "after_id": 0, "done": 0}
+        started_at = datetime.fromisoformat(state["started"])
+        with self.db.read() as session:
+            total = repo.count_images(session)
+            different = repo.different_pairs(session)
+        t0 = time.perf_counter()
+        model_id = self.index.model_id
+        while True:
+            with self.db.read() as session:
+                page = repo.images_page(session, int(state["after_id"]), batch, model_id)
+            if not page:
+                break
+            rows = self._scan_batch(page, floor, different)
+            with self.db.write() as session:
+                repo.upsert_pairs(session, rows)
+            state["after_id"], state["done"] = page[-1][0], int(state["done"]) + len(page)
+            _write_state(state_path, state)
+            if progress is not None:
+                progress(int(state["done"]), total)
+        with self.db.write() as session:
+            removed = repo.delete_pairs_found_before(session, started_at)
+            pairs = repo.count_pairs(session)
+        state_path.unlink(missing_ok=True)
+        return {
+            "images": int(state["done"]),
+            "pairs": pairs,
+            "stale_pairs_removed": removed,
+            "floor": floor,
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+
+    def _scan_batch(
+        self, page: list[tuple[int, int, bytes]], floor: float, different: set[tuple[int, int]]
+    ) -> list[dict[str, Any]]:
+        queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, _, e in page])
+        scores, found = self.index.index.search(queries, self.neighbours)
+        strong = (scores >= floor) & (found >= 0)
+        with self.db.read() as session:
+            owners = repo.image_products(session, found[strong].tolist())
+        best: dict[tuple[int, int], dict[str, Any]] = {}
+        now = utcnow()
+        for q, (image_id, product_pk, _) in enumerate(page):
+            for score, theirs in zip(scores[q][strong[q]], found[q][strong[q]], strict=True):
+                other = owners.get(int(theirs))
+                if other is None or other == product_pk:
+                    continue
+                a, b = repo.canonical(product_pk, other)
+                if (a, b) in different:
+                    continue
+                a_img, b_img = (
+                    (image_id, int(theirs)) if a == product_pk else (int(theirs), image_id)
+                )
+                row = best.get((a, b))
+                if row is None or score > row["score"]:
+                    best[(a, b)] = {
+                        "a_pk": a,
+                        "b_pk": b,
+                        "score": min(float(score), 1.0),
+                        "a_image_id": a_img,
+                        "b_image_id": b_img,
+                        "found_at": now,
+                    }
+        return list(best.values())
+
+
+def bounded_groups(pairs: list[repo.PairRow]) -> list[DuplicateGroup]:
+    """Group products without plain transitive chaining (see the module docstring)."""
+    neighbours: dict[str, dict[str, float]] = defaultdict(dict)
+    for p in pairs:
+        neighbours[p.a][p.b] = p.score
+        neighbours[p.b][p.a] = p.score
+    order = sorted(
+        neighbours,
+        key=lambda n: (-len(neighbours[n]), -sum(neighbours[n].values()), n),
+    )
+    assigned: set[str] = set()
+    groups: list[DuplicateGroup] = []
+    for centre in order:
+        if centre in assigned:
+            continue
+        members: list[str] = []
+        weakest = 1.0
+        candidates = sorted(
+            (n for n in neighbours[centre] if n not in assigned),
+            key=lambda n: (-neighbours[centre][n], n),
+        )
+        for candidate in candidates:
+            links = sum(1 for m in members if m in neighbours[candidate])
+            if links * 2 >= len(members):  # matches at least half of the members so far
+                members.append(candidate)
+                weakest = min(weakest, neighbours[centre][candidate])
+        if not members:
+            continue
+        assigned.add(centre)
+        assigned.update(members)
+        groups.append(DuplicateGroup(centre, [centre, *members], weakest))
+    groups.sort(key=lambda g: (-len(g.members), -g.min_score, g.centre))
+    return groups
+
+
+def encode_cursor(row: repo.PairRow) -> str:
+    raw = json.dumps([repr(float(row.score)), row.a_pk, row.b_pk])
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, int, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        score, a_pk, b_pk = json.loads(raw)
+        return float(score), int(a_pk), int(b_pk)
+    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None
+
+
+def _read_state(path: Path) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads(path.read_text())
+        return state
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(path: Path, state: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    tmp.replace(path)
