@@ -23,9 +23,13 @@ cli = typer.Typer(
 model_cli = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
 bench_cli = typer.Typer(help="Benchmarks that print their figures as JSON.", no_args_is_help=True)
 db_cli = typer.Typer(help="Database schema migrations.", no_args_is_help=True)
+duplicates_cli = typer.Typer(
+    help="Duplicate pairs for catalogue unification.", no_args_is_help=True
+)
 cli.add_typer(model_cli, name="model")
 cli.add_typer(bench_cli, name="bench")
 cli.add_typer(db_cli, name="db")
+cli.add_typer(duplicates_cli, name="duplicates")
 
 err = Console(stderr=True)
 LOG = logging.getLogger("vsearch")
@@ -455,6 +459,60 @@ def evaluate(
     err.print(f"{result['images_per_s']} images/s")
     if json_output:
         print(json.dumps(result))
+
+
+@duplicates_cli.command("scan")
+def duplicates_scan(
+    floor: Annotated[
+        float | None, typer.Option(help="Lowest score stored (default VS_DUPLICATES__FLOOR).")
+    ] = None,
+    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 512,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore an interrupted scan's progress.")
+    ] = False,
+) -> None:
+    """Recompute every duplicate pair with batched kNN over the catalogue (resumable)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from app.catalogue.duplicates import DuplicatesService
+    from app.core.database import Database
+    from app.core.migrations import ensure_schema
+    from app.lifespan import check_model_matches_catalogue, load_embedder, open_index
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    ensure_schema(db, migrate=settings.migrate_on_start)
+    embedder, _ = load_embedder(settings)
+    check_model_matches_catalogue(db, embedder.model_id)
+    index = open_index(settings, db, embedder, tail=False)
+    service = DuplicatesService(
+        db, index, floor=settings.duplicates.floor, neighbours=settings.duplicates.neighbours
+    )
+    progress = Progress(
+        TextColumn("[bold]scan"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
+    with progress:
+        task = progress.add_task("scan", total=None)
+        report = service.scan(
+            state_path=settings.data_dir / "duplicates-scan.json",
+            floor=floor,
+            batch=batch,
+            resume=not restart,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    index.close(save=True)
+    db.dispose()
+    print(json.dumps(report, indent=2))
 
 
 def main() -> None:

@@ -125,7 +125,9 @@ def make_fetcher(settings: Settings) -> ImageFetcher:
     )
 
 
-def open_index(settings: Settings, db: Database, embedder: Embedder) -> IndexService:
+def open_index(
+    settings: Settings, db: Database, embedder: Embedder, *, tail: bool = True
+) -> IndexService:
     index = IndexService(
         db,
         settings.data_dir / "index",
@@ -134,7 +136,8 @@ def open_index(settings: Settings, db: Database, embedder: Embedder) -> IndexSer
         settings=settings.index,
     )
     index.open()
-    index.start_tailing()
+    if tail:
+        index.start_tailing()
     return index
 
 

@@ -72,13 +72,18 @@ class DuplicatesService:
             self.refresh_product(outcome.product_pk)
 
     def refresh_product(self, product_pk: int) -> int:
-        """Replace the product's pairs with those found now; returns how many."""
+        """Drop the product's pairs that rest on images it no longer has, and add those
+        its current images find now; returns how many were found.
+
+        Pairs are never deleted wholesale: another product committed at the same moment
+        may just have found this one, and its pair must survive this refresh.
+        """
         with self.db.read() as session:
             vectors = repo.product_image_vectors(session, product_pk)
             decided = repo.decided_pairs(session, product_pk)
         rows = self._pairs_for(product_pk, vectors, decided) if vectors else []
         with self.db.write() as session:
-            repo.delete_pairs_of(session, product_pk)
+            repo.delete_stale_pairs_of(session, product_pk, [i for i, _ in vectors])
             repo.upsert_pairs(session, rows)
         return len(rows)
 

@@ -327,10 +327,15 @@ def canonical(a_pk: int, b_pk: int) -> tuple[int, int]:
     return (a_pk, b_pk) if a_pk < b_pk else (b_pk, a_pk)
 
 
-def delete_pairs_of(session: Session, product_pk: int) -> None:
+def delete_stale_pairs_of(session: Session, product_pk: int, image_ids: Sequence[int]) -> None:
+    """Drop the product's pairs that rest on an image it no longer has."""
+    current = list(image_ids) or [-1]
     session.execute(
         delete(DuplicatePair).where(
-            or_(DuplicatePair.a_pk == product_pk, DuplicatePair.b_pk == product_pk)
+            or_(
+                and_(DuplicatePair.a_pk == product_pk, DuplicatePair.a_image_id.not_in(current)),
+                and_(DuplicatePair.b_pk == product_pk, DuplicatePair.b_image_id.not_in(current)),
+            )
         )
     )
 

@@ -69,9 +69,13 @@ def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[
     m = settings.pq_m
     while dim % m:
         m -= 1
+    # 8-bit codes need 256 training points per sub-quantizer; tiny sets get fewer bits.
+    nbits = max(1, min(8, int(math.log2(max(n, 2)))))
     coarse = f"IVF{nlist}_HNSW32" if nlist >= 4096 else f"IVF{nlist}"
     prefix = f"OPQ{m}," if settings.opq else ""
-    return f"{prefix}{coarse},PQ{m}", {"nlist": nlist, "pq_m": m, "opq": settings.opq}
+    pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
+    params = {"nlist": nlist, "pq_m": m, "pq_bits": nbits, "opq": settings.opq}
+    return f"{prefix}{coarse},{pq}", params
 
 
 def train_template(sample: np.ndarray, factory: str) -> faiss.Index:
