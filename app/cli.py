@@ -461,6 +461,34 @@ def evaluate(
         print(json.dumps(result))
 
 
+@bench_cli.command("duplicates")
+def bench_duplicates(
+    n: Annotated[int, typer.Option(help="Synthetic images (one product each).")] = 100_000,
+    dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
+    floor: Annotated[float, typer.Option(help="Pair floor.")] = 0.9,
+    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 1024,
+    database_url: Annotated[
+        str | None, typer.Option(help="Catalogue database (default: a temporary SQLite file).")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
+) -> None:
+    """Time a full duplicates scan over N synthetic images (prints JSON)."""
+    from app.benchmarks.duplicates import run_duplicates_benchmark
+
+    settings = _settings()
+    result = run_duplicates_benchmark(
+        n=n,
+        dim=dim,
+        floor=floor,
+        batch=batch,
+        index_settings=settings.index,
+        database_url=database_url,
+        workdir=workdir,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @duplicates_cli.command("scan")
 def duplicates_scan(
     floor: Annotated[

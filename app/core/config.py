@@ -141,8 +141,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_unsafe_in_production(self) -> Settings:
-        if self.environment == "production" and self.allow_private_urls:
+        if self.environment != "production":
+            return self
+        if self.allow_private_urls:
             raise ValueError("VS_ALLOW_PRIVATE_URLS must not be enabled in production")
+        if not self.api_keys.strip() and self.api_keys_file is None:
+            raise ValueError(
+                "production needs VS_API_KEYS (or VS_API_KEYS_FILE): writes would be open to "
+                "anyone who can reach the service"
+            )
         return self
 
     def write_keys(self) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from alembic import command
@@ -15,7 +16,17 @@ from app.core.database import Database
 
 LOG = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+
+def migrations_dir() -> Path:
+    """The Alembic scripts: VS_MIGRATIONS_DIR, else beside the package (source checkout),
+    else ./migrations (an installed package run from the project directory)."""
+    override = os.environ.get("VS_MIGRATIONS_DIR")
+    if override:
+        return Path(override)
+    beside = Path(__file__).resolve().parents[2] / "migrations"
+    return beside if beside.is_dir() else Path.cwd() / "migrations"
+
+
 # Any fixed number: replicas starting together take turns migrating.
 _ADVISORY_LOCK = 0x76736561726368
 
@@ -26,7 +37,7 @@ class SchemaBehind(RuntimeError):
 
 def alembic_config(url: str | None = None) -> Config:
     config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["configure_logger"] = False
     if url:
         config.attributes["url"] = url

@@ -177,10 +177,11 @@ class TestSearchErrors:
         batch = settings.batch.model_copy(update={"max_size": 1, "queue_size": 1})
         async with app_client(settings.model_copy(update={"batch": batch})) as c:
             worker = c.app.state.vs.worker  # type: ignore[attr-defined]
-            gate = threading.Event()
+            gate, entered = threading.Event(), threading.Event()
             forward = worker.embedder.forward
 
             def slow_forward(batch):  # type: ignore[no-untyped-def]
+                entered.set()
                 gate.wait(10)
                 return forward(batch)
 
@@ -188,7 +189,10 @@ class TestSearchErrors:
             try:
                 first = asyncio.ensure_future(search_json(c, image=b64(jpeg(1))))
                 second = asyncio.ensure_future(search_json(c, image=b64(jpeg(2))))
-                await asyncio.sleep(0.3)  # one in the model, one queued: the queue is full
+                for _ in range(500):  # one in the model, one queued: the queue is full
+                    if entered.is_set() and worker.queue_depth >= 1:
+                        break
+                    await asyncio.sleep(0.01)
                 third = await search_json(c, image=b64(jpeg(3)))
             finally:
                 gate.set()

@@ -1,0 +1,139 @@
+"""`vsearch bench duplicates`: time a full duplicates scan over N synthetic images.
+
+A throwaway catalogue (SQLite by default, or `--database-url`) gets N products of one
+image each, drawn from the clustered synthetic mixture, with 1% of them near-duplicate
+copies of another product (the pairs a scan must find). The index is built as the service
+builds it (exact or IVF-PQ by size), then `DuplicatesService.scan` runs and is timed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import insert
+
+from app.benchmarks.synthetic import EmbeddingMixture
+from app.catalogue import repository as repo
+from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.models import Product, ProductImage, utcnow
+from app.core.config import IndexSettings
+from app.core.database import Database
+from app.core.migrations import upgrade
+from app.index.lifecycle import IndexService
+
+MODEL_ID = "synthetic@0"
+Say = Callable[[str], None]
+
+
+def _fill(db: Database, n: int, dim: int, chunk: int, say: Say) -> int:
+    mixture = EmbeddingMixture(dim)
+    rng = np.random.default_rng(1)
+    copies = 0
+    now = utcnow()
+    for c, start in enumerate(range(0, n, chunk)):
+        size = min(chunk, n - start)
+        block = mixture.chunk(c, chunk)[:size]
+        # 1% of rows become near-duplicates of another row of the same chunk.
+        dup = rng.choice(size, size=max(1, size // 100), replace=False)
+        src = rng.integers(0, size, size=len(dup))
+        block[dup] = mixture.near_duplicates(block[src], seed=c)
+        copies += int((dup != src).sum())
+        with db.write() as session:
+            session.execute(
+                insert(Product),
+                [
+                    {
+                        "pk": start + i + 1,
+                        "external_id": f"p{start + i}",
+                        "attributes": {},
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for i in range(size)
+                ],
+            )
+            session.execute(
+                insert(ProductImage),
+                [
+                    {
+                        "id": start + i + 1,
+                        "product_pk": start + i + 1,
+                        "position": 0,
+                        "sha256": f"{start + i}",
+                        "width": 1,
+                        "height": 1,
+                        "embedding": block[i].tobytes(),
+                        "model_id": MODEL_ID,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for i in range(size)
+                ],
+            )
+        say(f"catalogue: {start + size}/{n}")
+    return copies
+
+
+def run_duplicates_benchmark(
+    *,
+    n: int,
+    dim: int = 512,
+    floor: float = 0.9,
+    batch: int = 1024,
+    neighbours: int = 20,
+    index_settings: IndexSettings | None = None,
+    database_url: str | None = None,
+    workdir: Path | None = None,
+    progress: Say | None = None,
+) -> dict[str, Any]:
+    say = progress or (lambda _m: None)
+    settings = index_settings or IndexSettings()
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        db = Database(database_url or f"sqlite:///{tmp}/catalogue.db")
+        upgrade(db)
+        t0 = time.perf_counter()
+        planted = _fill(db, n, dim, 50_000, say)
+        fill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        index = IndexService(db, Path(tmp) / "index", model_id=MODEL_ID, dim=dim, settings=settings)
+        index.open()
+        if index._retrain is not None:
+            index._retrain.join()
+        index_s = time.perf_counter() - t0
+        service = DuplicatesService(db, index, floor=floor, neighbours=neighbours)
+        say("scanning")
+        t0 = time.perf_counter()
+        report = service.scan(
+            state_path=Path(tmp) / "scan.json",
+            batch=batch,
+            resume=False,
+            progress=lambda done, total: (
+                say(f"scan: {done}/{total}") if done % (batch * 20) == 0 else None
+            ),
+        )
+        scan_s = time.perf_counter() - t0
+        with db.read() as session:
+            pairs = repo.count_pairs(session)
+        result = {
+            "n": n,
+            "dim": dim,
+            "floor": floor,
+            "neighbours": neighbours,
+            "index": index.describe()["kind"],
+            "index_params": index.describe()["params"],
+            "planted_near_duplicates": planted,
+            "pairs_found": pairs,
+            "catalogue_fill_s": round(fill_s, 1),
+            "index_build_s": round(index_s, 1),
+            "scan_s": round(scan_s, 1),
+            "scan_images_per_s": round(n / scan_s, 1),
+            "scan_report": report,
+        }
+        index.close(save=False)
+        db.dispose()
+    return result
