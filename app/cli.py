@@ -489,6 +489,99 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@cli.command()
+def train(
+    init: Annotated[str, typer.Option(help="Model directory to start from.")],
+    data: Annotated[Path, typer.Option(help="CSV: path,label[,bbox_x..bbox_h].", exists=True)],
+    out: Annotated[Path, typer.Option(help="Output model directory (also checkpoints).")],
+    images_root: Annotated[Path | None, typer.Option(help="Base of the CSV's paths.")] = None,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
+    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone lr = lr x this.")] = 0.25,
+    input_size: Annotated[int | None, typer.Option(help="Training/inference side (px).")] = None,
+    embedding_dim: Annotated[int, typer.Option(help="Head size for pooled backbones.")] = 512,
+    scale: Annotated[float, typer.Option(help="ArcFace scale s (Trendyol: 128).")] = 30.0,
+    margin: Annotated[float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")] = 0.3,
+    xbm_size: Annotated[int, typer.Option(help="Cross-batch memory size (0: off).")] = 0,
+    xbm_weight: Annotated[float, typer.Option(help="Weight of the XBM term.")] = 1.0,
+    freeze_epochs: Annotated[int, typer.Option(help="Epochs with a frozen backbone.")] = 1,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    mixed_precision: Annotated[
+        bool, typer.Option("--amp/--no-amp", help="bf16/fp16 autocast where supported.")
+    ] = True,
+    val_gallery: Annotated[Path | None, typer.Option(help="Validation gallery.csv.")] = None,
+    val_queries: Annotated[Path | None, typer.Option(help="Validation queries.csv.")] = None,
+    val_images_root: Annotated[Path | None, typer.Option(help="Validation images root.")] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore an existing checkpoint in OUT.")
+    ] = False,
+) -> None:
+    """Fine-tune a model with ArcFace (+ cross-batch memory); writes the service's layout."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from app.training.train import TrainConfig
+    from app.training.train import train as run_training
+
+    _settings()
+    config = TrainConfig(
+        init=init,
+        data=data,
+        out=out,
+        images_root=images_root,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        backbone_lr_scale=backbone_lr_scale,
+        input_size=input_size,
+        embedding_dim=embedding_dim,
+        scale=scale,
+        margin=margin,
+        xbm_size=xbm_size,
+        xbm_weight=xbm_weight,
+        freeze_epochs=freeze_epochs,
+        seed=seed,
+        workers=workers,
+        device=device,
+        mixed_precision=mixed_precision,
+        val_gallery=val_gallery,
+        val_queries=val_queries,
+        val_images_root=val_images_root,
+        resume=not restart,
+    )
+    progress = Progress(
+        TextColumn("epoch {task.fields[epoch]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  {task.fields[val]}"),
+        TimeRemainingColumn(),
+        console=err,
+    )
+    task = progress.add_task("train", total=None, epoch="-", loss="-", val="")
+
+    def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+        progress.update(
+            task, completed=step, total=steps, epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.3f}"
+        )
+
+    def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+        val = f"val mAP {record['val_map_at_1000']:.3f}" if "val_map_at_1000" in record else ""
+        progress.update(task, val=val)
+        progress.console.print(record)
+
+    with progress:
+        summary = run_training(config, on_step=on_step, on_epoch=on_epoch)
+    print(json.dumps(summary, indent=2))
+
+
 @duplicates_cli.command("scan")
 def duplicates_scan(
     floor: Annotated[

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
@@ -19,10 +20,14 @@ from app.core.config import DEFAULT_MODEL, Settings
 from app.core.database import Database
 from app.core.errors import ModelUnavailable
 from app.core.migrations import ensure_schema
+from app.core.ratelimit import TokenBuckets
 from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.model import CONFIG_FILE, Embedder, load_model
 from app.inference.worker import BatchWorker
+
+if TYPE_CHECKING:
+    from app.api.observability import ServiceMetrics
 
 LOG = logging.getLogger(__name__)
 
@@ -48,6 +53,9 @@ class State:
     duplicates: DuplicatesService | None = None
     model_fallback: bool = False
     write_keys: list[str] = field(default_factory=list)
+    read_keys: list[str] = field(default_factory=list)
+    rate_limits: TokenBuckets | None = None
+    metrics: ServiceMetrics | None = None
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -101,13 +109,16 @@ def check_model_matches_catalogue(db: Database, model_id: str) -> None:
         )
 
 
-def start_worker(settings: Settings, embedder: Embedder) -> BatchWorker:
+def start_worker(
+    settings: Settings, embedder: Embedder, metrics: ServiceMetrics | None = None
+) -> BatchWorker:
     worker = BatchWorker(
         embedder,
         max_size=settings.batch.max_size,
         max_wait_ms=settings.batch.max_wait_ms,
         queue_size=settings.batch.queue_size,
         preprocess_threads=settings.batch.preprocess_threads,
+        on_batch=metrics.observe_batch if metrics is not None else None,
     )
     worker.start()
     return worker
@@ -121,6 +132,11 @@ def make_fetcher(settings: Settings) -> ImageFetcher:
             total_timeout_s=settings.image.fetch_timeout_s,
             max_redirects=settings.image.fetch_max_redirects,
             allow_private=settings.allow_private_urls,
+            allowed_hosts=tuple(
+                h.strip().lower()
+                for h in settings.image.fetch_allowed_hosts.split(",")
+                if h.strip()
+            ),
         )
     )
 
@@ -155,6 +171,9 @@ def start_services(state: State) -> None:
     settings = state.settings
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state.write_keys = settings.write_keys()
+    state.read_keys = settings.read_keys()
+    if settings.rate_limit.per_minute > 0:
+        state.rate_limits = TokenBuckets(settings.rate_limit.per_minute, settings.rate_limit.burst)
     state.db = open_database(settings)
     embedder, fallback = load_embedder(settings)
     check_model_matches_catalogue(state.db, embedder.model_id)
@@ -164,7 +183,7 @@ def start_services(state: State) -> None:
         embedder.warmup(sorted({1, settings.batch.max_size}))
     state.embedder, state.model_fallback = embedder, fallback
     state.index = open_index(settings, state.db, embedder)
-    state.worker = start_worker(settings, embedder)
+    state.worker = start_worker(settings, embedder, state.metrics)
     state.fetcher = make_fetcher(settings)
     state.duplicates = DuplicatesService(
         state.db,

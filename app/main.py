@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
+from app.api.observability import RequestObservability, ServiceMetrics
 from app.api.openapi import install_openapi
-from app.api.routes import duplicates, health, products, search
+from app.api.routes import duplicates, health, metrics, products, search
 from app.api.schemas import ProductsCreate, SearchRequest
 from app.core.config import Settings
 from app.lifespan import State, lifespan
@@ -22,20 +24,22 @@ Self-hosted visual product search.
 
 Every error has the body `{"error": {"code": "...", "message": "..."}}`; the codes are
 listed under each route. Write routes need an `X-API-Key` header when the service has
-`VS_API_KEYS` set. Embeddings come from the model named in `GET /ready`
-(`model.model_id`).
+`VS_API_KEYS` set (reads too when `VS_API_KEYS_READ` is set). Rate limits answer 429 with
+`Retry-After`; a full inference queue answers 503 with `Retry-After`. Embeddings come from
+the model named in `GET /ready` (`model.model_id`). Every response carries an
+`X-Request-ID` (yours, when you send one).
 """
 
 TAGS = [
     {"name": "search", "description": "Find catalogue products that look like an image."},
     {"name": "products", "description": "Index and manage catalogue products."},
     {"name": "duplicates", "description": "Catalogue unification: duplicate pairs and groups."},
-    {"name": "health", "description": "Probes for orchestrators and load balancers."},
+    {"name": "health", "description": "Probes and metrics for orchestrators and monitoring."},
 ]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model, database and worker start in the lifespan."""
+    """Build the app; the model, database, index and worker start in the lifespan."""
     settings = settings or Settings()
     app = FastAPI(
         title="vsearch: visual product search",
@@ -43,13 +47,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=TAGS,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
-    app.state.vs = State(settings=settings)
+    state = State(settings=settings)
+    state.metrics = ServiceMetrics(lambda: state)
+    app.state.vs = state
     install_error_handlers(app)
-    app.include_router(products.router)
     app.include_router(search.router)
+    app.include_router(products.router)
     app.include_router(duplicates.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestObservability, metrics=state.metrics)
     install_openapi(app, [ProductsCreate, SearchRequest])
     return app

@@ -33,7 +33,7 @@ class ModelRead(BaseModel):
         description="Stable id of the loaded weights; stored with every embedding."
     )
     backbone: str
-    head: str
+    head: str = Field(description="flatten (Trendyol), avgpool or pool_linear.")
     embedding_dim: int
     input_size: int
     device: str

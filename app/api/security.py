@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import math
 from typing import Annotated
 
-from fastapi import Depends, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from app.api.deps import StateDep
-from app.core.errors import Unauthorized
+from app.core.errors import RateLimited, Unauthorized
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",
@@ -39,3 +41,43 @@ def require_write_key(
 
 
 WriteKeyDep = Annotated[str | None, Depends(require_write_key)]
+
+
+def require_read_key(
+    state: StateDep, api_key: Annotated[str | None, Security(api_key_header)] = None
+) -> str | None:
+    """With VS_API_KEYS_READ set, reads need a read or write key; otherwise they are open."""
+    keys = state.read_keys
+    if not keys:
+        return api_key
+    if not api_key or not key_matches(api_key, keys):
+        raise Unauthorized("A valid X-API-Key header is required to read.")
+    return api_key
+
+
+ReadKeyDep = Annotated[str | None, Depends(require_read_key)]
+
+
+def rate_limit(
+    request: Request,
+    state: StateDep,
+    api_key: Annotated[str | None, Security(api_key_header)] = None,
+) -> None:
+    """429 with Retry-After past the key's budget. The identity is the API key, or the
+    connection's address when there is none; X-Forwarded-For is never trusted for it."""
+    buckets = state.rate_limits
+    if buckets is None:
+        return
+    if api_key:
+        identity = "key:" + hashlib.sha256(api_key.encode()).hexdigest()
+    else:
+        identity = "addr:" + (request.client.host if request.client else "unknown")
+    wait = buckets.take(identity)
+    if wait > 0:
+        retry = max(1, math.ceil(wait))
+        raise RateLimited(
+            f"Rate limit exceeded; retry in {retry} s.", headers={"Retry-After": str(retry)}
+        )
+
+
+RateLimitDep = Depends(rate_limit)

@@ -39,6 +39,11 @@ class ImageSettings(BaseModel):
     fetch_timeout_s: float = Field(10.0, gt=0, description="Total time allowed per URL download.")
     fetch_connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout per URL.")
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed.")
+    fetch_allowed_hosts: str = Field(
+        "",
+        description="Comma-separated hosts image URLs may use (`cdn.example.com`, "
+        "`*.example.com`); empty: any public host.",
+    )
 
 
 class IndexSettings(BaseModel):
@@ -73,6 +78,15 @@ class DuplicatesSettings(BaseModel):
     neighbours: int = Field(
         20, ge=1, le=1000, description="Nearest images checked per image for pairs."
     )
+
+
+class RateLimitSettings(BaseModel):
+    """Token-bucket limits per API key (or per client address when no key is sent)."""
+
+    per_minute: float = Field(
+        0.0, ge=0, description="Sustained requests per minute per key; 0 turns limits off."
+    )
+    burst: int = Field(60, ge=1, description="Requests a key may send at once.")
 
 
 class Settings(BaseSettings):
@@ -110,6 +124,14 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="File with one write API key per line (added to VS_API_KEYS)."
     )
+    api_keys_read: str = Field(
+        "", description="Comma-separated keys for reads; when set, reads need a key too."
+    )
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    cors_origins: str = Field(
+        "", description="Comma-separated origins allowed by CORS (empty: CORS off)."
+    )
+    docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json.")
     max_products_per_request: int = Field(
         64, ge=1, le=10_000, description="Most products in one POST /products."
     )
@@ -159,6 +181,11 @@ class Settings(BaseSettings):
             lines = self.api_keys_file.read_text().splitlines()
             keys += [k.strip() for k in lines if k.strip() and not k.startswith("#")]
         return keys
+
+    def read_keys(self) -> list[str]:
+        """Keys that may read (read keys plus write keys); empty when reads are open."""
+        keys = [k.strip() for k in self.api_keys_read.split(",") if k.strip()]
+        return keys + self.write_keys() if keys else []
 
     @cached_property
     def resolved_database_url(self) -> str:

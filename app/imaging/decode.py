@@ -70,8 +70,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
                 f"The image is {width}x{height} pixels; at most {max_pixels} pixels are accepted."
             )
         try:
-            if getattr(image, "n_frames", 1) > 1:
-                image.seek(0)
+            # Frame 0 is current after open; `n_frames` would walk every frame of an
+            # animation (thousands in a hostile GIF), so it is never asked for.
             image.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise ImageTooLarge(f"The image has more than {max_pixels} pixels.") from None

@@ -67,6 +67,18 @@ class FetchLimits:
     total_timeout_s: float = 10.0
     max_redirects: int = 3
     allow_private: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+
+    def host_allowed(self, host: str) -> bool:
+        """An empty allowlist admits every host; `*.x.com` matches subdomains of x.com."""
+        if not self.allowed_hosts:
+            return True
+        for pattern in self.allowed_hosts:
+            if pattern.startswith("*.") and host.endswith(pattern[1:]):
+                return True
+            if host == pattern:
+                return True
+        return False
 
 
 class ImageFetcher:
@@ -109,6 +121,8 @@ class ImageFetcher:
         current = url
         for _hop in range(self.limits.max_redirects + 1):
             host, port, scheme = _check_url(current)
+            if not self.limits.host_allowed(host):
+                raise UrlNotAllowed("The image URL's host is not on this service's allowlist.")
             address = await self._resolve(host, port)
             response = await self._request(current, host, port, scheme, address)
             try:

@@ -447,6 +447,7 @@ class IndexService:
             self._dirty = False
         generation = (self._manifest.generation + 1) if self._manifest else 1
         directory = generation_dir(self.root, generation)
+        LOG.debug("writing index generation %d", generation)
         names, written = index.write_shards(directory)
         index.vectors.flush()
         previous_trained = self._manifest.trained_at_n if self._manifest else 0
@@ -467,6 +468,7 @@ class IndexService:
         self._manifest = manifest
         self.stats.generation = generation
         self.stats.last_save = time.time()
+        LOG.debug("saved index generation %d (%d vectors)", generation, written)
         return manifest
 
     def describe(self) -> dict[str, Any]:

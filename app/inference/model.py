@@ -5,7 +5,8 @@ A model is a directory with `config.json` and `model.safetensors` (the layout of
 timm backbone `forward_features` -> BatchNorm2d -> flatten -> Linear -> BatchNorm1d ->
 L2 normalise (`"head": "flatten"`, the default). `"head": "avgpool"` (global average
 pool -> L2 normalise) serves generic ImageNet backbones such as the offline
-EfficientNet-Lite0 model.
+EfficientNet-Lite0 model, and `"head": "pool_linear"` (average pool -> Linear ->
+BatchNorm1d -> L2 normalise) is what `vsearch train` gives such a backbone.
 
 The backbone may run in fp16/bf16; the head always runs in fp32 so that the low-precision
 part is the one that is cheap to check (see `calibrate_precision`).
@@ -60,7 +61,7 @@ class ModelConfig:
     input_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    head: Literal["flatten", "avgpool"] = "flatten"
+    head: Literal["flatten", "avgpool", "pool_linear"] = "flatten"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -86,8 +87,10 @@ class ModelConfig:
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise ModelLoadError(f"config.json is missing or has a malformed field: {exc}") from exc
-        if head not in ("flatten", "avgpool"):
-            raise ModelLoadError(f"config.json: unknown head {head!r} (flatten or avgpool)")
+        if head not in ("flatten", "avgpool", "pool_linear"):
+            raise ModelLoadError(
+                f"config.json: unknown head {head!r} (flatten, avgpool or pool_linear)"
+            )
         if head == "avgpool" and config.embedding_dim != config.backbone_features:
             raise ModelLoadError(
                 "config.json: an avgpool head has embedding_dim == backbone_features, got "
@@ -153,12 +156,17 @@ class TYArcFace(nn.Module):
                 config.backbone_features * config.hidden_size, config.embedding_dim
             )
             self.bn11 = nn.BatchNorm1d(config.embedding_dim)
+        elif config.head == "pool_linear":
+            self.fc11 = nn.Linear(config.backbone_features, config.embedding_dim)
+            self.bn11 = nn.BatchNorm1d(config.embedding_dim)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Map the backbone's feature map to unit-length embeddings, in fp32."""
         features = features.float()
         if self.config.head == "avgpool":
             pooled = features.mean(dim=(2, 3))
+        elif self.config.head == "pool_linear":
+            pooled = self.bn11(self.fc11(features.mean(dim=(2, 3))))
         else:
             pooled = self.bn11(self.fc11(self.bn1(features).flatten(start_dim=1)))
         return F.normalize(pooled, p=2, dim=1)

@@ -196,6 +196,25 @@ class TestLimits:
             await _fetch(_fetcher(allow_private=True), server.url("/missing"))
 
 
+class TestHostAllowlist:
+    async def test_only_listed_hosts_are_fetched(self, server: LocalServer) -> None:
+        allowed = _fetcher(allow_private=True, allowed_hosts=("127.0.0.1",))
+        assert await _fetch(allowed, server.url("/img.jpg")) == JPEG
+        with pytest.raises(UrlNotAllowed, match="allowlist"):
+            await _fetch(
+                _fetcher(allow_private=True, allowed_hosts=("*.example.com",)),
+                server.url("/img.jpg"),
+            )
+        assert server.connections == 1
+
+    def test_wildcards(self) -> None:
+        limits = FetchLimits(allowed_hosts=("*.cdn.example", "img.shop.example"))
+        assert limits.host_allowed("a.cdn.example")
+        assert limits.host_allowed("img.shop.example")
+        assert not limits.host_allowed("cdn.example.evil")
+        assert not limits.host_allowed("shop.example")
+
+
 class TestProxyEnvironmentIsIgnored:
     async def test_proxy_gets_no_connection(
         self, server: LocalServer, monkeypatch: pytest.MonkeyPatch

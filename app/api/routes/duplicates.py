@@ -17,10 +17,15 @@ from app.api.schemas import (
     DuplicatePairRead,
     DuplicatePairsRead,
 )
-from app.api.security import WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.core.errors import InvalidRequest
 
-router = APIRouter(prefix="/duplicates", tags=["duplicates"])
+router = APIRouter(
+    prefix="/duplicates",
+    tags=["duplicates"],
+    dependencies=[RateLimitDep],
+    responses=error_responses(429),
+)
 
 MinScore = Annotated[
     float,
@@ -45,10 +50,11 @@ MinScore = Annotated[
         "products must be in it. A `min_score` below the floor is a 422: such pairs are "
         "not stored."
     ),
-    responses=error_responses(422),
+    responses=error_responses(401, 422),
 )
 async def list_pairs(
     duplicates: DuplicatesDep,
+    _key: ReadKeyDep,
     min_score: MinScore = 0.9,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
@@ -92,10 +98,11 @@ async def list_pairs(
         "Products left out of a group still appear in `GET /duplicates`. Biggest groups "
         "first; `limit`/`cursor` page through them."
     ),
-    responses=error_responses(422),
+    responses=error_responses(401, 422),
 )
 async def groups(
     duplicates: DuplicatesDep,
+    _key: ReadKeyDep,
     min_score: MinScore = 0.9,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,

@@ -25,12 +25,17 @@ from app.api.schemas import (
     ProductsCreateRead,
     ProductsRead,
 )
-from app.api.security import WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.models import Product
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.errors import InvalidRequest, ServiceError
 
-router = APIRouter(prefix="/products", tags=["products"])
+router = APIRouter(
+    prefix="/products",
+    tags=["products"],
+    dependencies=[RateLimitDep],
+    responses=error_responses(429),
+)
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -201,10 +206,11 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
     response_model=ProductsRead,
     summary="List products",
     description="Products in insertion order, a page at a time; follow `next_cursor`.",
-    responses=error_responses(422),
+    responses=error_responses(401, 422),
 )
 async def list_products(
     catalogue: CatalogueDep,
+    _key: ReadKeyDep,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
@@ -222,11 +228,12 @@ async def list_products(
     response_model=ProductRead,
     summary="Get one product",
     description="The product and its images; `?embeddings=true` adds each image's vector.",
-    responses=error_responses(404),
+    responses=error_responses(401, 404),
 )
 async def get_product(
     product_id: str,
     catalogue: CatalogueDep,
+    _key: ReadKeyDep,
     embeddings: Annotated[bool, Query(description="Include embedding vectors.")] = False,
 ) -> ProductRead:
     product = await asyncio.to_thread(catalogue.get_product, product_id)

@@ -13,10 +13,11 @@ from app.api.deps import SearchDep
 from app.api.errors import error_responses
 from app.api.routes.products import UnsupportedMediaType
 from app.api.schemas import SearchHitRead, SearchRead, SearchRequest
+from app.api.security import RateLimitDep, ReadKeyDep
 from app.catalogue.service import decode_base64_image
 from app.core.errors import InvalidRequest
 
-router = APIRouter(tags=["search"])
+router = APIRouter(tags=["search"], dependencies=[RateLimitDep], responses=error_responses(429))
 
 _MULTIPART_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -60,7 +61,7 @@ searchable as soon as `POST /products` returned for them.
     response_model=SearchRead,
     summary="Search products by image",
     description=DESCRIPTION,
-    responses=error_responses(413, 415, 422, 503),
+    responses=error_responses(401, 413, 415, 422, 503),
     openapi_extra={
         "requestBody": {
             "required": True,
@@ -71,7 +72,7 @@ searchable as soon as `POST /products` returned for them.
         }
     },
 )
-async def search(request: Request, search: SearchDep) -> SearchRead:
+async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> SearchRead:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
         query = await _multipart_query(request)

@@ -1,0 +1,166 @@
+"""Prometheus metrics and one structured log line per request.
+
+Metrics live in a registry per app (several apps in one process, as in the tests, do not
+collide). Request metrics are labelled by route template, not raw path, so ids do not
+explode the label space.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LOG = logging.getLogger("app.requests")
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics."""
+
+    def __init__(self, state_getter: Callable[[], Any]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "vsearch_http_requests_total",
+            "HTTP requests by route, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vsearch_http_request_duration_seconds",
+            "HTTP request latency by route and method.",
+            ["route", "method"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "vsearch_inference_batch_size",
+            "Images per forward pass.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=self.registry,
+        )
+        self.forward_seconds = Histogram(
+            "vsearch_inference_forward_seconds",
+            "Duration of one forward pass.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.images_embedded = Counter(
+            "vsearch_images_embedded_total", "Images embedded.", registry=self.registry
+        )
+        self.registry.register(_StateCollector(state_getter))
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.forward_seconds.observe(seconds)
+        self.images_embedded.inc(size)
+
+
+class _StateCollector(Collector):
+    """Gauges read from the live state at scrape time."""
+
+    def __init__(self, state_getter: Callable[[], Any]) -> None:
+        self.state_getter = state_getter
+        self._pairs: tuple[float, int] = (0.0, 0)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self.state_getter()
+        if state is None:
+            return
+        queue = GaugeMetricFamily("vsearch_inference_queue_depth", "Images waiting for the model.")
+        queue.add_metric([], state.worker.queue_depth if state.worker else 0)
+        yield queue
+        index = state.index
+        if index is not None and index._index is not None:
+            size = GaugeMetricFamily(
+                "vsearch_index_vectors", "Vectors per index shard.", labels=["shard", "kind"]
+            )
+            for n, shard in enumerate(index.index.shards):
+                size.add_metric([str(n), index.index.kind], shard.ntotal)
+            yield size
+            generation = GaugeMetricFamily("vsearch_index_generation", "Live index generation.")
+            generation.add_metric([], index.stats.generation)
+            yield generation
+            lag = GaugeMetricFamily(
+                "vsearch_index_catchup_lag",
+                "Change-log rows not yet applied (last seq in the log minus applied seq).",
+            )
+            lag.add_metric([], max(0, index.stats.log_head_seq - index.stats.applied_seq))
+            yield lag
+        if state.db is not None:
+            pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
+            pairs.add_metric([], self._pair_count(state))
+            yield pairs
+
+    def _pair_count(self, state: Any) -> int:
+        # COUNT(*) on a large table is not free: refresh at most every 30 s.
+        checked, value = self._pairs
+        if time.monotonic() - checked > 30:
+            from app.catalogue import repository as repo
+
+            with state.db.read() as session:
+                value = repo.count_pairs(session)
+            self._pairs = (time.monotonic(), value)
+        return value
+
+
+class RequestObservability:
+    """ASGI middleware: request id, one log line per request, request metrics."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope.get("headers", []):
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+        request_id = request_id or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode("latin-1")))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            duration = time.perf_counter() - started
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.latency.labels(template, method).observe(duration)
+            LOG.info(
+                "%s %s %d %.1fms",
+                method,
+                scope.get("path", ""),
+                status,
+                duration * 1000,
+                extra={
+                    "request_id": request_id,
+                    "route": template,
+                    "method": method,
+                    "status": status,
+                    "duration_ms": round(duration * 1000, 2),
+                },
+            )

@@ -1,0 +1,394 @@
+"""`vsearch train`: fine-tune a model in the service's layout with ArcFace (+ XBM).
+
+Input: a model directory (e.g. `vsearch model init-pretrained`, or the Trendyol model)
+and a CSV of labelled images (`path` or `img_path`, `label` or `product_id`, optional
+`bbox_x, bbox_y, bbox_w, bbox_h`). Output: the same layout (`config.json` +
+`model.safetensors`), which the service loads unchanged; the ArcFace class centres are
+kept in the file as a training-only tensor (the loader ignores them).
+
+A backbone with a plain average-pooled head gets a projection head (Linear + BatchNorm1d,
+`"head": "pool_linear"`); a Trendyol-style flatten head is fine-tuned as it is. The
+backbone is frozen for `freeze_epochs` (only the head and class centres learn), then
+trained at `backbone_lr_scale` times the learning rate, with AdamW and a one-cycle
+schedule. Each epoch ends with a checkpoint (resumable) and, when a validation protocol
+is given, its mAP@1000.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from app.core.errors import InvalidRequest, ModelLoadError
+from app.evaluation.metrics import evaluate_scores
+from app.evaluation.protocols import load_protocol
+from app.evaluation.run import embed_items
+from app.imaging.crop import crop
+from app.imaging.decode import decode_image
+from app.inference.builders import write_model_dir
+from app.inference.model import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Embedder,
+    ModelConfig,
+    TYArcFace,
+    build_module,
+    cpu_supports_bf16,
+    load_state_strict,
+    resolve_device,
+    resolve_model_dir,
+)
+from app.training.losses import ArcFace, CrossBatchMemory
+
+LOG = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    init: str
+    data: Path
+    out: Path
+    images_root: Path | None = None
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 2e-3
+    backbone_lr_scale: float = 0.25
+    weight_decay: float = 1e-4
+    input_size: int | None = None
+    embedding_dim: int = 512
+    scale: float = 30.0
+    margin: float = 0.3
+    xbm_size: int = 0
+    xbm_weight: float = 1.0
+    xbm_start_epoch: int = 1
+    freeze_epochs: int = 1
+    seed: int = 0
+    workers: int = 1
+    device: str = "auto"
+    mixed_precision: bool = True
+    val_gallery: Path | None = None
+    val_queries: Path | None = None
+    val_images_root: Path | None = None
+    resume: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    label: int
+    box: tuple[float, float, float, float] | None
+
+
+def read_samples(path: Path, root: Path) -> tuple[list[Sample], list[str]]:
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = set(reader.fieldnames or ())
+        path_col = "path" if "path" in columns else "img_path"
+        label_col = "label" if "label" in columns else "product_id"
+        if path_col not in columns or label_col not in columns:
+            raise InvalidRequest(
+                f"{path} needs a path (or img_path) column and a label (or product_id) column"
+            )
+        box_cols = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
+        has_box = all(c in columns for c in box_cols)
+        rows = list(reader)
+    names = sorted({r[label_col] for r in rows})
+    index = {name: i for i, name in enumerate(names)}
+    samples = []
+    for r in rows:
+        box = None
+        if has_box and all(r[c].strip() for c in box_cols):
+            x, y, w, h = (float(r[c]) for c in box_cols)
+            box = (x, y, w, h)
+        samples.append(Sample(root / r[path_col], index[r[label_col]], box))
+    return samples, names
+
+
+class LabelledImages(Dataset[tuple[torch.Tensor, int]]):
+    """Decoded exactly as the service decodes, cropped to the box, then augmented."""
+
+    def __init__(self, samples: list[Sample], config: ModelConfig, size: int) -> None:
+        self.samples = samples
+        self.transform = T.Compose(
+            [
+                T.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(0.75, 1.333)),
+                T.RandomHorizontalFlip(),
+                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+                T.ToTensor(),
+                T.Normalize(config.mean, config.std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[i]
+        image = decode_image(sample.path.read_bytes(), max_pixels=10**9)
+        return self.transform(crop(image, sample.box)), sample.label
+
+
+def _seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def _worker_init(worker_id: int) -> None:
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed + worker_id)
+    np.random.seed((seed + worker_id) % 2**32)
+
+
+def prepare_module(init: str, embedding_dim: int, input_size: int | None) -> TYArcFace:
+    """The model to fine-tune, with a trainable head."""
+    model_dir, _ = resolve_model_dir(init)
+    config = ModelConfig.from_file(model_dir / CONFIG_FILE)
+    module = build_module(config)
+    load_state_strict(module, load_file(str(model_dir / WEIGHTS_FILE)), str(model_dir))
+    size = input_size or config.input_size
+    if config.head == "flatten" and size != config.input_size:
+        raise ModelLoadError(
+            "a flatten head is tied to its input size: train at "
+            f"{config.input_size} px (or start from a pooled head)"
+        )
+    if config.head == "avgpool":
+        new_config = ModelConfig(
+            backbone_name=config.backbone_name,
+            backbone_features=config.backbone_features,
+            hidden_size=1,
+            embedding_dim=embedding_dim,
+            input_size=size,
+            mean=config.mean,
+            std=config.std,
+            head="pool_linear",
+        )
+        trained = TYArcFace(new_config)
+        trained.backbone.load_state_dict(module.backbone.state_dict())
+        return trained
+    if size != config.input_size:
+        config = ModelConfig(**{**asdict(config), "input_size": size})
+        module.config = config
+    return module
+
+
+def validate(
+    module: TYArcFace, config: TrainConfig, device: torch.device
+) -> dict[str, float | int] | None:
+    if config.val_gallery is None or config.val_queries is None:
+        return None
+    root = config.val_images_root or config.val_gallery.parent
+    protocol = load_protocol(config.val_gallery, config.val_queries, root)
+    module.eval()
+    embedder = Embedder(
+        module,
+        module.config,
+        model_id="training",
+        device=device,
+        precision="fp32",
+        source_dir=config.out,
+    )
+    gallery = embed_items(embedder, protocol.gallery, threads=max(1, config.workers))
+    queries = embed_items(embedder, protocol.queries, threads=max(1, config.workers))
+    labels = {
+        x: i for i, x in enumerate(sorted({it.label for it in protocol.gallery + protocol.queries}))
+    }
+    metrics = evaluate_scores(
+        queries @ gallery.T,
+        np.asarray([labels[q.label] for q in protocol.queries]),
+        np.asarray([labels[g.label] for g in protocol.gallery]),
+    ).as_dict()
+    module.train()
+    return metrics
+
+
+def train(
+    config: TrainConfig,
+    *,
+    on_step: Callable[[int, int, int, float], None] | None = None,
+    on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
+    generator = _seed_everything(config.seed)
+    device = resolve_device(config.device)
+    root = config.images_root or config.data.parent
+    samples, names = read_samples(config.data, root)
+    module = prepare_module(config.init, config.embedding_dim, config.input_size)
+    model_config = module.config
+    size = model_config.input_size
+    module.to(device)
+    module.to(memory_format=torch.channels_last)
+    arcface = ArcFace(
+        model_config.embedding_dim, len(names), scale=config.scale, margin=config.margin
+    ).to(device)
+    xbm = (
+        CrossBatchMemory(model_config.embedding_dim, config.xbm_size)
+        if config.xbm_size > 0
+        else None
+    )
+    loader = DataLoader(
+        LabelledImages(samples, model_config, size),
+        batch_size=config.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=config.workers,
+        generator=generator,
+        worker_init_fn=_worker_init,
+        persistent_workers=config.workers > 0,
+    )
+    head_params = [p for n, p in module.named_parameters() if not n.startswith("backbone.")]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": module.backbone.parameters(), "lr": config.lr * config.backbone_lr_scale},
+            {"params": head_params + list(arcface.parameters()), "lr": config.lr},
+        ],
+        weight_decay=config.weight_decay,
+    )
+    steps = config.epochs * len(loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[config.lr * config.backbone_lr_scale, config.lr],
+        total_steps=max(steps, 1),
+        pct_start=0.15,
+    )
+    amp_dtype: torch.dtype | None = None
+    if config.mixed_precision:
+        if device.type == "cuda":
+            amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        elif cpu_supports_bf16():
+            amp_dtype = torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    config.out.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = config.out / CHECKPOINT
+    start_epoch, history = 0, []
+    if config.resume and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        module.load_state_dict(state["module"])
+        arcface.load_state_dict(state["arcface"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if xbm is not None and state.get("xbm"):
+            xbm.load_state_dict(state["xbm"])
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        start_epoch, history = state["epoch"] + 1, state["history"]
+        LOG.info("resuming from epoch %d", start_epoch + 1)
+
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        frozen = epoch < config.freeze_epochs
+        module.train()
+        module.backbone.requires_grad_(not frozen)
+        if frozen:
+            module.backbone.eval()  # frozen BatchNorm statistics too
+        losses = []
+        epoch_started = time.perf_counter()
+        for step, (images, labels) in enumerate(loader):
+            images = images.to(device, non_blocking=True).contiguous(
+                memory_format=torch.channels_last
+            )
+            labels = labels.to(device)
+            with torch.autocast(
+                device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+            ):
+                embeddings = module(images)
+                loss = arcface(embeddings, labels)
+                if xbm is not None and epoch >= config.xbm_start_epoch:
+                    loss = loss + config.xbm_weight * xbm.loss(embeddings, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if xbm is not None:
+                xbm.enqueue(embeddings, labels)
+            losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step(epoch, step + 1, len(loader), float(np.mean(losses[-20:])))
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": round(float(np.mean(losses)), 4) if losses else None,
+            "frozen_backbone": frozen,
+            "seconds": round(time.perf_counter() - epoch_started, 1),
+        }
+        val = validate(module, config, device)
+        if val is not None:
+            record["val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
+            record["val_top1"] = round(float(val["top1"]), 4)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch, record)
+        _save_checkpoint(
+            checkpoint_path, module, arcface, optimizer, scheduler, xbm, generator, epoch, history
+        )
+
+    state_dict = dict(module.state_dict())
+    state_dict["arcface.weight"] = arcface.weight.detach()
+    write_model_dir(
+        config.out,
+        model_config,
+        state_dict,
+        description="fine-tuned by vsearch train",
+        training={k: str(v) for k, v in asdict(config).items() if k != "extra"},
+    )
+    summary = {
+        "out": str(config.out),
+        "classes": len(names),
+        "images": len(samples),
+        "epochs": config.epochs,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "history": history,
+        "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+    }
+    (config.out / "training.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_checkpoint(
+    path: Path,
+    module: nn.Module,
+    arcface: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    xbm: CrossBatchMemory | None,
+    generator: torch.Generator,
+    epoch: int,
+    history: list[dict[str, Any]],
+) -> None:
+    state = {
+        "module": module.state_dict(),
+        "arcface": arcface.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "xbm": xbm.state_dict() if xbm is not None else None,
+        "torch_rng": torch.get_rng_state(),
+        "loader_rng": generator.get_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+        "epoch": epoch,
+        "history": history,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

@@ -1,0 +1,113 @@
+"""A corpus of broken and malicious image files, built from bytes at test time.
+
+Each entry: name -> (bytes, the statuses the service may answer). Everything must be a
+4xx (or a 200 for the few valid-but-odd files), in bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+
+from PIL import Image
+
+from tests.images import encode, pattern
+
+UNDECODABLE = {422}
+TOO_LARGE = {413}
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_header(width: int, height: int, rows: int = 1) -> bytes:
+    """A PNG claiming width x height pixels whose data holds only `rows` rows."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = (b"\x00" + b"\x00" * width) * rows
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw, 9))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def png_text_bomb() -> bytes:
+    """A valid 8x8 PNG with a zTXt chunk that inflates to 256 MB."""
+    base = encode(Image.new("L", (8, 8)), "PNG")
+    bomb = _chunk(b"zTXt", b"Comment\x00\x00" + zlib.compress(b"A" * (256 * 1024 * 1024), 9))
+    return base[:-12] + bomb + base[-12:]
+
+
+def jpeg_with_size(width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims another size."""
+    data = bytearray(encode(pattern(32, 32), "JPEG"))
+    sof = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def gif_frames(frames: int) -> bytes:
+    images = [Image.new("P", (8, 8), i % 256) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, "GIF", save_all=True, append_images=images[1:], duration=1, loop=0)
+    return buf.getvalue()
+
+
+def apng_frames(frames: int) -> bytes:
+    images = [Image.new("RGB", (8, 8), (i % 256, 0, 0)) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, "PNG", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
+def webp_canvas(width: int, height: int) -> bytes:
+    """A WebP (VP8X) header announcing a huge canvas."""
+    vp8x = (
+        bytes([0, 0, 0, 0]) + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    )
+    body = b"WEBP" + b"VP8X" + struct.pack("<I", len(vp8x)) + vp8x
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def build_corpus() -> dict[str, tuple[bytes, set[int]]]:
+    jpeg = encode(pattern(200, 150), "JPEG", quality=90)
+    png = encode(pattern(200, 150), "PNG")
+    return {
+        "png_10k_x_10k_tiny_file": (
+            encode(Image.new("L", (10_000, 10_000)), "PNG", optimize=True),
+            TOO_LARGE,
+        ),
+        "png_header_65535_square": (png_with_header(65_535, 65_535), TOO_LARGE),
+        "png_header_1_x_2_billion": (png_with_header(1, 2_000_000_000), TOO_LARGE),
+        "png_rows_missing": (png_with_header(2_000, 2_000, rows=3), UNDECODABLE),
+        "png_ztxt_bomb": (png_text_bomb(), UNDECODABLE),
+        "jpeg_header_65500_square": (jpeg_with_size(65_500, 65_500), TOO_LARGE),
+        "jpeg_truncated": (jpeg[: len(jpeg) // 2], UNDECODABLE),
+        "jpeg_only_magic": (b"\xff\xd8\xff\xe0" + os.urandom(2000), UNDECODABLE),
+        "jpeg_corrupt_exif": (
+            encode(
+                pattern(64, 64), "JPEG", exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f" + b"\x00" * 64
+            ),
+            {200},
+        ),
+        "png_truncated": (png[: len(png) * 2 // 3], UNDECODABLE),
+        "gif_3000_frames": (gif_frames(3000), {200}),
+        "apng_2000_frames": (apng_frames(2000), {200}),
+        "gif_header_65535_square": (
+            b"GIF89a" + struct.pack("<HH", 65_535, 65_535) + b"\x00\x00\x00" + b";",
+            TOO_LARGE | UNDECODABLE,
+        ),
+        "webp_canvas_16383_square": (webp_canvas(16_383, 16_383), TOO_LARGE | UNDECODABLE),
+        "png_named_jpg": (png, {200}),
+        "html_named_jpg": (b"<html><body>not an image</body></html>", UNDECODABLE),
+        "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9e9" height="9e9"/>', UNDECODABLE),
+        "bmp": (encode(pattern(32, 32), "BMP"), UNDECODABLE),
+        "tiff": (encode(pattern(32, 32), "TIFF"), UNDECODABLE),
+        "empty": (b"", UNDECODABLE),
+        "one_byte": (b"\xff", UNDECODABLE),
+        "random_1mb": (os.urandom(1_000_000), UNDECODABLE),
+    }
