@@ -55,7 +55,7 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(
 ) -> None:
     jpeg = encode(pattern(64, 64), "JPEG")
     examples = os.environ.get("VS_TEST_FUZZ_EXAMPLES", "15")
-    with serve({"/img.jpg": body(jpeg)}) as stub:
+    with serve({"/img.jpg": body(jpeg)}):
         server = start_server(
             {
                 "VS_MODEL": str(tiny_model_dir),
