@@ -293,6 +293,66 @@ def ingest(
 
 
 @cli.command()
+def reembed(
+    batch: Annotated[int, typer.Option(help="Images per step.")] = 64,
+) -> None:
+    """Embed the catalogue again with VS_MODEL (after switching models).
+
+    Images are re-read from their URL or local path; the index is rebuilt at the next start.
+    """
+    import asyncio
+
+    from rich.progress import Progress, TextColumn
+
+    from app.catalogue.service import CatalogueService, reembed_catalogue
+    from app.core.database import Database
+    from app.core.migrations import ensure_schema
+    from app.lifespan import load_embedder, make_fetcher, start_worker
+
+    settings = _settings()
+    db = Database(settings.resolved_database_url)
+    ensure_schema(db, migrate=settings.migrate_on_start)
+    embedder, _ = load_embedder(settings)
+
+    async def main() -> dict[str, object]:
+        worker = start_worker(settings, embedder)
+        fetcher = make_fetcher(settings)
+        service = CatalogueService(
+            db,
+            worker,
+            fetcher,
+            max_pixels=settings.image.max_pixels,
+            max_bytes=settings.image.max_bytes,
+        )
+        progress = Progress(TextColumn("[bold]reembed[/bold] {task.completed} images"), console=err)
+        task = progress.add_task("reembed", total=None)
+        try:
+            with progress:
+                report = await reembed_catalogue(
+                    service, batch=batch, progress=lambda n: progress.update(task, completed=n)
+                )
+        finally:
+            await asyncio.to_thread(worker.shutdown)
+            await fetcher.aclose()
+        return {
+            "model_id": embedder.model_id,
+            "reembedded": report.reembedded,
+            "unrecoverable_uploads": len(report.unrecoverable),
+            "failed": report.failed,
+        }
+
+    result = asyncio.run(main())
+    db.dispose()
+    print(json.dumps(result, indent=2))
+    if result["unrecoverable_uploads"] or result["failed"]:
+        err.print(
+            "[yellow]some images could not be re-embedded: post those products again "
+            "(uploaded bytes are not kept)[/yellow]"
+        )
+        raise typer.Exit(code=2)
+
+
+@cli.command()
 def reindex(
     train: Annotated[
         bool | None,
@@ -363,6 +423,9 @@ def bench_index(
     nprobe: Annotated[str, typer.Option(help="nprobe values for --factory.")] = "16,32,64",
     refine: Annotated[str, typer.Option(help="refine factors for --factory.")] = "4,8",
     workdir: Annotated[Path | None, typer.Option(help="Where index files go.")] = None,
+    train_n: Annotated[
+        int | None, typer.Option(help="Training sample size (default: 40 per list).")
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON rows.")] = False,
 ) -> None:
     """Exact vs the sharded IVF-PQ index vs hnswlib on clustered synthetic vectors."""
@@ -388,6 +451,7 @@ def bench_index(
         hnsw=hnsw,
         configs=configs,
         workdir=workdir,
+        train_n=train_n,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     print(json.dumps(result["rows"] if json_output else result, indent=2))

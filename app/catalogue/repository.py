@@ -510,3 +510,26 @@ def image_products(session: Session, image_ids: Sequence[int]) -> dict[int, int]
         ProductImage.id.in_(list(set(image_ids)))
     )
     return {int(i): int(p) for i, p in session.execute(stmt)}
+
+
+# re-embedding ---------------------------------------------------------------------------
+def images_of_other_models(
+    session: Session, model_id: str, after_id: int, limit: int
+) -> list[tuple[int, str | None, list[float] | None]]:
+    """(image id, source, box) of images embedded by another model, in id order."""
+    stmt = (
+        select(ProductImage.id, ProductImage.source_url, ProductImage.box)
+        .where(ProductImage.model_id != model_id, ProductImage.id > after_id)
+        .order_by(ProductImage.id)
+        .limit(limit)
+    )
+    return [(int(i), s, b) for i, s, b in session.execute(stmt)]
+
+
+def replace_embedding(session: Session, image_id: int, embedding: bytes, model_id: str) -> None:
+    session.execute(
+        update(ProductImage)
+        .where(ProductImage.id == image_id)
+        .values(embedding=embedding, model_id=model_id, updated_at=utcnow())
+    )
+    log_changes(session, [image_id], OP_UPSERT)

@@ -320,6 +320,66 @@ class CatalogueService:
             return repo.delete_product(session, product)
 
 
+@dataclass
+class ReembedReport:
+    reembedded: int = 0
+    unrecoverable: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+async def reembed_catalogue(
+    service: CatalogueService,
+    *,
+    batch: int = 64,
+    progress: Callable[[int], None] | None = None,
+) -> ReembedReport:
+    """Embed again, with the loaded model, every image stored by another model.
+
+    The original bytes come back from where they came from (the URL, or the local path
+    `vsearch ingest` read); uploaded bytes are not kept, so those images are reported as
+    unrecoverable (post those products again).
+    """
+    report = ReembedReport()
+    after = 0
+    while True:
+        with service.db.read() as session:
+            page = repo.images_of_other_models(session, service.model_id, after, batch)
+        if not page:
+            return report
+        after = page[-1][0]
+
+        async def one(image_id: int, source: str | None, box: list[float] | None) -> None:
+            if not source:
+                report.unrecoverable.append(image_id)
+                return
+            is_url = source.startswith(("http://", "https://"))
+            image_input = ImageInput(
+                url=source if is_url else None,
+                path=None if is_url else Path(source),
+                box=(box[0], box[1], box[2], box[3]) if box else None,
+            )
+            try:
+                data = await service._read(image_input)
+                image = await asyncio.to_thread(decode_image, data, max_pixels=service.max_pixels)
+                vector = (await service.worker.embed([image], [image_input.box]))[0]
+            except ServiceError as exc:
+                report.failed[image_id] = exc.message
+                return
+            await asyncio.to_thread(
+                _replace, service, image_id, vector.astype(np.float32).tobytes()
+            )
+            report.reembedded += 1
+
+        await asyncio.gather(*(one(*row) for row in page))
+        if progress is not None:
+            progress(report.reembedded + len(report.unrecoverable) + len(report.failed))
+
+
+def _replace(service: CatalogueService, image_id: int, embedding: bytes) -> None:
+    with service.db.write() as session:
+        repo.replace_embedding(session, image_id, embedding, service.model_id)
+
+
 def decode_base64_image(data: str) -> bytes:
     """Strict base64 (also accepts `data:image/...;base64,` prefixes)."""
     if data.startswith("data:") and "," in data:
