@@ -21,10 +21,10 @@ class EmbeddingMixture:
         *,
         clusters: int = 20_000,
         zipf: float = 1.0,
-        local_dim: int = 32,
+        local_dim: int = 8,
         bases: int = 256,
-        spread: float = 0.45,
-        noise: float = 0.15,
+        spread: float = 0.25,
+        noise: float = 0.1,
         seed: int = 0,
     ) -> None:
         rng = np.random.default_rng(seed)

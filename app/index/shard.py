@@ -61,9 +61,16 @@ def new_flat(dim: int) -> faiss.Index:
 
 
 def prepare_ivf(index: faiss.Index) -> faiss.Index:
-    """Give an (untouched clone of a) trained IVF index a hash direct map for removals."""
+    """Give a trained IVF index a hash direct map, so removals are lookups.
+
+    Fast-scan (4-bit PQ) lists are packed in blocks and cannot have one; removing from
+    them scans the lists, which `Shard` only does for ids it may actually hold.
+    """
     ivf = faiss.extract_index_ivf(index)
-    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+    try:
+        ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # type: ignore[attr-defined]
+    except RuntimeError:
+        pass
     return index
 
 
@@ -73,6 +80,9 @@ class Shard:
         self.kind = kind
         self.lock = RWLock()
         self._ivf: Any = faiss.extract_index_ivf(index) if kind == "ivfpq" else None
+        # Ids above the largest one ever added cannot be present: new images (the common
+        # case) skip removal entirely.
+        self._max_id = int(self.ids().max()) if self.ntotal else -1
 
     @property
     def ntotal(self) -> int:
@@ -89,14 +99,16 @@ class Shard:
             if len(present):
                 self.index.remove_ids(present)
             self.index.add_with_ids(vectors, ids)
+            self._max_id = max(self._max_id, int(ids.max()))
 
     def _present(self, ids: np.ndarray) -> np.ndarray:
-        """The ids already in the shard. A flat shard's removal rewrites its whole array, so
-        it is only done for ids that are there (new images, the common case, skip it)."""
-        if self.kind != "flat":
-            return ids  # IVF removal is a hash lookup per id
+        """Ids that may already be in the shard (only those are removed first). A flat
+        shard's removal rewrites its whole array, so it checks each candidate."""
+        candidates = ids[ids <= self._max_id]
+        if self.kind != "flat" or not len(candidates):
+            return candidates
         found = []
-        for i in ids:
+        for i in candidates:
             try:
                 self.index.reconstruct(int(i))
             except RuntimeError:
