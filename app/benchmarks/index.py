@@ -251,6 +251,10 @@ def bench_ivf(
     # IVF parameters are freed and the base search silently runs with nprobe=1.
     ivf_params = faiss.SearchParametersIVF()
     ivf_params.nprobe = nprobe
+    hnsw_params = faiss.SearchParametersHNSW()  # the coarse quantizer's beam >= nprobe
+    hnsw_params.efSearch = max(64, 2 * nprobe)
+    if isinstance(faiss.downcast_index(faiss.extract_index_ivf(ivf).quantizer), faiss.IndexHNSW):
+        ivf_params.quantizer_params = hnsw_params
     refine_params = faiss.IndexRefineSearchParameters()
     refine_params.k_factor = refine
     refine_params.base_index_params = ivf_params
@@ -317,16 +321,16 @@ def bench_hnswlib(
 
 
 def default_configs(n: int, dim: int) -> list[IvfConfig]:
-    """The service's codec (4-bit fast-scan PQ, 64 bytes) across nprobe/refine, and the
-    8-bit PQ of the same size for comparison. (OPQ and 32-byte codes were measured and
-    did not pay: docs/benchmarks/index-1m-exploration.json.)"""
+    """The service's codec (8-bit PQ, 64 bytes) across nprobe/refine, and 4-bit fast-scan
+    PQ of the same size. Earlier runs (docs/benchmarks/index-1m-*.json) showed that OPQ and
+    32-byte codes do not pay and that recall is limited by the PQ ranking, not by nprobe."""
     nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 16))))
     nlist = max(16, min(nlist, n // 39))
     hnsw = "_HNSW32" if nlist >= 1024 else ""
-    probes = tuple(p for p in (nlist // 16, nlist // 8, nlist // 4, nlist // 2) if p >= 1)
+    probes = tuple(p for p in (nlist // 32, nlist // 16) if p >= 1)
     return [
-        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 4}x4fs", probes, (32, 64, 128)),
-        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 8}", (nlist // 16, nlist // 4), (32, 64)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 8}", probes, (64, 128, 256, 512)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 4}x4fs", probes[-1:], (128, 512)),
     ]
 
 
@@ -364,8 +368,8 @@ def run_index_benchmark(
                 w, config, shards, Path(tmp), train, batch1, say, sq8_variant=n <= 2_000_000
             )
         if hnsw:
-            rows += bench_hnswlib(w, 16, (64, 128, 256, 512), batch1, say)
-            rows += bench_hnswlib(w, 32, (64, 128, 256, 512), batch1, say)
+            rows += bench_hnswlib(w, 16, (128, 256, 512, 1024), batch1, say)
+            rows += bench_hnswlib(w, 32, (128, 256, 512, 1024), batch1, say)
     return {
         "n": n,
         "dim": dim,

@@ -57,7 +57,12 @@ class IndexSettings(BaseModel):
         2.0, gt=1.0, description="Retrain IVF-PQ when the catalogue has grown by this factor."
     )
     nlist: int = Field(0, ge=0, description="IVF lists; 0 = about 4 x sqrt(images).")
-    pq_m: int = Field(64, ge=1, description="PQ sub-quantizers (bytes per vector code).")
+    pq_m: int = Field(64, ge=1, description="Bytes per PQ vector code.")
+    fast_scan: bool = Field(
+        False,
+        description="4-bit fast-scan PQ codes: faster scans, but measured less accurate than "
+        "8-bit codes of the same size (docs/benchmarks.md).",
+    )
     opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
     nprobe: int = Field(32, ge=1, description="IVF lists scanned per query.")
     refine: int = Field(4, ge=1, description="PQ candidates per result re-ranked exactly.")

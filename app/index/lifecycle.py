@@ -66,14 +66,19 @@ def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[
     """The FAISS factory string for `n` vectors, and the parameters recorded with it."""
     nlist = settings.nlist or int(2 ** round(math.log2(max(4 * math.sqrt(n), 16))))
     nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
-    m = settings.pq_m
-    while dim % m:
-        m -= 1
-    # 8-bit codes need 256 training points per sub-quantizer; tiny sets get fewer bits.
-    nbits = max(1, min(8, int(math.log2(max(n, 2)))))
     coarse = f"IVF{nlist}_HNSW32" if nlist >= 4096 else f"IVF{nlist}"
+    code_bytes = settings.pq_m
+    if settings.fast_scan and n >= 1000 and dim % (2 * code_bytes) == 0:
+        # 4-bit codes: two sub-quantizers per byte, scanned with SIMD lookups.
+        m, nbits, pq = 2 * code_bytes, 4, f"PQ{2 * code_bytes}x4fs"
+    else:
+        m = code_bytes
+        while dim % m:
+            m -= 1
+        # 8-bit codes need 256 training points per sub-quantizer; tiny sets get fewer bits.
+        nbits = max(1, min(8, int(math.log2(max(n, 2)))))
+        pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
     prefix = f"OPQ{m}," if settings.opq else ""
-    pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
     params = {"nlist": nlist, "pq_m": m, "pq_bits": nbits, "opq": settings.opq}
     return f"{prefix}{coarse},{pq}", params
 

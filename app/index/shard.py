@@ -80,6 +80,9 @@ class Shard:
         self.kind = kind
         self.lock = RWLock()
         self._ivf: Any = faiss.extract_index_ivf(index) if kind == "ivfpq" else None
+        self._hnsw_quantizer = self._ivf is not None and isinstance(
+            faiss.downcast_index(self._ivf.quantizer), faiss.IndexHNSW
+        )
         # Ids above the largest one ever added cannot be present: new images (the common
         # case) skip removal entirely.
         self._max_id = int(self.ids().max()) if self.ntotal else -1
@@ -131,9 +134,16 @@ class Shard:
         selector: faiss.IDSelector | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         params: Any = None
+        quantizer_params: Any = None  # held here: SWIG parents do not keep children alive
         if self.kind == "ivfpq":
             params = faiss.SearchParametersIVF()
             params.nprobe = nprobe or self._ivf.nprobe
+            if self._hnsw_quantizer:
+                # An HNSW coarse quantizer only finds `nprobe` good lists if its beam is at
+                # least that wide; its default (16) silently caps nprobe.
+                quantizer_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+                quantizer_params.efSearch = max(64, 2 * params.nprobe)
+                params.quantizer_params = quantizer_params
         elif selector is not None:
             params = faiss.SearchParameters()
         if selector is not None:
