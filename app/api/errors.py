@@ -69,8 +69,26 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_json(422, "invalid_request", f"{where}: {first['msg']}", details=details)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
-        return error_json(
-            exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None)
-        )
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 400:
+            # FastAPI's "error parsing the body" (e.g. bytes that are not UTF-8 JSON): an
+            # invalid request like any other, with the same status and shape.
+            return error_json(
+                422, "invalid_request", f"The request body is malformed: {exc.detail}"
+            )
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; a path served by
+            # several routes (GET and DELETE /products/{id}) must list them all.
+            headers["Allow"] = ", ".join(_allowed_methods(request))
+        return error_json(exc.status_code, code, str(exc.detail), headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)

@@ -18,7 +18,9 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -36,6 +38,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every database (SQLite drops the offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
@@ -50,10 +69,8 @@ class Product(Base):
     title: Mapped[str | None] = mapped_column(Text)
     category: Mapped[str | None] = mapped_column(String(256), index=True)
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
     images: Mapped[list[ProductImage]] = relationship(
         back_populates="product", lazy="raise", order_by="ProductImage.position"
@@ -77,10 +94,8 @@ class ProductImage(Base):
     height: Mapped[int] = mapped_column(Integer)
     embedding: Mapped[bytes] = mapped_column(LargeBinary)
     model_id: Mapped[str] = mapped_column(String(256), index=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
     product: Mapped[Product] = relationship(back_populates="images", lazy="raise")
 
@@ -98,7 +113,7 @@ class ChangeLog(Base):
     image_id: Mapped[int] = mapped_column(BigInteger)
     op: Mapped[str] = mapped_column(String(8))
     txid: Mapped[int | None] = mapped_column(BigInteger)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_change_log_txid", "txid"),)
 
@@ -117,7 +132,7 @@ class DuplicatePair(Base):
     score: Mapped[float] = mapped_column(Float)
     a_image_id: Mapped[int] = mapped_column(BigInteger)
     b_image_id: Mapped[int] = mapped_column(BigInteger)
-    found_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    found_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     __table_args__ = (
         # highest score first, then the pair: the order and cursor of GET /duplicates
@@ -139,4 +154,4 @@ class DuplicateDecision(Base):
     )
     decision: Mapped[str] = mapped_column(String(16))
     decided_by: Mapped[str | None] = mapped_column(String(256))
-    decided_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    decided_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

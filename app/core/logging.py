@@ -30,10 +30,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is at the time (it may be swapped, e.g. by a CLI
+    runner), never to a stream captured once and closed since."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def configure_logging(level: str = "INFO", fmt: str = "auto") -> None:
     """Configure the root logger once; `fmt` is `json`, `text` or `auto` (text on a TTY)."""
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     if use_json:
         handler.setFormatter(JsonFormatter())
     else:

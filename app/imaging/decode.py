@@ -51,6 +51,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageUndecodable("The image is empty.")
     with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. "Corrupt EXIF data": not fatal
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
-import asyncio
 import base64
 import threading
+import time
 from typing import Any
 
 import httpx
@@ -186,19 +186,22 @@ class TestSearchErrors:
                 return forward(batch)
 
             worker.embedder.forward = slow_forward
+            tensor = worker.embedder.preprocess(pattern(seed=1))
             try:
-                first = asyncio.ensure_future(search_json(c, image=b64(jpeg(1))))
-                second = asyncio.ensure_future(search_json(c, image=b64(jpeg(2))))
-                for _ in range(500):  # one in the model, one queued: the queue is full
-                    if entered.is_set() and worker.queue_depth >= 1:
-                        break
-                    await asyncio.sleep(0.01)
-                third = await search_json(c, image=b64(jpeg(3)))
+                busy = worker.submit_tensor(tensor)  # taken by the model, held at the gate
+                assert entered.wait(5)
+                queued = worker.submit_tensor(tensor)  # fills the one-image queue
+                started = time.perf_counter()
+                response = await search_json(c, image=b64(jpeg(3)))
+                elapsed = time.perf_counter() - started
             finally:
                 gate.set()
                 worker.embedder.forward = forward
-            assert third.status_code == 503
-            assert third.headers["retry-after"] == "1"
-            assert third.json()["error"]["code"] == "overloaded"
-            assert (await first).status_code == 200
-            assert (await second).status_code == 200
+            assert response.status_code == 503
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "overloaded"
+            assert elapsed < 2  # refused at once, not queued
+            assert busy.result(5).shape == (512,)
+            assert queued.result(5).shape == (512,)
+            after = await search_json(c, image=b64(jpeg(3)))
+            assert after.status_code == 200

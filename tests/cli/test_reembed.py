@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from pathlib import Path
@@ -18,7 +19,7 @@ from tests.images import encode, pattern
 runner = CliRunner()
 
 
-async def test_switching_models_and_reembedding(
+def test_switching_models_and_reembedding(
     tiny_model_dir: Path, tmp_path: Path, settings: object
 ) -> None:
     for i in range(3):
@@ -34,10 +35,14 @@ async def test_switching_models_and_reembedding(
     }
     assert runner.invoke(cli, ["ingest", str(listing)], env=env).exit_code == 0
     upload = base64.b64encode(encode(pattern(seed=9), "PNG")).decode()
-    async with app_client(settings.model_copy(update={"database_url": db_url})) as client:  # type: ignore[attr-defined]
-        await client.post(
-            "/products", json={"products": [{"id": "up", "images": [{"data": upload}]}]}
-        )
+
+    async def post_upload() -> None:
+        app_settings = settings.model_copy(update={"database_url": db_url})  # type: ignore[attr-defined]
+        async with app_client(app_settings) as client:
+            body = {"products": [{"id": "up", "images": [{"data": upload}]}]}
+            assert (await client.post("/products", json=body)).status_code == 200
+
+    asyncio.run(post_upload())
 
     other = init_random(tmp_path / "other", backbone="convnext_atto", input_size=64, seed=7)
     env2 = {**env, "VS_MODEL": str(other)}

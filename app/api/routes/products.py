@@ -47,6 +47,7 @@ _MULTIPART_SCHEMA: dict[str, Any] = {
         "attributes": {"type": "string", "description": "A JSON object, as text."},
         "image": {
             "type": "array",
+            "minItems": 1,
             "items": {"type": "string", "format": "binary"},
             "description": "One or more image files (JPEG, PNG, WebP, GIF).",
         },
@@ -157,6 +158,10 @@ async def _multipart_product(request: Request) -> ProductInput:
             if not isinstance(attributes, dict):
                 raise InvalidRequest("`attributes` must be a JSON object.")
         title, category = form.get("title"), form.get("category")
+        if isinstance(title, str) and len(title) > 4096:
+            raise InvalidRequest("`title` must be at most 4096 characters.")
+        if isinstance(category, str) and len(category) > 256:
+            raise InvalidRequest("`category` must be at most 256 characters.")
         images = [ImageInput(data=await f.read()) for f in files]
     return ProductInput(
         id=product_id,
