@@ -121,7 +121,7 @@ class SearchService:
 
         total = index.ntotal
         depth = min(max(4 * k, 16), max(total, 1))
-        nprobe = index.knobs.nprobe
+        nprobe = index.default_nprobe
         while True:
             scores, found = index.search(query, depth, nprobe=nprobe)
             hits = self._group(scores[0], found[0], k, category, min_score, exclude_product)

@@ -64,8 +64,10 @@ class IndexSettings(BaseModel):
         "8-bit codes of the same size (docs/benchmarks.md).",
     )
     opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
-    nprobe: int = Field(32, ge=1, description="IVF lists scanned per query.")
-    refine: int = Field(4, ge=1, description="PQ candidates per result re-ranked exactly.")
+    nprobe: int = Field(
+        0, ge=0, description="IVF lists scanned per query; 0 = 1/64 of the lists (at least 16)."
+    )
+    refine: int = Field(32, ge=1, description="PQ candidates per result re-ranked exactly.")
     catchup_interval_s: float = Field(
         1.0, gt=0, description="How often the change log is tailed (replicas converge)."
     )

@@ -78,8 +78,8 @@ def index_rankings(
             info = {
                 "factory": factory,
                 **params,
-                "nprobe": settings.nprobe,
-                "refine": settings.refine,
+                "nprobe": index.default_nprobe,
+                "refine": index.knobs.refine,
             }
         else:
             index = ShardedIndex.new_flat(gallery.shape[1], settings.shards, vectors)
