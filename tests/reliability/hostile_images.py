@@ -10,6 +10,7 @@ import io
 import os
 import struct
 import zlib
+from typing import Any
 
 from PIL import Image
 
@@ -113,3 +114,91 @@ def build_corpus() -> dict[str, tuple[bytes, set[int]]]:
         "one_byte": (b"\xff", UNDECODABLE),
         "random_1mb": (os.urandom(1_000_000), UNDECODABLE),
     }
+
+
+async def run_corpus(client: Any) -> dict[str, Any]:
+    """Send every file through POST /search and POST /products while another client
+    probes /health; returns per-file statuses and times, probe latencies, memory growth."""
+    import asyncio
+    import resource
+    import time
+
+    corpus = build_corpus()
+    probes: list[float] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            await client.get("/health")
+            probes.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.02)
+
+    prober = asyncio.create_task(probe())
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    files: dict[str, dict[str, Any]] = {}
+    try:
+        for n, (name, (data, allowed)) in enumerate(corpus.items()):
+            t0 = time.perf_counter()
+            upload = {"image": (f"{name}.jpg", data, "image/jpeg")}
+            search = await client.post("/search", files=upload)
+            ingest = await client.post("/products", data={"id": f"h{n}"}, files=upload)
+            elapsed = time.perf_counter() - t0
+            status = ingest.status_code
+            if status == 200:
+                result = ingest.json()["results"][0]
+                if result["status"] == "failed":
+                    codes = {"image_undecodable": 422, "image_too_large": 413}
+                    status = codes.get(result["error"]["code"], 500)
+            files[name] = {
+                "bytes": len(data),
+                "search": search.status_code,
+                "ingest": status,
+                "allowed": sorted(allowed),
+                "seconds": round(elapsed, 3),
+            }
+    finally:
+        stop.set()
+        await prober
+    growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - peak_before
+    return {
+        "files": files,
+        "max_seconds": max(f["seconds"] for f in files.values()),
+        "peak_memory_growth_mb": round(growth, 1),
+        "health_probes": len(probes),
+        "max_probe_ms": round(max(probes) * 1000, 1) if probes else None,
+        "unexpected": [
+            n
+            for n, f in files.items()
+            if f["search"] not in f["allowed"] or f["ingest"] not in f["allowed"]
+        ],
+    }
+
+
+def main() -> None:
+    """python -m tests.reliability.hostile_images: the corpus against the in-process app."""
+    import asyncio
+    import json
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+
+    from app.core.config import Settings
+    from app.inference.builders import init_random
+    from app.main import create_app
+
+    async def run(tmp: Path) -> dict[str, Any]:
+        model = init_random(tmp / "model", backbone="convnext_atto", input_size=64)
+        app = create_app(Settings(model=str(model), data_dir=tmp / "data", precision="fp32"))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+                return await run_corpus(client)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(asyncio.run(run(Path(tmp))), indent=2))
+
+
+if __name__ == "__main__":
+    main()
