@@ -23,7 +23,7 @@ from app.index.vectors import ExactVectors
 
 LOG = logging.getLogger(__name__)
 
-_MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+_RERANK_ROWS = 262_144  # exact vectors fetched per re-ranking step (~0.5 GB as float32)
 
 
 def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:
@@ -141,6 +141,7 @@ class ShardedIndex:
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         nq = len(queries)
         depth = k if self.kind == "flat" else k * max(1, refine or self.knobs.refine)
+        depth = max(k, min(depth, self.ntotal))  # more candidates than vectors buys nothing
         nprobe = nprobe or self.default_nprobe
         if self.n_shards == 1:
             scores, ids = self.shards[0].search(queries, depth, nprobe=nprobe, selector=selector)
@@ -203,6 +204,14 @@ class ShardedIndex:
     def _rerank(
         self, queries: np.ndarray, ids: np.ndarray, k: int
     ) -> tuple[np.ndarray, np.ndarray]:
+        # Bound the exact vectors held at once (batch searches of deep candidate lists).
+        step = max(1, _RERANK_ROWS // max(ids.shape[1], 1))
+        if len(queries) > step:
+            parts = [
+                self._rerank(queries[i : i + step], ids[i : i + step], k)
+                for i in range(0, len(queries), step)
+            ]
+            return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
         nq, depth = ids.shape
         flat_ids = ids.reshape(-1)
         exact = self.vectors.get(np.where(flat_ids >= 0, flat_ids, 0)).reshape(nq, depth, -1)
