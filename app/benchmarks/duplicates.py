@@ -2,8 +2,9 @@
 
 A throwaway catalogue (SQLite by default, or `--database-url`) gets N products of one
 image each, drawn from the clustered synthetic mixture, with 1% of them near-duplicate
-copies of another product (the pairs a scan must find). The index is built as the service
-builds it (exact or IVF-PQ by size), then `DuplicatesService.scan` runs and is timed.
+copies of another product (the pairs a scan must find; their recall is reported). The
+index is built as the service builds it (exact or IVF-PQ by size), then
+`DuplicatesService.scan` runs and is timed.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
-from app.catalogue.models import Product, ProductImage, utcnow
+from app.catalogue.models import DuplicatePair, Product, ProductImage, utcnow
 from app.core.config import IndexSettings
 from app.core.database import Database
 from app.core.migrations import upgrade
@@ -30,19 +31,23 @@ MODEL_ID = "synthetic@0"
 Say = Callable[[str], None]
 
 
-def _fill(db: Database, n: int, dim: int, chunk: int, say: Say) -> int:
+def _fill(db: Database, n: int, dim: int, chunk: int, say: Say) -> set[tuple[int, int]]:
+    """Fill the catalogue; return the planted near-duplicate pairs as (lower pk, higher pk)."""
     mixture = EmbeddingMixture(dim)
     rng = np.random.default_rng(1)
-    copies = 0
+    planted: set[tuple[int, int]] = set()
     now = utcnow()
     for c, start in enumerate(range(0, n, chunk)):
         size = min(chunk, n - start)
         block = mixture.chunk(c, chunk)[:size]
-        # 1% of rows become near-duplicates of another row of the same chunk.
+        # 1% of rows become near-duplicates of another (unmodified) row of the same chunk.
         dup = rng.choice(size, size=max(1, size // 100), replace=False)
-        src = rng.integers(0, size, size=len(dup))
+        originals = np.setdiff1d(np.arange(size), dup)
+        src = rng.choice(originals, size=len(dup))
         block[dup] = mixture.near_duplicates(block[src], seed=c)
-        copies += int((dup != src).sum())
+        for d, o in zip(dup.tolist(), src.tolist(), strict=True):
+            a, b = start + d + 1, start + o + 1
+            planted.add((min(a, b), max(a, b)))
         with db.write() as session:
             session.execute(
                 insert(Product),
@@ -76,7 +81,7 @@ def _fill(db: Database, n: int, dim: int, chunk: int, say: Say) -> int:
                 ],
             )
         say(f"catalogue: {start + size}/{n}")
-    return copies
+    return planted
 
 
 def run_duplicates_benchmark(
@@ -93,6 +98,8 @@ def run_duplicates_benchmark(
 ) -> dict[str, Any]:
     say = progress or (lambda _m: None)
     settings = index_settings or IndexSettings()
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         db = Database(database_url or f"sqlite:///{tmp}/catalogue.db")
         upgrade(db)
@@ -119,6 +126,10 @@ def run_duplicates_benchmark(
         scan_s = time.perf_counter() - t0
         with db.read() as session:
             pairs = repo.count_pairs(session)
+            found = {
+                (min(a, b), max(a, b))
+                for a, b in session.execute(select(DuplicatePair.a_pk, DuplicatePair.b_pk))
+            }
         result = {
             "n": n,
             "dim": dim,
@@ -126,7 +137,9 @@ def run_duplicates_benchmark(
             "neighbours": neighbours,
             "index": index.describe()["kind"],
             "index_params": index.describe()["params"],
-            "planted_near_duplicates": planted,
+            "planted_near_duplicates": len(planted),
+            "planted_found": len(planted & found),
+            "planted_recall": round(len(planted & found) / max(1, len(planted)), 4),
             "pairs_found": pairs,
             "catalogue_fill_s": round(fill_s, 1),
             "index_build_s": round(index_s, 1),

@@ -79,3 +79,18 @@ def test_duplicates_scan_cli(tiny_model_dir: Path, tmp_path: Path) -> None:
     report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["images"] == 3
     assert report["pairs"] == 1
+
+
+def test_duplicates_benchmark_finds_every_planted_pair(tmp_path: Path) -> None:
+    workdir = tmp_path / "not-yet-there"
+
+    result = runner.invoke(cli, ["bench", "duplicates", "--n", "3000", "--workdir", str(workdir)])
+
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{") :])
+    assert report["n"] == 3000
+    assert report["planted_near_duplicates"] == 30
+    assert report["planted_recall"] == 1.0
+    assert report["pairs_found"] >= report["planted_found"]
+    assert report["scan_report"]["images"] == 3000
+    assert list(workdir.iterdir()) == []  # the temporary catalogue is cleaned up
