@@ -357,6 +357,8 @@ def run_index_benchmark(
     hnsw = n <= 2_000_000 if hnsw is None else hnsw
     configs = configs or default_configs(n, dim)
     rows: list[dict[str, Any]] = []
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         if flat:
             rows.append(bench_flat(w, batch1, say))
