@@ -33,6 +33,9 @@ def test_crash_recovery_rounds(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert result["products_lost"] == 0
     assert result["index_matches_catalogue"]
     assert result["acknowledged_not_found_by_search"] == 0
+    saved = result["saved_index_after_graceful_stop"]
+    assert saved["index_ids"] == result["images_in_catalogue"]
+    assert saved["duplicate_ids"] == saved["missing_from_index"] == saved["not_in_catalogue"] == 0
     assert result["problems"] == []
 
 
@@ -45,6 +48,7 @@ def test_load_and_overload(tmp_path: Path) -> None:
     overload = result["overload"]
     assert overload["server_errors"] == 0
     assert overload["timeouts"] == 0
+    assert overload["connection_errors"] == 0
     assert overload["rejected_503"] > 0
     assert overload["retry_after_values"] == ["1"]
     assert overload["rejected"]["p99_ms"] < 5000

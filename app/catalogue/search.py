@@ -79,6 +79,7 @@ class SearchService:
         min_score: float | None = None,
     ) -> SearchOutcome:
         started = time.perf_counter()
+        self.worker.check_capacity()
         if data is None:
             if url is None:
                 raise ValueError("give data or url")

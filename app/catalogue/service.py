@@ -187,6 +187,7 @@ class CatalogueService:
             else:
                 todo.append(i)
         if todo:
+            self.worker.check_capacity()
             started = time.perf_counter()
             decoded = await asyncio.gather(
                 *(

@@ -123,6 +123,13 @@ class BatchWorker:
     def is_overloaded(self) -> bool:
         return self._queue.full()
 
+    def check_capacity(self) -> None:
+        """Raise Overloaded when the queue is full: call before decoding an image, so a
+        request that would be turned away costs no decode (overload answers stay fast)."""
+        if self._queue.full():
+            self.stats.rejected += 1
+            raise Overloaded()
+
     # submission ------------------------------------------------------------------------
     def submit_tensor(self, tensor: torch.Tensor) -> Future[np.ndarray]:
         """Queue one preprocessed image; the future resolves to its embedding row."""

@@ -1,13 +1,18 @@
 """Kill the real service with SIGKILL at random moments while it ingests, restart it, and
 check that nothing acknowledged was lost and the index matches the catalogue.
 
-    python -m tests.reliability.crash_recovery --rounds 50 [--postgres] [--json]
+    python -m tests.reliability.crash_recovery --rounds 50 [--postgres] [--preload 50000]
 
 Each round: start `vsearch serve` on 127.0.0.1, check the previous rounds' state, ingest
-continuously, SIGKILL after a random delay. The index is configured to checkpoint every
-second and to retrain IVF-PQ whenever the catalogue grows by half, so kills land during
-index saves and retraining swaps too. Figures: rounds, products acknowledged, products
-lost (must be 0), index/catalogue mismatches (must be 0), kills during saves/retrains.
+continuously, SIGKILL. Rounds take turns: a kill after a random delay, a kill the moment
+the service logs that it starts writing an index generation (a save), and a kill shortly
+after it logs that it starts rebuilding the index (a retraining swap). The index
+checkpoints every second and retrains IVF-PQ whenever the catalogue grows by a few
+percent; `--preload` fills the catalogue with synthetic embeddings first so that saves
+and rebuilds take long enough to be hit. Where each kill landed is read back from the
+service's log. Figures: rounds, products acknowledged, products lost (must be 0),
+index/catalogue mismatches (must be 0), kills during ingest/saves/rebuilds; after a last
+graceful stop, the saved index files hold exactly the catalogue's image ids, once each.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from sqlalchemy import func, select
 
 from app.catalogue.models import Product, ProductImage
 from app.core.database import Database
+from app.index.shard import Shard
+from app.index.store import generation_dir, read_manifest
 from tests.images import encode, pattern
 from tests.server import Server, start_server
 
@@ -53,13 +60,77 @@ async def _ingest_until_killed(url: str, start: int, acknowledged: list[str]) ->
                         acknowledged.append(result["id"])
 
 
+TRIGGERS = {"save": "writing index generation", "retrain": "rebuilding the index"}
+
+
 async def _ingest_then_kill(
-    server: Server, first: int, acknowledged: list[str], seconds: float
+    server: Server,
+    first: int,
+    acknowledged: list[str],
+    seconds: float,
+    trigger: str | None = None,
+    after: float = 0.0,
 ) -> int:
+    """Ingest, then SIGKILL after `seconds`, or sooner: `after` seconds past the first log
+    line (written after the start of ingest) that contains `trigger`."""
+    offset = server.log.stat().st_size
     task = asyncio.create_task(_ingest_until_killed(server.url, first, acknowledged))
-    await asyncio.sleep(seconds)
+    deadline = time.monotonic() + seconds
+    with server.log.open("rb") as fh:
+        fh.seek(offset)
+        pending = b""
+        while time.monotonic() < deadline:
+            pending += fh.read()
+            if trigger is not None and trigger.encode() in pending:
+                await asyncio.sleep(after)
+                break
+            pending = pending[pending.rfind(b"\n") + 1 :]
+            await asyncio.sleep(0.001)
     server.process.send_signal(signal.SIGKILL)
     return await asyncio.wait_for(task, timeout=30)
+
+
+def preload(db: Database, model_dir: Path, n: int, seed: int = 0) -> None:
+    """Fill the catalogue with n products of one synthetic embedding each (the model's id
+    and dimension), so the index is big enough that saves and rebuilds take a while."""
+    import numpy as np
+    from sqlalchemy import insert
+
+    from app.catalogue.models import utcnow
+    from app.inference.model import load_model
+
+    model = load_model(str(model_dir), device="cpu", precision="fp32")
+    rng = np.random.default_rng(seed)
+    now = utcnow()
+    for start in range(0, n, 10_000):
+        size = min(10_000, n - start)
+        x = rng.normal(size=(size, model.embedding_dim)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        with db.write() as session:
+            pks = [
+                session.execute(
+                    insert(Product).returning(Product.pk),
+                    {"external_id": f"synthetic-{start + i}", "attributes": {}},
+                ).scalar_one()
+                for i in range(size)
+            ]
+            session.execute(
+                insert(ProductImage),
+                [
+                    {
+                        "product_pk": pk,
+                        "position": 0,
+                        "sha256": f"synthetic-{start + i}",
+                        "width": 1,
+                        "height": 1,
+                        "embedding": x[i].tobytes(),
+                        "model_id": model.model_id,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for i, pk in enumerate(pks)
+                ],
+            )
 
 
 def _kill_during(log_tail: str) -> str:
@@ -96,8 +167,37 @@ def _check(server: Server, db: Database, acknowledged: list[str], sample: int) -
     return {"lost": lost, "index_mismatch": mismatch, "unfound": unfound, "images": images}
 
 
+def _saved_index_vs_catalogue(index_root: Path, db: Database) -> dict[str, Any]:
+    """Compare the ids in the index files the stopped service left with the catalogue's."""
+    manifest = read_manifest(index_root)
+    if manifest is None:
+        return {"index_files": False}
+    directory = generation_dir(index_root, manifest.generation)
+    ids: list[int] = []
+    for name in manifest.shards:
+        ids.extend(Shard.read(directory / name, manifest.kind).ids().tolist())
+    with db.read() as session:
+        catalogue = set(session.scalars(select(ProductImage.id)))
+    return {
+        "index_files": True,
+        "generation": manifest.generation,
+        "kind": manifest.kind,
+        "index_ids": len(ids),
+        "duplicate_ids": len(ids) - len(set(ids)),
+        "missing_from_index": len(catalogue - set(ids)),
+        "not_in_catalogue": len(set(ids) - catalogue),
+    }
+
+
 def run(
-    rounds: int, work: Path, model_dir: Path, database_url: str, *, sample: int = 20, seed: int = 0
+    rounds: int,
+    work: Path,
+    model_dir: Path,
+    database_url: str,
+    *,
+    sample: int = 20,
+    seed: int = 0,
+    growth: float = 1.5,
 ) -> dict[str, Any]:
     random.seed(seed)
     env = {
@@ -109,7 +209,7 @@ def run(
         "VS_INDEX__SAVE_INTERVAL_S": "1",
         "VS_INDEX__CATCHUP_INTERVAL_S": "0.2",
         "VS_INDEX__TRAIN_THRESHOLD": "150",
-        "VS_INDEX__RETRAIN_GROWTH": "1.5",
+        "VS_INDEX__RETRAIN_GROWTH": str(growth),
         "VS_INDEX__NLIST": "8",
         "VS_INDEX__PQ_M": "16",
         "VS_INDEX__SHARDS": "2",
@@ -126,20 +226,41 @@ def run(
         report = _check(server, db, acknowledged, sample)
         if report["lost"] or report["index_mismatch"] or report["unfound"]:
             problems.append({"round": number, **report})
-        delay = random.uniform(0.3, 4.0)
-        next_id = asyncio.run(_ingest_then_kill(server, next_id, acknowledged, delay))
+        aim = ("random", "save", "retrain")[number % 3]
+        if aim == "random":
+            kill = asyncio.run(
+                _ingest_then_kill(server, next_id, acknowledged, random.uniform(0.3, 4.0))
+            )
+        else:
+            kill = asyncio.run(
+                _ingest_then_kill(
+                    server,
+                    next_id,
+                    acknowledged,
+                    15.0,
+                    trigger=TRIGGERS[aim],
+                    after=0.0 if aim == "save" else random.uniform(0.0, 0.3),
+                )
+            )
+        next_id = kill
         server.process.wait(30)
-        kills[_kill_during(log.read_text(errors="replace")[-20000:])] += 1
+        landed = _kill_during(log.read_text(errors="replace")[-20000:])
+        kills[landed] += 1
         print(
-            f"round {number + 1}/{rounds}: {len(acknowledged)} acknowledged, kill after "
-            f"{delay:.1f}s",
+            f"round {number + 1}/{rounds}: {len(acknowledged)} acknowledged, aimed at "
+            f"{aim}, landed during {landed}",
             file=sys.stderr,
         )
     final = start_server(env, work / "final.log", timeout=180)
     report = _check(final, db, acknowledged, len(acknowledged))
-    final.stop()
+    final.stop()  # graceful: the index files are saved
+    saved = _saved_index_vs_catalogue(work / "data" / "index", db)
     if report["lost"] or report["index_mismatch"] or report["unfound"]:
         problems.append({"round": "final", **report})
+    if not saved["index_files"] or any(
+        saved[k] for k in ("duplicate_ids", "missing_from_index", "not_in_catalogue")
+    ):
+        problems.append({"round": "final", "saved_index": saved})
     db.dispose()
     return {
         "rounds": rounds,
@@ -148,6 +269,7 @@ def run(
         "images_in_catalogue": report["images"],
         "index_matches_catalogue": not report["index_mismatch"],
         "acknowledged_not_found_by_search": len(report["unfound"]),
+        "saved_index_after_graceful_stop": saved,
         "kills_during": kills,
         "problems": problems,
         "seconds": round(time.perf_counter() - started, 1),
@@ -160,6 +282,9 @@ def main() -> None:
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--preload", type=int, default=0, help="synthetic products in the catalogue first"
+    )
     args = parser.parse_args()
     import tempfile
 
@@ -179,8 +304,14 @@ def main() -> None:
     else:
         url = f"sqlite:///{work / 'catalogue.db'}"
     upgrade(Database(url))
+    if args.preload:
+        db = Database(url)
+        preload(db, model, args.preload, args.seed)
+        db.dispose()
     try:
-        result = run(args.rounds, work, model, url, seed=args.seed)
+        # With a preloaded catalogue, retrain after 2% growth so rebuilds keep happening.
+        growth = 1.02 if args.preload else 1.5
+        result = run(args.rounds, work, model, url, seed=args.seed, growth=growth)
     finally:
         if pg is not None:
             pg.stop()
