@@ -350,10 +350,12 @@ def upsert_pairs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         if dialect == "postgresql"
         else sqlite.insert(DuplicatePair)
     )
-    stmt = ins.values(list(rows))
-    excluded = stmt.excluded
+    excluded = ins.excluded
     better = excluded.score > DuplicatePair.score
-    stmt = stmt.on_conflict_do_update(
+    # One statement compiled once and executed for many rows (SQLAlchemy batches them into
+    # multi-row INSERTs); building `.values(rows)` instead compiles a bind parameter per
+    # value, which cost most of a duplicates scan.
+    stmt = ins.on_conflict_do_update(
         index_elements=[DuplicatePair.a_pk, DuplicatePair.b_pk],
         set_={
             "score": case((better, excluded.score), else_=DuplicatePair.score),
@@ -362,7 +364,7 @@ def upsert_pairs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
             "found_at": excluded.found_at,
         },
     )
-    session.execute(stmt)
+    session.execute(stmt, list(rows))
 
 
 def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:

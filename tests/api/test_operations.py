@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from pathlib import Path
 
 import httpx
 import pytest
@@ -84,6 +85,29 @@ class TestKeys:
             )
             assert write.status_code == 401
             assert (await c.get("/health")).status_code == 200
+
+    async def test_write_keys_from_a_file(self, settings: Settings, tmp_path: Path) -> None:
+        keys = tmp_path / "keys"
+        keys.write_text("# rotated 2026-11\nfile-key-1\n\n  file-key-2  \n")
+        settings = settings.model_copy(update={"api_keys": "env-key", "api_keys_file": keys})
+        async with app_client(settings) as c:
+            for key, expected in [
+                ("file-key-1", 200),
+                ("file-key-2", 200),
+                ("env-key", 200),
+                ("# rotated 2026-11", 401),
+                ("file-key", 401),  # a prefix of a key is not a key
+                ("", 401),
+            ]:
+                response = await c.post(
+                    "/products",
+                    json={"products": [product(f"k{len(key)}", 1)]},
+                    headers={"X-API-Key": key},
+                )
+                assert response.status_code == expected, key
+            denied = await c.delete("/products/k10")
+            assert denied.status_code == 401
+            assert denied.json()["error"]["code"] == "unauthorized"
 
 
 class TestRateLimits:
