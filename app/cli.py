@@ -7,13 +7,19 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from app.core.config import Settings
 from app.core.logging import configure_logging
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from app.core.database import Database
+    from app.inference.model import Embedder
 
 cli = typer.Typer(
     help="Visual product search service: serve, manage models, benchmark.",
@@ -39,6 +45,39 @@ def _settings() -> Settings:
     settings = Settings()
     configure_logging(settings.log_level, "text")
     return settings
+
+
+def _open_catalogue(settings: Settings) -> tuple[Database, Embedder]:
+    """The migrated catalogue and the configured model, refusing a model whose
+    embeddings the catalogue does not hold (run `vsearch reembed` first)."""
+    from app.core.database import Database
+    from app.core.migrations import ensure_schema
+    from app.lifespan import check_model_matches_catalogue, load_embedder
+
+    db = Database(settings.resolved_database_url)
+    ensure_schema(db, migrate=settings.migrate_on_start)
+    embedder, _ = load_embedder(settings)
+    check_model_matches_catalogue(db, embedder.model_id)
+    return db, embedder
+
+
+def _bar(label: str) -> Progress:
+    """A progress bar on stderr: label, bar, done/total, time left."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+    )
 
 
 @cli.command()
@@ -360,24 +399,10 @@ def reindex(
     ] = None,
 ) -> None:
     """Rebuild every index shard from the database (the source of truth)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from app.core.database import Database
-    from app.core.migrations import ensure_schema
     from app.index.lifecycle import IndexService
-    from app.lifespan import check_model_matches_catalogue, load_embedder
 
     settings = _settings()
-    db = Database(settings.resolved_database_url)
-    ensure_schema(db, migrate=settings.migrate_on_start)
-    embedder, _ = load_embedder(settings)
-    check_model_matches_catalogue(db, embedder.model_id)
+    db, embedder = _open_catalogue(settings)
     service = IndexService(
         db,
         settings.data_dir / "index",
@@ -385,13 +410,7 @@ def reindex(
         dim=embedder.embedding_dim,
         settings=settings.index,
     )
-    progress = Progress(
-        TextColumn("[bold]reindex"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    )
+    progress = _bar("reindex")
     with progress:
         task = progress.add_task("reindex", total=None)
 
@@ -657,35 +676,16 @@ def duplicates_scan(
     ] = False,
 ) -> None:
     """Recompute every duplicate pair with batched kNN over the catalogue (resumable)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from app.catalogue.duplicates import DuplicatesService
-    from app.core.database import Database
-    from app.core.migrations import ensure_schema
-    from app.lifespan import check_model_matches_catalogue, load_embedder, open_index
+    from app.lifespan import open_index
 
     settings = _settings()
-    db = Database(settings.resolved_database_url)
-    ensure_schema(db, migrate=settings.migrate_on_start)
-    embedder, _ = load_embedder(settings)
-    check_model_matches_catalogue(db, embedder.model_id)
+    db, embedder = _open_catalogue(settings)
     index = open_index(settings, db, embedder, tail=False)
     service = DuplicatesService(
         db, index, floor=settings.duplicates.floor, neighbours=settings.duplicates.neighbours
     )
-    progress = Progress(
-        TextColumn("[bold]scan"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err,
-    )
+    progress = _bar("scan")
     with progress:
         task = progress.add_task("scan", total=None)
         report = service.scan(
