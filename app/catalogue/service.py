@@ -187,7 +187,7 @@ class CatalogueService:
             else:
                 todo.append(i)
         if todo:
-            self.worker.check_capacity()
+            self.worker.check_capacity(len(todo))
             started = time.perf_counter()
             decoded = await asyncio.gather(
                 *(

@@ -120,14 +120,11 @@ class BatchWorker:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def is_overloaded(self) -> bool:
-        return self._queue.full()
-
-    def check_capacity(self) -> None:
+    def check_capacity(self, images: int = 1) -> None:
         """Raise Overloaded when the queue is full: call before decoding an image, so a
         request that would be turned away costs no decode (overload answers stay fast)."""
         if self._queue.full():
-            self.stats.rejected += 1
+            self.stats.rejected += images
             raise Overloaded()
 
     # submission ------------------------------------------------------------------------
@@ -164,9 +161,7 @@ class BatchWorker:
         self, images: Sequence[Image.Image], boxes: Sequence[Box | None] | None = None
     ) -> np.ndarray:
         """Embed images from async code: preprocess off the loop, then batch."""
-        if self.is_overloaded():
-            self.stats.rejected += len(images)
-            raise Overloaded()
+        self.check_capacity(len(images))
         pre = [
             asyncio.wrap_future(self.preprocess(img, boxes[i] if boxes else None))
             for i, img in enumerate(images)
