@@ -29,12 +29,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+import numpy as np
+from sqlalchemy import func, insert, select
 
-from app.catalogue.models import Product, ProductImage
+from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.index.shard import Shard
 from app.index.store import generation_dir, read_manifest
+from app.inference.model import load_model
 from tests.images import encode, pattern
 from tests.server import Server, start_server
 
@@ -93,12 +95,6 @@ async def _ingest_then_kill(
 def preload(db: Database, model_dir: Path, n: int, seed: int = 0) -> None:
     """Fill the catalogue with n products of one synthetic embedding each (the model's id
     and dimension), so the index is big enough that saves and rebuilds take a while."""
-    import numpy as np
-    from sqlalchemy import insert
-
-    from app.catalogue.models import utcnow
-    from app.inference.model import load_model
-
     model = load_model(str(model_dir), device="cpu", precision="fp32")
     rng = np.random.default_rng(seed)
     now = utcnow()
