@@ -129,6 +129,10 @@ class DuplicatesService:
         return rows
 
     # reads ------------------------------------------------------------------------------
+    def count_pairs(self) -> int:
+        with self.db.read() as session:
+            return repo.count_pairs(session)
+
     def check_min_score(self, min_score: float) -> None:
         if min_score < self.floor:
             raise InvalidRequest(
