@@ -251,8 +251,8 @@ def ingest(
     )
 
     from app.catalogue.ingest import CsvColumns, read_products
-    from app.catalogue.service import ProductResult
     from app.catalogue.ingest import ingest as run
+    from app.catalogue.service import ProductResult
     from app.services import open_services
 
     settings = _settings()
