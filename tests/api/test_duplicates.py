@@ -126,7 +126,7 @@ class TestDecisions:
                 "/duplicates/decisions",
                 json={"a": "original", "b": "cropped", "decision": "different"},
             )
-            assert ok.status_code == 200
+            assert ok.status_code == 200, ok.text
             await client.post(
                 "/duplicates/decisions", json={"a": "resized", "b": "original", "decision": "same"}
             )
