@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
@@ -91,5 +92,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestObservability, metrics=state.metrics)
-    install_openapi(app, [ProductsCreate, SearchRequest])
+    install_openapi(app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload])
     return app
