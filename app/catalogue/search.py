@@ -18,12 +18,11 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, NotReady
+from app.imaging.crop import Box
 from app.imaging.decode import decode_image
 from app.imaging.fetch import ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.worker import BatchWorker
-
-Box = tuple[float, float, float, float]
 
 # Categories with at most this many images are searched exactly over their own images.
 EXACT_FILTER_LIMIT = 50_000

@@ -26,6 +26,7 @@ from app.catalogue import repository as repo
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
+from app.imaging.crop import Box
 from app.imaging.decode import decode_image
 from app.imaging.fetch import ImageFetcher
 from app.inference.admission import Ticket
@@ -34,7 +35,6 @@ from app.inference.worker import BatchWorker
 LOG = logging.getLogger(__name__)
 
 Status = Literal["created", "updated", "unchanged", "failed"]
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -365,7 +365,7 @@ async def reembed_catalogue(
             image_input = ImageInput(
                 url=source if is_url else None,
                 path=None if is_url else Path(source),
-                box=(box[0], box[1], box[2], box[3]) if box else None,
+                box=Box(box[0], box[1], box[2], box[3]) if box else None,
             )
             try:
                 data = await service._read(image_input)

@@ -31,12 +31,11 @@ import torch
 from PIL import Image
 
 from app.core.errors import NotReady
+from app.imaging.crop import Box
 from app.inference.admission import Admission, Ticket
 from app.inference.model import Embedder
 
 LOG = logging.getLogger(__name__)
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass
