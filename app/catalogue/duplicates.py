@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -80,52 +80,13 @@ class DuplicatesService:
         with self.db.read() as session:
             vectors = repo.product_image_vectors(session, product_pk)
             decided = repo.decided_pairs(session, product_pk)
-        rows = self._pairs_for(product_pk, vectors, decided) if vectors else []
+        different = {pair for pair, decision in decided.items() if decision == "different"}
+        queries = [(image_id, product_pk, vector) for image_id, vector in vectors]
+        rows = self._find_pairs(queries, self.floor, different) if queries else []
         with self.db.write() as session:
             repo.delete_stale_pairs_of(session, product_pk, [i for i, _ in vectors])
             repo.upsert_pairs(session, rows)
         return len(rows)
-
-    def _pairs_for(
-        self,
-        product_pk: int,
-        vectors: list[tuple[int, bytes]],
-        decided: dict[tuple[int, int], str],
-    ) -> list[dict[str, Any]]:
-        image_ids = [i for i, _ in vectors]
-        queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, e in vectors])
-        scores, found = self.index.index.search(queries, self.neighbours)
-        candidates = found[(scores >= self.floor) & (found >= 0)]
-        with self.db.read() as session:
-            owners = repo.image_products(session, candidates.tolist())
-        best: dict[int, tuple[float, int, int]] = {}
-        for q, mine in enumerate(image_ids):
-            for score, theirs in zip(scores[q].tolist(), found[q].tolist(), strict=True):
-                if theirs < 0 or score < self.floor:
-                    break
-                other = owners.get(int(theirs))
-                if other is None or other == product_pk:
-                    continue
-                if other not in best or score > best[other][0]:
-                    best[other] = (float(score), mine, int(theirs))
-        now = utcnow()
-        rows = []
-        for other, (score, mine, theirs) in best.items():
-            a, b = repo.canonical(product_pk, other)
-            if decided.get((a, b)) == "different":
-                continue
-            a_img, b_img = (mine, theirs) if a == product_pk else (theirs, mine)
-            rows.append(
-                {
-                    "a_pk": a,
-                    "b_pk": b,
-                    "score": min(score, 1.0),
-                    "a_image_id": a_img,
-                    "b_image_id": b_img,
-                    "found_at": now,
-                }
-            )
-        return rows
 
     # reads ------------------------------------------------------------------------------
     def count_pairs(self) -> int:
@@ -232,7 +193,7 @@ class DuplicatesService:
                 page = repo.images_page(session, int(state["after_id"]), batch, model_id)
             if not page:
                 break
-            rows = self._scan_batch(page, floor, different)
+            rows = self._find_pairs(page, floor, different)
             with self.db.write() as session:
                 repo.upsert_pairs(session, rows)
             state["after_id"], state["done"] = page[-1][0], int(state["done"]) + len(page)
@@ -251,9 +212,15 @@ class DuplicatesService:
             "seconds": round(time.perf_counter() - t0, 2),
         }
 
-    def _scan_batch(
-        self, page: list[tuple[int, int, bytes]], floor: float, different: set[tuple[int, int]]
+    def _find_pairs(
+        self,
+        page: Sequence[tuple[int, int, bytes]],
+        floor: float,
+        different: Container[tuple[int, int]],
     ) -> list[dict[str, Any]]:
+        """Pair rows for images `(image_id, product_pk, embedding)`: each other product
+        whose image scores >= `floor`, best pair of images per product pair, skipping pairs
+        a reviewer marked `different` (one code path for ingest refreshes and full scans)."""
         queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, _, e in page])
         scores, found = self.index.index.search(queries, self.neighbours)
         strong = (scores >= floor) & (found >= 0)
