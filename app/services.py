@@ -76,10 +76,6 @@ class Services:
     catalogue: CatalogueService
     search: SearchService
 
-    @property
-    def ready(self) -> bool:
-        return self.worker.running
-
 
 # the parts ------------------------------------------------------------------------------
 def open_database(settings: Settings) -> Database:

@@ -42,7 +42,6 @@ LOG = logging.getLogger(__name__)
 class _Item:
     tensor: torch.Tensor
     future: Future[np.ndarray]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass
