@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit
@@ -69,8 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=TAGS,
-        docs_url="/docs" if settings.docs else None,
-        redoc_url="/redoc" if settings.docs else None,
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
     state = ApiState.from_settings(settings)
@@ -92,5 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestObservability, metrics=state.metrics)
+    if settings.docs:
+        install_docs(app, "/openapi.json")
     install_openapi(app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload])
     return app
