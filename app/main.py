@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -49,16 +52,42 @@ TAGS = [
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the services for the app's lifetime (the one composition root)."""
+    """Open the services in the background, so the server answers `/health` (`starting`)
+    and `/ready` (503) while the model loads; other routes answer 503 until then."""
     state: ApiState = app.state.vs
-    async with open_services(state.settings, on_batch=state.metrics.observe_batch) as services:
-        state.services = services
-        state.metrics.bind(services)
-        try:
-            yield
-        finally:
-            state.services = None
-            state.metrics.bind(None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(_hold_services(state, stop), name="vsearch-services")
+    try:
+        yield
+    finally:
+        stop.set()
+        if not state.started.is_set():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task  # start-up errors were logged (and raised) where they happened
+
+
+async def _hold_services(state: ApiState, stop: asyncio.Event) -> None:
+    try:
+        async with open_services(state.settings, on_batch=state.metrics.observe_batch) as s:
+            state.services = s
+            state.metrics.bind(s)
+            state.started.set()
+            try:
+                await stop.wait()
+            finally:
+                state.services = None
+                state.metrics.bind(None)
+    except Exception as exc:
+        if state.started.is_set():
+            raise
+        state.start_error = exc
+        state.started.set()
+        LOG.critical("start-up failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        if state.exit_on_start_failure:
+            logging.shutdown()
+            os._exit(3)  # nothing to release: open_services closed what it had opened
+        raise
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
