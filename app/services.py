@@ -82,6 +82,9 @@ def open_database(settings: Settings) -> Database:
     """The catalogue database, migrated (or checked) per `VS_MIGRATE_ON_START`."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
+    LOG.info(
+        "catalogue: %s; data directory: %s", db.engine.url.render_as_string(), settings.data_dir
+    )
     try:
         ensure_schema(db, migrate=settings.migrate_on_start)
     except BaseException:

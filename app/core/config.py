@@ -122,7 +122,13 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Inference precision; auto = fp16 on CUDA, bf16 on capable CPUs."
     )
-    data_dir: Path = Field(Path("./data"), description="SQLite file, index files, cached models.")
+    data_dir: Path = Field(
+        Path("~/.local/share/vsearch"),
+        description=(
+            "SQLite file, index files, cached models. One place per user, whatever the "
+            "working directory, so every command sees the same catalogue."
+        ),
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file under the data directory."
     )
@@ -171,7 +177,7 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        return value.expanduser().absolute()
 
     @model_validator(mode="after")
     def _refuse_unsafe_in_production(self) -> Settings:
