@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
@@ -22,6 +22,7 @@ from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
 from app.api.schemas import ProductsCreate, SearchRequest
 from app.api.state import ApiState
+from app.api.strict import reject_unknown_query
 from app.core.config import Settings
 from app.services import open_services
 
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=TAGS,
+        dependencies=[Depends(reject_unknown_query)],
         docs_url=None,  # served from local assets by install_docs
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
