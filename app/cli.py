@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress
 
     from app.core.database import Database
-    from app.inference.model import Embedder
+    from app.inference.runtime import Embedder
 
 cli = typer.Typer(
     help="Visual product search service: serve, manage models, benchmark.",
@@ -163,7 +163,7 @@ def model_info(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
 ) -> None:
     """Load a model strictly and print what the service would use."""
-    from app.inference.model import load_model
+    from app.inference.runtime import load_model
 
     _settings()
     embedder = load_model(model, device=device, precision=precision)

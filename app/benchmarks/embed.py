@@ -24,7 +24,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from app.imaging.decode import decode_image
-from app.inference.model import Embedder, ModelConfig, build_module, load_model
+from app.inference.architecture import ModelConfig, build_module
+from app.inference.runtime import Embedder, load_model
 from app.inference.worker import BatchWorker
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}

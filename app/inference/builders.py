@@ -19,14 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from app.core.errors import ModelLoadError
-from app.inference.model import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ModelConfig,
-    TYArcFace,
-    build_module,
-    feature_map_side,
-)
+from app.inference.architecture import ModelConfig, TYArcFace, build_module, feature_map_side
+from app.inference.loading import CONFIG_FILE, WEIGHTS_FILE
 
 LOG = logging.getLogger(__name__)
 

@@ -12,9 +12,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from app.core.errors import InvalidBox, ModelLoadError, ModelUnavailable
-from app.inference import model as model_mod
+from app.inference import precision as precision_mod
 from app.inference.builders import init_random
-from app.inference.model import load_model, resolve_model_dir
+from app.inference.loading import resolve_model_dir
+from app.inference.runtime import load_model
 from tests.images import pattern
 from tests.inference.card_reference import card_embed
 
@@ -101,7 +102,7 @@ class TestStrictLoading:
         save_file(state, str(target / "model.safetensors"))
         image = pattern(seed=3)
 
-        with caplog.at_level(logging.INFO, logger="app.inference.model"):
+        with caplog.at_level(logging.INFO, logger="app.inference.loading"):
             embedder = load_model(target, device="cpu", precision="fp32")
 
         ignored = [r for r in caplog.records if "used only in training" in r.getMessage()]
@@ -170,7 +171,7 @@ class TestHubIds:
 
 class TestPrecision:
     def test_bf16_on_this_cpu_agrees_with_fp32(self, tiny_model_dir: Path) -> None:
-        if not model_mod.cpu_supports_bf16():
+        if not precision_mod.cpu_supports_bf16():
             pytest.skip("this CPU has no native bf16")
         images = [pattern(seed=i) for i in range(4)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
@@ -184,8 +185,8 @@ class TestPrecision:
     def test_falls_back_to_exact_fp32_when_low_precision_disagrees(
         self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(model_mod, "cpu_supports_bf16", lambda: True)
-        monkeypatch.setattr(model_mod, "PRECISION_MIN_COSINE", 1.01)  # nothing can pass
+        monkeypatch.setattr(precision_mod, "cpu_supports_bf16", lambda: True)
+        monkeypatch.setattr(precision_mod, "PRECISION_MIN_COSINE", 1.01)  # nothing can pass
         images = [pattern(seed=i) for i in range(3)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
 
