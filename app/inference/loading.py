@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +72,46 @@ def resolve_model_dir(spec: str) -> tuple[Path, str]:
     return Path(local), spec
 
 
+def check_readable(path: Path) -> None:
+    """Fail with what to do when `path` is missing or this process may not read it.
+
+    A model directory mounted into a container is read by the container's user, often not
+    the owner of the files; a file of mode 0600 then reads as "permission denied", which
+    must not be mistaken for a missing or corrupt file.
+    """
+    try:
+        with path.open("rb"):
+            return
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} does not exist") from None
+    except PermissionError:
+        raise ModelLoadError(_permission_message(path)) from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path} is a directory, not a file") from None
+
+
+def _permission_message(path: Path) -> str:
+    me = os.geteuid()
+    try:
+        info = path.stat()
+    except PermissionError:
+        parent = path.parent
+        try:
+            dir_info = parent.stat()
+        except OSError:
+            return f"cannot read {path}: permission denied (as uid {me})"
+        return (
+            f"cannot read {path}: permission denied, its directory is mode "
+            f"{stat.S_IMODE(dir_info.st_mode):04o} owned by uid {dir_info.st_uid} and this "
+            f"process runs as uid {me}; `chmod a+rx {parent}` (or run as uid {dir_info.st_uid})"
+        )
+    return (
+        f"cannot read {path}: permission denied, the file is mode "
+        f"{stat.S_IMODE(info.st_mode):04o} owned by uid {info.st_uid} and this process runs "
+        f"as uid {me}; `chmod a+r {path}` (or run as uid {info.st_uid})"
+    )
+
+
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load `state` into `module`, failing on any missing or mis-shaped tensor.
 
@@ -119,9 +161,9 @@ def load_module(path_or_hub_id: str | Path) -> LoadedModule:
     model_dir, name = resolve_model_dir(str(path_or_hub_id))
     config_path = model_dir / CONFIG_FILE
     weights = model_dir / WEIGHTS_FILE
+    check_readable(config_path)
     config = ModelConfig.from_file(config_path)
-    if not weights.is_file():
-        raise ModelLoadError(f"{weights} does not exist")
+    check_readable(weights)
     try:
         state = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises several error types
