@@ -186,8 +186,26 @@ def build_module(config: ModelConfig) -> TYArcFace:
 
 
 def feature_map_side(backbone: Any, input_size: int) -> int:
-    """Side of the backbone's final feature map for a square input."""
-    with torch.inference_mode():
-        probe = torch.zeros(1, 3, input_size, input_size)
-        out = backbone.forward_features(probe)
+    """Side of the backbone's final feature map for a square input.
+
+    Raises:
+        ModelLoadError: The backbone cannot take this input size, or its features are not
+            an (N, C, S, S) map (vision transformers give tokens, Swin channels-last maps);
+            every head here pools or flattens such a map.
+    """
+    try:
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, input_size, input_size)
+            out = backbone.forward_features(probe)
+    except RuntimeError as exc:
+        raise ModelLoadError(
+            f"the backbone cannot run on a {input_size}px input: {str(exc).splitlines()[0]}"
+        ) from exc
+    channels = int(getattr(backbone, "num_features", out.shape[1]))
+    if out.ndim != 4 or out.shape[1] != channels or out.shape[2] != out.shape[3]:
+        raise ModelLoadError(
+            f"the backbone's features have shape {tuple(out.shape)} for a {input_size}px input; "
+            f"the heads need an (N, {channels}, S, S) feature map, as convolutional backbones "
+            "(ConvNeXt, EfficientNet, ResNet, ...) give"
+        )
     return int(out.shape[-1])
