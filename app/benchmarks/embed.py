@@ -38,7 +38,7 @@ from app.inference.worker import BatchWorker
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
-def load_image_bytes(count: int, images_dir: Path | None, seed: int = 0) -> list[bytes]:
+def load_image_bytes(count: int, images_dir: Path | None) -> list[bytes]:
     """`count` encoded images: files from `images_dir` (sorted, cycled) or synthetic JPEGs."""
     if images_dir is not None:
         files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -47,7 +47,7 @@ def load_image_bytes(count: int, images_dir: Path | None, seed: int = 0) -> list
                 f"no images under {images_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         return [files[i % len(files)].read_bytes() for i in range(count)]
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     out = []
     for i in range(count):
         h, w = int(rng.integers(300, 700)), int(rng.integers(300, 700))
