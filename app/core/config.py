@@ -24,7 +24,12 @@ class BatchSettings(BaseModel):
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill after its first image."
     )
     queue_size: int = Field(
-        256, ge=1, description="Images waiting for the model before requests get 503."
+        256,
+        ge=1,
+        description=(
+            "Images in flight (downloading, decoding, queued or in the model) before "
+            "requests get 503."
+        ),
     )
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="Threads that decode, crop and resize images."
