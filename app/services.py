@@ -34,7 +34,8 @@ from app.core.migrations import ensure_schema
 from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.admission import Admission
-from app.inference.model import CONFIG_FILE, Embedder, load_model
+from app.inference.loading import CONFIG_FILE
+from app.inference.runtime import Embedder, load_model
 from app.inference.worker import BatchObserver, BatchWorker
 
 LOG = logging.getLogger(__name__)
