@@ -33,7 +33,7 @@ from PIL import Image
 from app.core.errors import NotReady
 from app.imaging.crop import Box
 from app.inference.admission import Admission, Ticket
-from app.inference.model import Embedder
+from app.inference.runtime import Embedder
 
 LOG = logging.getLogger(__name__)
 
