@@ -21,6 +21,7 @@ from app.core.database import Database
 from app.core.errors import ModelUnavailable
 from app.core.migrations import ensure_schema
 from app.core.ratelimit import TokenBuckets
+from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.model import CONFIG_FILE, Embedder, load_model
@@ -131,6 +132,9 @@ def make_fetcher(settings: Settings) -> ImageFetcher:
             connect_timeout_s=settings.image.fetch_connect_timeout_s,
             total_timeout_s=settings.image.fetch_timeout_s,
             max_redirects=settings.image.fetch_max_redirects,
+            content_codings=settings.image.fetch_content_codings,
+            dns_timeout_s=settings.image.fetch_dns_timeout_s,
+            dns_threads=settings.image.fetch_dns_threads,
             allow_private=settings.allow_private_urls,
             allowed_hosts=tuple(
                 h.strip().lower()
@@ -191,6 +195,7 @@ def start_services(state: State) -> None:
         floor=settings.duplicates.floor,
         neighbours=settings.duplicates.neighbours,
     )
+    decoder = ImageDecoder(DecodeLimits.from_settings(settings.image))
     state.catalogue = CatalogueService(
         state.db,
         state.worker,
@@ -199,6 +204,7 @@ def start_services(state: State) -> None:
         max_bytes=settings.image.max_bytes,
         index=state.index,
         after_commit=state.duplicates.on_commit,
+        decoder=decoder,
     )
     state.search = SearchService(
         state.db,
@@ -207,6 +213,7 @@ def start_services(state: State) -> None:
         state.index,
         max_pixels=settings.image.max_pixels,
         max_bytes=settings.image.max_bytes,
+        decoder=decoder,
     )
     LOG.info("ready: %s", embedder.describe())
 

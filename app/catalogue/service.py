@@ -26,7 +26,8 @@ from app.catalogue import repository as repo
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
-from app.imaging.decode import decode_image
+from app.imaging.crop import original_size
+from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
 from app.inference.worker import BatchWorker
 
@@ -122,8 +123,10 @@ class CatalogueService:
         index: IndexSink | None = None,
         after_commit: Callable[[StoreOutcome], Any] | None = None,
         concurrency: int = 8,
+        decoder: ImageDecoder | None = None,
     ) -> None:
         self.db = db
+        self.decoder = decoder or ImageDecoder(DecodeLimits(max_pixels=max_pixels))
         self.worker = worker
         self.fetcher = fetcher
         self.max_pixels = max_pixels
@@ -189,12 +192,7 @@ class CatalogueService:
         if todo:
             self.worker.check_capacity(len(todo))
             started = time.perf_counter()
-            decoded = await asyncio.gather(
-                *(
-                    asyncio.to_thread(decode_image, payloads[i], max_pixels=self.max_pixels)
-                    for i in todo
-                )
-            )
+            decoded = await asyncio.gather(*(self.decoder.decode(payloads[i]) for i in todo))
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
             vectors = await self.worker.embed(decoded, [product.images[i].box for i in todo])
@@ -204,8 +202,7 @@ class CatalogueService:
                     shas[i],
                     boxes[i],
                     product.images[i].source,
-                    decoded[j].width,
-                    decoded[j].height,
+                    *original_size(decoded[j]),
                     vectors[j].astype(np.float32).tobytes(),
                     False,
                 )
@@ -361,7 +358,7 @@ async def reembed_catalogue(
             )
             try:
                 data = await service._read(image_input)
-                image = await asyncio.to_thread(decode_image, data, max_pixels=service.max_pixels)
+                image = await service.decoder.decode(data)
                 vector = (await service.worker.embed([image], [image_input.box]))[0]
             except ServiceError as exc:
                 report.failed[image_id] = exc.message

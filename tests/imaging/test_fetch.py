@@ -139,13 +139,14 @@ class TestConnectsToTheCheckedAddress:
         calls: list[str] = []
         answers = iter(["127.0.0.2", "127.0.0.1"])  # a rebinding DNS: second answer private
 
-        async def fake_getaddrinfo(self, host, port, **_):  # type: ignore[no-untyped-def]
+        def fake_getaddrinfo(host, port, **_):  # type: ignore[no-untyped-def]
             calls.append(host)
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
 
-        monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+        fetcher = _fetcher()
+        fetcher.getaddrinfo = fake_getaddrinfo
         with serve({"/img.jpg": body(JPEG)}, host="127.0.0.2") as public:
-            data = await _fetch(_fetcher(), f"http://images.example:{public.port}/img.jpg")
+            data = await _fetch(fetcher, f"http://images.example:{public.port}/img.jpg")
         assert data == JPEG
         assert calls == ["images.example"]
         assert public.requests[0]["headers"]["Host"] == f"images.example:{public.port}"
