@@ -20,9 +20,10 @@ class BodySizeLimit:
     are counted as they arrive and the first chunk past the cap raises a 413 inside the
     request, which the app's error handler renders like every other error.
 
-    Either way the 413 carries `Connection: close`: the server then closes the connection
-    once the answer is written instead of reading (and discarding) the rest of a body
-    that may never end, which it would otherwise do to keep the connection alive.
+    Either way the 413, like any answer sent before the whole body was read, carries
+    `Connection: close`: the server (uvicorn) then closes the connection once the answer
+    is written, instead of reading and discarding the rest of a body that may never end,
+    which it otherwise does to keep the connection alive for the next request.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
@@ -39,21 +40,25 @@ class BodySizeLimit:
                 return
         received = 0
         exceeded = False
+        body_pending = _has_body(scope)
 
         async def counting_receive() -> Message:
-            nonlocal received, exceeded
+            nonlocal received, exceeded, body_pending
             if exceeded:
                 raise HTTPException(413, self._message())
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_pending = bool(message.get("more_body", False))
                 if received > self.max_bytes:
                     exceeded = True
                     raise HTTPException(413, self._message())
             return message
 
         async def closing_send(message: Message) -> None:
-            if exceeded and message["type"] == "http.response.start":
+            # An answer sent before the body has arrived (a 413, or any early error) ends
+            # the connection: keeping it alive would mean reading the rest of the body.
+            if body_pending and message["type"] == "http.response.start":
                 headers = [(k, v) for k, v in message.get("headers", []) if k != b"connection"]
                 message = {**message, "headers": [*headers, _CLOSE]}
             await send(message)
@@ -77,6 +82,15 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body.encode()})
+
+
+def _has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length":
+            return value.strip() not in (b"", b"0")
+    return False
 
 
 class RequestPixelBudget:

@@ -192,7 +192,7 @@ class CatalogueService:
         if todo:
             self.worker.check_capacity(len(todo))
             started = time.perf_counter()
-            decoded = await asyncio.gather(*(self.decoder.decode(payloads[i]) for i in todo))
+            decoded = await self.decoder.decode_all([payloads[i] for i in todo])
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
             vectors = await self.worker.embed(decoded, [product.images[i].box for i in todo])
