@@ -4,9 +4,12 @@ envelope, in bounded time, while `GET /products` keeps answering in under a seco
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,6 +25,7 @@ from tests.reliability.hostile_images import (
     png_sixteen_bit,
     png_solid,
 )
+from tests.server import start_server
 
 PROBE_LIMIT_S = 1.0
 
@@ -209,3 +213,58 @@ async def test_malformed_redirects_get_a_json_4xx(client: httpx.AsyncClient, loc
         response = await client.post("/search", json={"image_url": evil.url("/r")})
     assert response.status_code == 422
     assert _error(response)["code"] == "url_not_allowed"
+
+
+def _stream_until_closed(port: int, limit: int) -> tuple[int, bytes]:
+    """Send a chunked multipart upload that never ends; (bytes sent, answer received)."""
+    part = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="a.jpg"\r\n'
+        b"Content-Type: image/jpeg\r\n\r\n"
+    )
+    chunk = b"\0" * (1 << 20)
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /products HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: multipart/form-data; boundary=b\r\n\r\n"
+            + f"{len(part):x}\r\n".encode()
+            + part
+            + b"\r\n"
+        )
+        try:
+            while sent < limit:
+                sock.sendall(frame)
+                sent += len(chunk)
+        except OSError:
+            pass
+        try:
+            answer = sock.recv(4096)
+        except OSError:
+            answer = b""
+    return sent, answer
+
+
+@pytest.mark.slow
+def test_an_upload_past_the_cap_gets_413_and_a_closed_connection(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cap = 4 << 20
+    env = {
+        "VS_MODEL": str(tiny_model_dir),
+        "VS_DATA_DIR": str(tmp_path / "data"),
+        "VS_PRECISION": "fp32",
+        "VS_MAX_REQUEST_BYTES": str(cap),
+    }
+    server = start_server(env, tmp_path / "server.log")
+    try:
+        sent, answer = _stream_until_closed(server.port, limit=512 << 20)
+        assert httpx.get(f"{server.url}/products", timeout=5).status_code == 200  # still serving
+    finally:
+        server.stop(signal.SIGKILL)
+    # The server stops reading soon after the cap (socket buffers hold a few MB more).
+    assert sent < cap + (32 << 20), sent
+    if answer:  # the 413 may be lost to the reset when the client is still sending
+        head = answer.split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 413")
+        assert b"connection: close" in head

@@ -175,6 +175,7 @@ async def run_class(
     start_rss = _rss_mb(pid)
     deadline = time.monotonic() + seconds
     done = asyncio.Event()
+    failed_probes = 0
 
     async def worker(i: int) -> None:
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
@@ -189,12 +190,16 @@ async def run_class(
                 n += 1
 
     async def probe() -> None:
+        nonlocal failed_probes
         async with httpx.AsyncClient(base_url=url, timeout=60) as client:
             while not done.is_set():
                 t0 = time.perf_counter()
-                response = await client.get("/products", params={"limit": 10})
+                try:
+                    ok = (await client.get("/products", params={"limit": 10})).is_success
+                except httpx.HTTPError:
+                    ok = False
                 probes.append(time.perf_counter() - t0)
-                response.raise_for_status()
+                failed_probes += not ok
                 rss.append(_rss_mb(pid))
                 await asyncio.sleep(0.05)
 
@@ -211,6 +216,7 @@ async def run_class(
         "probe_count": len(probes),
         "probe_p50_ms": round(float(np.percentile(ms, 50)), 1),
         "probe_max_ms": round(float(ms.max()), 1),
+        "probe_failures": failed_probes,
         "rss_growth_mb": round(max(rss, default=start_rss) - start_rss, 1),
     }
 
