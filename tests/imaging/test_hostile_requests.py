@@ -167,7 +167,7 @@ async def test_large_image_boxes_stay_in_original_pixels(client: httpx.AsyncClie
 
 
 async def test_hanging_dns_lookups_do_not_stall_other_routes(client: httpx.AsyncClient) -> None:
-    fetcher = client.app.state.vs.fetcher  # type: ignore[attr-defined]
+    fetcher = client.app.state.vs.services.fetcher  # type: ignore[attr-defined]
 
     def never_answers(*_: object, **__: object) -> list[Any]:
         time.sleep(3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import math
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,12 +50,16 @@ def client(settings: Settings) -> Iterator[TestClient]:
     nothing a generated URL names can reach beyond this machine."""
     image = settings.image.model_copy(update={"fetch_allowed_hosts": "127.0.0.1,*.test"})
     app = create_app(settings.model_copy(update={"image": image}))
+    app.state.vs.exit_on_start_failure = False
     with TestClient(app, raise_server_exceptions=False) as c:
+        deadline = time.monotonic() + 120
+        while c.get("/ready").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
 
         def loopback(host: str, port: int, **_: Any) -> list[Any]:
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port or 80))]
 
-        app.state.vs.fetcher.getaddrinfo = loopback
+        app.state.vs.services.fetcher.getaddrinfo = loopback
         yield c
 
 
