@@ -16,7 +16,7 @@ from app import __version__
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.forms import ProductUpload, SearchUpload
-from app.api.limits import BodySizeLimit
+from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(metrics.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(RequestPixelBudget, max_pixels=settings.image.max_request_pixels)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(

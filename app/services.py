@@ -31,6 +31,7 @@ from app.core.config import DEFAULT_MODEL, Settings
 from app.core.database import Database
 from app.core.errors import ModelUnavailable
 from app.core.migrations import ensure_schema
+from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.admission import Admission
@@ -161,6 +162,9 @@ def make_fetcher(settings: Settings) -> ImageFetcher:
             connect_timeout_s=settings.image.fetch_connect_timeout_s,
             total_timeout_s=settings.image.fetch_timeout_s,
             max_redirects=settings.image.fetch_max_redirects,
+            content_codings=settings.image.fetch_content_codings,
+            dns_timeout_s=settings.image.fetch_dns_timeout_s,
+            dns_threads=settings.image.fetch_dns_threads,
             allow_private=settings.allow_private_urls,
             allowed_hosts=tuple(
                 h.strip().lower()
@@ -234,13 +238,15 @@ def open_storage(settings: Settings, *, tail: bool = False, save: bool = True) -
 
 @dataclass(frozen=True)
 class Embedding:
-    """The model side: the loaded model, admission control, batching worker and fetcher."""
+    """The model side: the loaded model, admission control, batching worker, fetcher and
+    image decoder."""
 
     embedder: Embedder
     model_fallback: bool
     admission: Admission
     worker: BatchWorker
     fetcher: ImageFetcher
+    decoder: ImageDecoder
 
 
 @asynccontextmanager
@@ -263,7 +269,9 @@ async def open_embedding(
         stack.push_async_callback(_drain, worker)
         fetcher = make_fetcher(settings)
         stack.push_async_callback(fetcher.aclose)
-        yield Embedding(embedder, fallback, admission, worker, fetcher)
+        decoder = ImageDecoder(DecodeLimits.from_settings(settings.image))
+        stack.callback(decoder.shutdown)
+        yield Embedding(embedder, fallback, admission, worker, fetcher, decoder)
 
 
 def catalogue_service(
@@ -281,6 +289,7 @@ def catalogue_service(
         max_bytes=settings.image.max_bytes,
         index=storage.index if storage is not None else None,
         after_commit=storage.duplicates.on_commit if storage is not None else None,
+        decoder=embedding.decoder,
     )
 
 
@@ -316,6 +325,7 @@ async def open_services(
             index,
             max_pixels=settings.image.max_pixels,
             max_bytes=settings.image.max_bytes,
+            decoder=embedding.decoder,
         )
         LOG.info("ready: %s", model.describe())
         yield Services(

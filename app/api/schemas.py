@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from app.imaging.crop import Box
 
@@ -69,6 +69,14 @@ class BoxIn(BaseModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
+def _refuse_control_characters(url: str | None) -> str | None:
+    """URLs with control characters are refused here, naming the field: a NUL in a host
+    passes a host allowlist that sees the whole string, then cuts the resolved name."""
+    if url is not None and any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+        raise ValueError("the URL must not contain control characters")
+    return url
+
+
 class ImageIn(BaseModel):
     """One product image: exactly one of `url` or `data`."""
 
@@ -82,6 +90,11 @@ class ImageIn(BaseModel):
         None, description="The image file, base64-encoded (JPEG, PNG, WebP or GIF)."
     )
     box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_text(cls, value: str | None) -> str | None:
+        return _refuse_control_characters(value)
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageIn:
@@ -185,6 +198,11 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
     )
+
+    @field_validator("image_url")
+    @classmethod
+    def _url_text(cls, value: str | None) -> str | None:
+        return _refuse_control_characters(value)
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:

@@ -19,7 +19,7 @@ from app.catalogue import repository as repo
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, NotReady
 from app.imaging.crop import Box
-from app.imaging.decode import decode_image
+from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.worker import BatchWorker
@@ -55,8 +55,10 @@ class SearchService:
         *,
         max_pixels: int,
         max_bytes: int,
+        decoder: ImageDecoder | None = None,
     ) -> None:
         self.db = db
+        self.decoder = decoder or ImageDecoder(DecodeLimits(max_pixels=max_pixels))
         self.worker = worker
         self.fetcher = fetcher
         self.index = index
@@ -85,7 +87,7 @@ class SearchService:
                 data = await self.fetcher.fetch(url)
             if len(data) > self.max_bytes:
                 raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
-            image = await asyncio.to_thread(decode_image, data, max_pixels=self.max_pixels)
+            image = await self.decoder.decode(data)
             vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
         hits = await asyncio.to_thread(
             self.search_vector, vector, k, category=category, min_score=min_score

@@ -26,8 +26,8 @@ from app.catalogue import repository as repo
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
-from app.imaging.crop import Box
-from app.imaging.decode import decode_image
+from app.imaging.crop import Box, original_size
+from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
 from app.inference.admission import Ticket
 from app.inference.worker import BatchWorker
@@ -123,8 +123,10 @@ class CatalogueService:
         index: IndexSink | None = None,
         after_commit: Callable[[StoreOutcome], Any] | None = None,
         concurrency: int = 8,
+        decoder: ImageDecoder | None = None,
     ) -> None:
         self.db = db
+        self.decoder = decoder or ImageDecoder(DecodeLimits(max_pixels=max_pixels))
         self.worker = worker
         self.fetcher = fetcher
         self.max_pixels = max_pixels
@@ -195,12 +197,7 @@ class CatalogueService:
                 todo.append(i)
         if todo:
             started = time.perf_counter()
-            decoded = await asyncio.gather(
-                *(
-                    asyncio.to_thread(decode_image, payloads[i], max_pixels=self.max_pixels)
-                    for i in todo
-                )
-            )
+            decoded = await self.decoder.decode_all([payloads[i] for i in todo])
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
             vectors = await self.worker.embed(
@@ -212,8 +209,7 @@ class CatalogueService:
                     shas[i],
                     boxes[i],
                     product.images[i].source,
-                    decoded[j].width,
-                    decoded[j].height,
+                    *original_size(decoded[j]),
                     vectors[j].astype(np.float32).tobytes(),
                     False,
                 )
@@ -369,7 +365,7 @@ async def reembed_catalogue(
             )
             try:
                 data = await service._read(image_input)
-                image = await asyncio.to_thread(decode_image, data, max_pixels=service.max_pixels)
+                image = await service.decoder.decode(data)
                 vector = (await service.worker.embed([image], [image_input.box]))[0]
             except ServiceError as exc:
                 report.failed[image_id] = exc.message

@@ -40,10 +40,50 @@ class ImageSettings(BaseModel):
     """Limits applied to every image that enters the service."""
 
     max_pixels: int = Field(40_000_000, ge=1, description="Largest decoded image (pixels).")
-    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image file (bytes).")
+    max_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1,
+        description="Largest image file (bytes); a URL download is capped at this many bytes "
+        "both on the wire and after undoing its Content-Encoding.",
+    )
+    max_request_pixels: int = Field(
+        120_000_000,
+        ge=1,
+        description="Most pixels decoded for one request, over all its images (413 past it).",
+    )
+    decode_size: int = Field(
+        512,
+        ge=64,
+        description="Images are reduced while decoding (JPEG DCT scaling, then whole-factor "
+        "box reduction) to no less than this many pixels per side; the model sees 224.",
+    )
+    max_jpeg_scans: int = Field(
+        32,
+        ge=1,
+        description="Most scans in a progressive JPEG; each scan costs a pass over the image.",
+    )
+    decode_threads: int = Field(
+        2, ge=1, le=64, description="Threads that decode uploaded and downloaded images."
+    )
+    decode_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for one image to decode (503 if it never started)."
+    )
     fetch_timeout_s: float = Field(10.0, gt=0, description="Total time allowed per URL download.")
     fetch_connect_timeout_s: float = Field(3.0, gt=0, description="TCP connect timeout per URL.")
     fetch_max_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed.")
+    fetch_content_codings: int = Field(
+        1,
+        ge=0,
+        le=2,
+        description="Content-Encoding layers (gzip, deflate) undone per download; more "
+        "layers, or other codings, are refused (0: refuse any).",
+    )
+    fetch_dns_timeout_s: float = Field(
+        2.0, gt=0, description="Longest wait for an image URL's host name to resolve."
+    )
+    fetch_dns_threads: int = Field(
+        4, ge=1, le=64, description="Threads resolving image URL host names (their own pool)."
+    )
     fetch_allowed_hosts: str = Field(
         "",
         description="Comma-separated hosts image URLs may use (`cdn.example.com`, "

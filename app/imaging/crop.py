@@ -1,5 +1,10 @@
 """Bounding-box crops in the Products-10K convention: `(x, y, w, h)` in pixels of the
-upright image, origin at the top-left corner."""
+upright image, origin at the top-left corner.
+
+Images may be decoded at a reduced size (`app.imaging.decode`); such an image carries the
+upright size of the original file under `ORIGINAL_SIZE` in its `info`, and boxes are
+validated against that size and scaled to the pixels actually held.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import NamedTuple
 from PIL import Image
 
 from app.core.errors import InvalidBox
+
+ORIGINAL_SIZE = "vsearch.original_size"
 
 
 class Box(NamedTuple):
@@ -20,13 +27,24 @@ class Box(NamedTuple):
     h: float
 
 
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of the upright file the image was decoded from."""
+    size = image.info.get(ORIGINAL_SIZE)
+    if isinstance(size, tuple) and len(size) == 2:
+        return int(size[0]), int(size[1])
+    return image.size
+
+
 def validate_box(box: tuple[float, float, float, float], width: int, height: int) -> Box:
     """Check that `box` has a positive size and lies inside a `width` x `height` image.
 
     Raises:
         InvalidBox: The box is empty, not finite, or reaches outside the image.
     """
-    x, y, w, h = (float(v) for v in box)
+    try:
+        x, y, w, h = (float(v) for v in box)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidBox("The box must be four finite numbers x, y, w, h.") from None
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         raise InvalidBox("The box must be four finite numbers x, y, w, h.")
     if w <= 0 or h <= 0:
@@ -43,12 +61,15 @@ def crop(image: Image.Image, box: tuple[float, float, float, float] | None) -> I
     """Crop `image` to `box`; `None` returns the image unchanged.
 
     Fractional boxes are widened to whole pixels (floor of the start, ceil of the end), so
-    the crop always covers the box.
+    the crop always covers the box; a crop is never empty.
     """
     if box is None:
         return image
-    b = validate_box(box, image.width, image.height)
-    left, top = math.floor(b.x), math.floor(b.y)
-    right = min(image.width, math.ceil(b.x + b.w))
-    bottom = min(image.height, math.ceil(b.y + b.h))
+    width, height = original_size(image)
+    b = validate_box(box, width, height)
+    sx, sy = image.width / width, image.height / height
+    left = min(image.width - 1, math.floor(b.x * sx))
+    top = min(image.height - 1, math.floor(b.y * sy))
+    right = max(left + 1, min(image.width, math.ceil((b.x + b.w) * sx)))
+    bottom = max(top + 1, min(image.height, math.ceil((b.y + b.h) * sy)))
     return image.crop((left, top, right, bottom))

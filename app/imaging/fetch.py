@@ -8,8 +8,14 @@ Rules, applied to the first URL and to every redirect hop:
   IPv6 forms that embed such an IPv4 address: mapped, compatible, NAT64, 6to4, Teredo);
 - the connection goes to exactly the address that was checked (the URL's host travels in
   the Host header and TLS SNI), so DNS rebinding cannot swap it;
-- proxy environment variables are ignored; connect and total timeouts; the body is
-  capped while streaming, whatever Content-Length says.
+- control characters anywhere in the URL are refused (a NUL in the host would pass the
+  allowlist, which sees the whole string, and then cut the name the resolver sees);
+- proxy environment variables are ignored; connect and total timeouts; host names
+  resolve on a small pool of their own with a timeout, so lookups that never answer
+  cannot occupy the executor that database calls share;
+- the body is read raw and capped while streaming, whatever Content-Length says, both
+  on the wire and after undoing its Content-Encoding: we ask for identity, accept at most
+  `content_codings` gzip/deflate layers (each inflated with a cap), refuse the rest.
 
 Every refusal is the same `UrlNotAllowed` without the resolved address in it.
 """
@@ -20,7 +26,12 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -37,6 +48,8 @@ _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
 _TEREDO = ipaddress.ip_network("2001::/32")
 _REDIRECTS = {301, 302, 303, 307, 308}
+_MALFORMED_REDIRECT = "The image URL redirected to a malformed URL."
+_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
 
 
 def is_public_address(ip: IPAddress) -> bool:
@@ -68,6 +81,9 @@ class FetchLimits:
     max_redirects: int = 3
     allow_private: bool = False
     allowed_hosts: tuple[str, ...] = ()
+    content_codings: int = 1
+    dns_timeout_s: float = 2.0
+    dns_threads: int = 4
 
     def host_allowed(self, host: str) -> bool:
         """An empty allowlist admits every host; `*.x.com` matches subdomains of x.com."""
@@ -86,6 +102,9 @@ class ImageFetcher:
 
     def __init__(self, limits: FetchLimits) -> None:
         self.limits = limits
+        self._dns_pool = ThreadPoolExecutor(limits.dns_threads, thread_name_prefix="image-dns")
+        # The blocking resolver; an attribute so tests can make it hang like a dead server.
+        self.getaddrinfo: Callable[..., list[Any]] = socket.getaddrinfo
         self._client = httpx.AsyncClient(
             trust_env=False,  # ignore HTTP(S)_PROXY and friends
             follow_redirects=False,
@@ -102,6 +121,7 @@ class ImageFetcher:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        self._dns_pool.shutdown(wait=False, cancel_futures=True)
 
     async def fetch(self, url: str) -> bytes:
         """Download `url` and return its bytes.
@@ -130,7 +150,10 @@ class ImageFetcher:
                     location = response.headers.get("location")
                     if not location:
                         raise ImageFetchFailed("The image URL redirected without a Location.")
-                    current = urljoin(current, location)
+                    try:
+                        current = urljoin(current, location)
+                    except ValueError:
+                        raise UrlNotAllowed(_MALFORMED_REDIRECT) from None
                     continue
                 if not 200 <= response.status_code < 300:
                     raise ImageFetchFailed(f"The image URL answered HTTP {response.status_code}.")
@@ -149,10 +172,15 @@ class ImageFetcher:
         if literal is not None:
             candidates = [literal]
         else:
-            loop = asyncio.get_running_loop()
+            lookup = partial(self.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+            future = asyncio.get_running_loop().run_in_executor(self._dns_pool, lookup)
             try:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            except (socket.gaierror, UnicodeError):
+                infos = await asyncio.wait_for(future, self.limits.dns_timeout_s)
+            except TimeoutError:
+                raise ImageFetchFailed(
+                    f"The image URL's host name did not resolve in {self.limits.dns_timeout_s:g} s."
+                ) from None
+            except (OSError, UnicodeError, ValueError):
                 raise ImageFetchFailed("The image URL's host name could not be resolved.") from None
             candidates = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not candidates:
@@ -172,14 +200,21 @@ class ImageFetcher:
         host_header = host if port == default_port else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
             host_header = f"[{host}]" if port == default_port else f"[{host}]:{port}"
-        request = self._client.build_request(
-            "GET",
-            target,
-            headers={"Host": host_header},
-            extensions={"sni_hostname": host} if scheme == "https" else {},
-        )
+        try:
+            request = self._client.build_request(
+                "GET",
+                target,
+                headers={"Host": host_header},
+                extensions={"sni_hostname": host} if scheme == "https" else {},
+            )
+        except (httpx.InvalidURL, ValueError, UnicodeError):
+            raise UrlNotAllowed("The image URL is malformed.") from None
         try:
             return await self._client.send(request, stream=True)
+        except (httpx.InvalidURL, UnicodeError):
+            # httpx parses a redirect's Location while receiving the answer, even when it
+            # does not follow redirects; `http:foo` or a bad IDNA label fail there.
+            raise UrlNotAllowed(_MALFORMED_REDIRECT) from None
         except httpx.TimeoutException:
             raise ImageFetchFailed("Downloading the image URL timed out.") from None
         except httpx.HTTPError as exc:
@@ -188,28 +223,105 @@ class ImageFetcher:
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         cap = self.limits.max_bytes
+        too_large = f"The image at the URL is larger than {cap} bytes."
         declared = response.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > cap:
-            raise ImageTooLarge(f"The image at the URL is larger than {cap} bytes.")
+            raise ImageTooLarge(too_large)
+        inflaters = [_Inflater(cap, too_large) for _ in self._codings(response)]
         chunks: list[bytes] = []
-        size = 0
+        wire = size = 0
         try:
-            async for chunk in response.aiter_bytes():
+            # Raw bytes: httpx would otherwise undo every coding layer before we count.
+            async for raw in response.aiter_raw():
+                wire += len(raw)
+                if wire > cap:
+                    raise ImageTooLarge(too_large)
+                chunk = raw
+                for inflater in inflaters:
+                    chunk = inflater.feed(chunk)
                 size += len(chunk)
                 if size > cap:
-                    raise ImageTooLarge(f"The image at the URL is larger than {cap} bytes.")
+                    raise ImageTooLarge(too_large)
                 chunks.append(chunk)
         except httpx.TimeoutException:
             raise ImageFetchFailed("Downloading the image URL timed out.") from None
         except httpx.HTTPError:
             raise ImageFetchFailed("The image URL's body could not be read completely.") from None
+        tail = b""
+        for inflater in inflaters:
+            tail = inflater.finish(tail)
+        if size + len(tail) > cap:
+            raise ImageTooLarge(too_large)
+        chunks.append(tail)
         return b"".join(chunks)
+
+    def _codings(self, response: httpx.Response) -> list[str]:
+        """The Content-Encoding layers to undo, outermost first, or ImageFetchFailed."""
+        codings = [
+            c.strip().lower()
+            for value in response.headers.get_list("content-encoding")
+            for c in value.split(",")
+        ]
+        codings = [c for c in codings if c not in ("", "identity")]
+        if len(codings) > self.limits.content_codings:
+            raise ImageFetchFailed(
+                f"The image URL answered with {len(codings)} content codings; at most "
+                f"{self.limits.content_codings} are accepted."
+            )
+        for coding in codings:
+            if coding not in _INFLATABLE:
+                raise ImageFetchFailed(
+                    f"The image URL answered with an unsupported content coding ({coding[:32]})."
+                )
+        return codings[::-1]
+
+
+class _Inflater:
+    """One gzip/deflate layer undone incrementally, never producing more than `cap` bytes."""
+
+    def __init__(self, cap: int, too_large: str) -> None:
+        self._inflate = zlib.decompressobj(32 + zlib.MAX_WBITS)  # gzip or zlib header
+        self._cap = cap
+        self._too_large = too_large
+        self._produced = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        if self._inflate.eof:
+            raise ImageFetchFailed("The image URL's compressed body has trailing data.")
+        try:
+            out = self._inflate.decompress(data, self._cap - self._produced + 1)
+        except zlib.error:
+            raise ImageFetchFailed("The image URL's compressed body is corrupt.") from None
+        self._produced += len(out)
+        if self._produced > self._cap:
+            raise ImageTooLarge(self._too_large)
+        if self._inflate.unused_data:
+            raise ImageFetchFailed("The image URL's compressed body has trailing data.")
+        return out
+
+    def finish(self, data: bytes) -> bytes:
+        out = self.feed(data)
+        try:
+            rest = self._inflate.flush(self._cap - self._produced + 1)
+        except zlib.error:
+            raise ImageFetchFailed("The image URL's compressed body is corrupt.") from None
+        self._produced += len(rest)
+        if self._produced > self._cap:
+            raise ImageTooLarge(self._too_large)
+        if not self._inflate.eof:
+            raise ImageFetchFailed("The image URL's compressed body is truncated.")
+        return out + rest
 
 
 def _check_url(url: str) -> tuple[str, int, str]:
     """(host, port, scheme) of an acceptable URL, or UrlNotAllowed."""
+    url = url.strip()
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+        raise UrlNotAllowed("The image URL must not contain control characters.")
     try:
-        parts = urlsplit(url.strip())
+        parts = urlsplit(url)
         port = parts.port
     except ValueError:
         raise UrlNotAllowed(_NOT_ALLOWED) from None

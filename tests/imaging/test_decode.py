@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -7,10 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.core.errors import ImageTooLarge, ImageUndecodable, InvalidBox
-from app.imaging.crop import crop
-from app.imaging.decode import decode_image, to_rgb
+from app.core.errors import ImageTooLarge, ImageUndecodable, InvalidBox, Overloaded
+from app.imaging import decode as decode_mod
+from app.imaging.crop import crop, original_size
+from app.imaging.decode import DecodeLimits, ImageDecoder, PixelBudget, decode_image, to_rgb
 from tests.images import encode, pattern
+from tests.reliability.hostile_images import jpeg_many_scans
+
+REPO = Path(__file__).resolve().parents[2]
 
 MP40 = 40_000_000
 
@@ -147,3 +154,138 @@ def test_decode_accepts_bytes_from_a_real_file(tmp_path: Path) -> None:
     path = tmp_path / "x.webp"
     pattern(33, 21).save(path, "WEBP")
     assert decode_image(path.read_bytes(), max_pixels=MP40).size == (33, 21)
+
+
+def _quadrants(width: int, height: int) -> Image.Image:
+    """Four flat colours, one per quadrant, so a crop's colour says where it came from."""
+    image = Image.new("RGB", (width, height), (220, 30, 30))
+    image.paste((30, 200, 30), (width // 2, 0, width, height // 2))
+    image.paste((30, 30, 220), (0, height // 2, width // 2, height))
+    image.paste((240, 240, 240), (width // 2, height // 2, width, height))
+    return image
+
+
+def _mean(image: Image.Image) -> tuple[int, ...]:
+    return tuple(int(v) for v in np.asarray(image).reshape(-1, 3).mean(axis=0).round())
+
+
+class TestBoundedWork:
+    def test_jpeg_with_thousands_of_scans_is_refused_before_decoding(self) -> None:
+        data = jpeg_many_scans(1500, 1500, 4000)
+        assert len(data) < 100_000
+        started = time.perf_counter()
+        with pytest.raises(ImageUndecodable, match="scans"):
+            decode_image(data, max_pixels=MP40)
+        assert time.perf_counter() - started < 0.5
+
+    def test_ordinary_progressive_jpeg_is_accepted(self) -> None:
+        data = encode(pattern(300, 200), "JPEG", progressive=True)
+        assert decode_image(data, max_pixels=MP40).size == (300, 200)
+
+    def test_scan_cap_is_configurable(self) -> None:
+        data = jpeg_many_scans(64, 64, 10)
+        decode_image(data, max_pixels=MP40, max_scans=20)
+        with pytest.raises(ImageUndecodable, match="at most 19"):
+            decode_image(data, max_pixels=MP40, max_scans=19)
+
+
+class TestReducedDecoding:
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
+    def test_large_images_are_kept_small_and_remember_their_size(self, fmt: str) -> None:
+        image = decode_image(encode(_quadrants(3000, 1800), fmt), max_pixels=MP40, decode_size=512)
+        assert 512 <= image.width < 1024
+        assert 512 <= image.height < 1024
+        assert original_size(image) == (3000, 1800)
+
+    def test_small_images_are_untouched(self) -> None:
+        image = decode_image(encode(pattern(600, 400), "PNG"), max_pixels=MP40, decode_size=512)
+        assert image.size == (600, 400)
+        assert original_size(image) == (600, 400)
+
+    @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+    def test_boxes_are_in_pixels_of_the_original(self, fmt: str) -> None:
+        image = decode_image(encode(_quadrants(4000, 3000), fmt), max_pixels=MP40, decode_size=512)
+        bottom_right = crop(image, (2100, 1600, 1800, 1300))
+        top_left = crop(image, (0, 0, 1900, 1400))
+        assert np.abs(np.subtract(_mean(bottom_right), (240, 240, 240))).max() < 12
+        assert np.abs(np.subtract(_mean(top_left), (220, 30, 30))).max() < 12
+        with pytest.raises(InvalidBox, match="4000x3000"):
+            crop(image, (3900, 0, 200, 10))
+
+    def test_exif_rotation_swaps_the_remembered_size(self) -> None:
+        data = _exif_rotated_jpeg(_quadrants(3000, 2000), 6)  # 90 degrees clockwise
+        image = decode_image(data, max_pixels=MP40, decode_size=512)
+        assert original_size(image) == (2000, 3000)
+        # After a clockwise turn the original top-left (red) is at the top right.
+        assert _mean(crop(image, (1100, 0, 900, 1400)))[0] > 180
+
+    def test_sixteen_bit_png_never_goes_through_float64(self) -> None:
+        script = (
+            "import sys; sys.path.insert(0, '.')\n"
+            "from tests.reliability.hostile_images import png_sixteen_bit\n"
+            "from app.imaging.decode import decode_image\n"
+            "data = png_sixteen_bit(6000, 6000)\n"
+            "def hwm():\n"
+            "    return next(int(l.split()[1]) for l in open('/proc/self/status')"
+            " if l.startswith('VmHWM')) // 1024\n"
+            "base = hwm()\n"
+            "image = decode_image(data, max_pixels=40_000_000, decode_size=512)\n"
+            "print(hwm() - base, image.getpixel((0, 0))[0])\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+        )
+        growth_mb, value = (int(v) for v in out.stdout.split())
+        assert value == round(40_000 / 257)
+        # 36 MP of 16-bit samples are 72 MB; a float64 copy alone would be 288 MB.
+        assert growth_mb < 160, out.stdout
+
+
+class TestPixelBudget:
+    def test_budget_spans_images(self) -> None:
+        budget = PixelBudget(250_000)
+        data = encode(pattern(400, 400), "PNG")
+        decode_image(data, max_pixels=MP40, budget=budget)
+        assert budget.used == 160_000
+        with pytest.raises(ImageTooLarge, match="in total"):
+            decode_image(data, max_pixels=MP40, budget=budget)
+
+    def test_jpeg_is_charged_at_its_reduced_size(self) -> None:
+        budget = PixelBudget(MP40)
+        decode_image(
+            encode(pattern(4000, 4000), "JPEG"), max_pixels=MP40, decode_size=512, budget=budget
+        )
+        # DCT-scaled by 1/4 while decoding (1/8 would give 500 px, under 512).
+        assert budget.used == 1000 * 1000
+
+
+class TestImageDecoder:
+    async def test_decodes_on_its_own_threads(self) -> None:
+        decoder = ImageDecoder(DecodeLimits())
+        threads: list[str] = []
+        real = decode_mod.decode_image
+
+        def spy(*args: object, **kwargs: object) -> Image.Image:
+            threads.append(threading.current_thread().name)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        try:
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(decode_mod, "decode_image", spy)
+                image = await decoder.decode(encode(pattern(64, 64), "PNG"))
+        finally:
+            decoder.shutdown()
+        assert image.size == (64, 64)
+        assert threads[0].startswith("image-decode")
+
+    async def test_a_busy_pool_answers_503_instead_of_queueing_forever(self) -> None:
+        decoder = ImageDecoder(DecodeLimits(threads=1, timeout_s=0.3))
+        release = threading.Event()
+        blocker = decoder._pool.submit(release.wait, 5)
+        try:
+            with pytest.raises(Overloaded):
+                await decoder.decode(encode(pattern(64, 64), "PNG"))
+        finally:
+            release.set()
+            blocker.result()
+            decoder.shutdown()

@@ -1,18 +1,33 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import ipaddress
+import os
 import socket
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
 
 import pytest
 
 from app.core.errors import ImageFetchFailed, ImageTooLarge, UrlNotAllowed
 from app.imaging import fetch as fetch_mod
 from app.imaging.fetch import FetchLimits, ImageFetcher, is_public_address
-from tests.httpserver import LocalServer, body, chunked, drip, lying_length, redirect, serve
+from tests.httpserver import (
+    LocalServer,
+    Route,
+    body,
+    chunked,
+    drip,
+    lying_length,
+    redirect,
+    serve,
+)
 from tests.images import encode, pattern
+from tests.reliability.hostile_images import gzip_layers
 
 JPEG = encode(pattern(64, 64), "JPEG")
 
@@ -139,13 +154,14 @@ class TestConnectsToTheCheckedAddress:
         calls: list[str] = []
         answers = iter(["127.0.0.2", "127.0.0.1"])  # a rebinding DNS: second answer private
 
-        async def fake_getaddrinfo(self, host, port, **_):  # type: ignore[no-untyped-def]
+        def fake_getaddrinfo(host, port, **_):  # type: ignore[no-untyped-def]
             calls.append(host)
             return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers), port))]
 
-        monkeypatch.setattr(asyncio.BaseEventLoop, "getaddrinfo", fake_getaddrinfo)
+        fetcher = _fetcher()
+        fetcher.getaddrinfo = fake_getaddrinfo
         with serve({"/img.jpg": body(JPEG)}, host="127.0.0.2") as public:
-            data = await _fetch(_fetcher(), f"http://images.example:{public.port}/img.jpg")
+            data = await _fetch(fetcher, f"http://images.example:{public.port}/img.jpg")
         assert data == JPEG
         assert calls == ["images.example"]
         assert public.requests[0]["headers"]["Host"] == f"images.example:{public.port}"
@@ -227,3 +243,135 @@ class TestProxyEnvironmentIsIgnored:
             data = await _fetch(_fetcher(allow_private=True), server.url("/img.jpg"))
         assert data == JPEG
         assert proxy.connections == 0
+
+
+def encoded(data: bytes, coding: str) -> Route:
+    """Serve `data` as is, labelled with the Content-Encoding `coding`."""
+
+    def route(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(200)
+        h.send_header("Content-Type", "image/jpeg")
+        h.send_header("Content-Encoding", coding)
+        h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    return route
+
+
+class TestContentEncoding:
+    async def test_stacked_gzip_bomb_is_refused_without_inflating(self) -> None:
+        bomb = gzip_layers(1 << 30, 3)  # 1 GiB of zeros in three gzip layers
+        assert len(bomb) < 10_000
+        with serve({"/bomb": encoded(bomb, "gzip, gzip, gzip")}) as s:
+            started = time.perf_counter()
+            with pytest.raises(ImageFetchFailed, match="3 content codings"):
+                await _fetch(_fetcher(allow_private=True), s.url("/bomb"))
+        assert time.perf_counter() - started < 1.0
+
+    async def test_one_gzip_layer_is_inflated_up_to_the_cap(self) -> None:
+        bomb = gzip_layers(1 << 30, 1)  # 1 GiB of zeros, ~1 MB on the wire
+        with serve({"/bomb": encoded(bomb, "gzip")}) as s:
+            started = time.perf_counter()
+            with pytest.raises(ImageTooLarge):
+                await _fetch(_fetcher(allow_private=True, max_bytes=2_000_000), s.url("/bomb"))
+        assert time.perf_counter() - started < 1.0
+
+    @pytest.mark.parametrize("coding", ["gzip", "deflate", "x-gzip", "identity"])
+    async def test_a_compressed_image_arrives_intact(self, coding: str) -> None:
+        payload = {
+            "gzip": gzip.compress(JPEG),
+            "x-gzip": gzip.compress(JPEG),
+            "deflate": zlib.compress(JPEG),
+            "identity": JPEG,
+        }[coding]
+        with serve({"/img": encoded(payload, coding)}) as s:
+            assert await _fetch(_fetcher(allow_private=True), s.url("/img")) == JPEG
+            assert s.requests[0]["headers"]["Accept-Encoding"] == "identity"
+
+    @pytest.mark.parametrize(
+        ("coding", "payload", "error"),
+        [
+            ("br", b"\x1b\x00", "unsupported content coding"),
+            ("gzip", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03" + b"\xff" * 64, "corrupt"),
+            ("gzip", gzip.compress(JPEG)[:-20], "truncated"),
+            ("gzip", gzip.compress(JPEG) + gzip.compress(JPEG), "trailing data"),
+        ],
+    )
+    async def test_bad_codings_are_refused(self, coding: str, payload: bytes, error: str) -> None:
+        with serve({"/img": encoded(payload, coding)}) as s:
+            with pytest.raises(ImageFetchFailed, match=error):
+                await _fetch(_fetcher(allow_private=True), s.url("/img"))
+
+    async def test_codings_can_be_refused_altogether(self) -> None:
+        with serve({"/img": encoded(gzip.compress(JPEG), "gzip")}) as s:
+            with pytest.raises(ImageFetchFailed, match="at most 0"):
+                await _fetch(_fetcher(allow_private=True, content_codings=0), s.url("/img"))
+
+    async def test_the_wire_is_capped_too(self) -> None:
+        payload = gzip.compress(os.urandom(300_000))  # incompressible: wire > cap
+        with serve({"/img": encoded(payload, "gzip")}) as s:
+            with pytest.raises(ImageTooLarge):
+                await _fetch(_fetcher(allow_private=True, max_bytes=200_000), s.url("/img"))
+
+
+def _hanging_resolver(seconds: float) -> Callable[..., list[Any]]:
+    """A resolver that behaves like a DNS server that never answers (for `seconds`)."""
+
+    def getaddrinfo(*_: object, **__: object) -> list[Any]:
+        time.sleep(seconds)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    return getaddrinfo
+
+
+class TestHangingDns:
+    async def test_a_lookup_that_never_answers_times_out(self) -> None:
+        fetcher = _fetcher(dns_timeout_s=0.3)
+        fetcher.getaddrinfo = _hanging_resolver(2)
+        started = time.perf_counter()
+        with pytest.raises(ImageFetchFailed, match="did not resolve in 0.3 s"):
+            await _fetch(fetcher, "http://never-answers.example/a.jpg")
+        assert time.perf_counter() - started < 1.0
+
+    async def test_hanging_lookups_leave_the_default_executor_free(self) -> None:
+        fetcher = _fetcher(dns_timeout_s=0.5, dns_threads=2)
+        fetcher.getaddrinfo = _hanging_resolver(2)
+        loop = asyncio.get_running_loop()
+        tasks = [
+            asyncio.create_task(fetcher.fetch(f"http://h{i}.example/a.jpg")) for i in range(12)
+        ]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        await loop.run_in_executor(None, time.sleep, 0)  # what a database call waits for
+        waited = time.perf_counter() - started
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await fetcher.aclose()
+        assert waited < 0.2
+        assert all(isinstance(r, ImageFetchFailed) for r in results)
+
+
+class TestMalformedUrls:
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "http://127.0.0.1\x00.cdn.example.com/a.jpg",
+            "http://cdn.example.com\x00/a.jpg",
+            "http://cdn.example.com/a\r\nX-Injected: 1",
+            "http://cdn.example.com/\x7f",
+            "http://cdn.\x85example.com/",
+        ],
+    )
+    async def test_control_characters_are_refused_before_any_lookup(self, url: str) -> None:
+        fetcher = _fetcher(allowed_hosts=("*.example.com",))
+        fetcher.getaddrinfo = _hanging_resolver(5)  # must never be asked
+        with pytest.raises(UrlNotAllowed, match="control characters"):
+            await _fetch(fetcher, url)
+
+    @pytest.mark.parametrize(
+        "location", ["http:foo", "data:image/png;base64,AAAA", "about:blank", "http://xn--/"]
+    )
+    async def test_malformed_redirects_are_refused(self, location: str) -> None:
+        with serve({"/r": redirect(location)}) as s:
+            with pytest.raises(UrlNotAllowed, match="malformed"):
+                await _fetch(_fetcher(allow_private=True), s.url("/r"))

@@ -10,6 +10,7 @@ import io
 import os
 import struct
 import zlib
+from functools import lru_cache
 from typing import Any
 
 from PIL import Image
@@ -74,6 +75,68 @@ def webp_canvas(width: int, height: int) -> bytes:
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
+def _jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
+    """(marker, bytes) of each JPEG segment; a scan's entropy-coded data stays with it."""
+    segments: list[tuple[int, bytes]] = []
+    i = 2
+    while i < len(data) - 1:
+        marker = data[i + 1]
+        if marker == 0xD9:
+            break
+        end = i + 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker == 0xDA:
+            while True:
+                end = data.index(b"\xff", end)
+                if data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                    end += 2
+                    continue
+                break
+        segments.append((marker, data[i:end]))
+        i = end
+    return segments
+
+
+@lru_cache(maxsize=8)
+def jpeg_many_scans(width: int, height: int, extra_scans: int) -> bytes:
+    """A valid progressive JPEG whose last refinement scan is repeated `extra_scans` times.
+
+    Each repeat is a dozen bytes but makes the decoder walk the whole coefficient buffer
+    again: about 1 ns per pixel and scan, so 100 KB can cost tens of seconds.
+    """
+    data = encode(Image.new("RGB", (width, height), (200, 100, 50)), "JPEG", progressive=True)
+    segments = _jpeg_segments(data)
+    head = b"".join(seg for marker, seg in segments if marker != 0xDA)
+    scans = [seg for marker, seg in segments if marker == 0xDA]
+    return data[:2] + head + b"".join(scans) + scans[-1] * extra_scans + b"\xff\xd9"
+
+
+@lru_cache(maxsize=8)
+def png_sixteen_bit(width: int, height: int) -> bytes:
+    """A flat 16-bit greyscale PNG: tens of KB on disk, 2 bytes a pixel once decoded."""
+    return encode(Image.new("I;16", (width, height), 40_000), "PNG", compress_level=9)
+
+
+@lru_cache(maxsize=8)
+def png_solid(width: int, height: int, mode: str = "RGBA") -> bytes:
+    """A flat PNG: tiny on disk, 3-4 bytes a pixel once decoded."""
+    return encode(Image.new(mode, (width, height), (30, 60, 90, 255)), "PNG", compress_level=9)
+
+
+@lru_cache(maxsize=8)
+def gzip_layers(size: int, layers: int) -> bytes:
+    """`size` zero bytes gzipped `layers` times, streamed (never `size` bytes in memory)."""
+    block = b"\0" * (1 << 20)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = []
+    for start in range(0, size, len(block)):
+        parts.append(compressor.compress(block[: min(len(block), size - start)]))
+    parts.append(compressor.flush())
+    data = b"".join(parts)
+    for _ in range(layers - 1):
+        data = zlib.compress(data, 9, wbits=16 + zlib.MAX_WBITS)
+    return data
+
+
 def build_corpus() -> dict[str, tuple[bytes, set[int]]]:
     jpeg = encode(pattern(200, 150), "JPEG", quality=90)
     png = encode(pattern(200, 150), "PNG")
@@ -105,6 +168,10 @@ def build_corpus() -> dict[str, tuple[bytes, set[int]]]:
             TOO_LARGE | UNDECODABLE,
         ),
         "webp_canvas_16383_square": (webp_canvas(16_383, 16_383), TOO_LARGE | UNDECODABLE),
+        "jpeg_progressive_4000_scans": (jpeg_many_scans(1500, 1500, 4000), UNDECODABLE),
+        "jpeg_progressive_30_scans_6mp": (jpeg_many_scans(2500, 2500, 20), {200}),
+        "png_16_bit_4000_square": (png_sixteen_bit(4000, 4000), {200}),
+        "png_rgba_flat_4000_square": (png_solid(4000, 4000), {200}),
         "png_named_jpg": (png, {200}),
         "html_named_jpg": (b"<html><body>not an image</body></html>", UNDECODABLE),
         "svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9e9" height="9e9"/>', UNDECODABLE),
