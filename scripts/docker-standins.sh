@@ -97,11 +97,13 @@ if [ ! -s "$PGDATA/PG_VERSION" ]; then
   rm -f "$pwfile"
   echo "listen_addresses = '*'" >>"$PGDATA/postgresql.conf"
   echo "host all all all scram-sha-256" >>"$PGDATA/pg_hba.conf"
+  # The set-up server listens on a private socket only: pg_isready stays false until the
+  # database exists and the real server is up.
   setpriv --reuid=postgres --regid=postgres --init-groups \
-    pg_ctl -D "$PGDATA" -o "-c listen_addresses=''" -w start >/dev/null
+    pg_ctl -D "$PGDATA" -o "-c listen_addresses='' -c unix_socket_directories=/tmp" -w start >/dev/null
   if [ "$db" != "postgres" ]; then
     setpriv --reuid=postgres --regid=postgres --init-groups \
-      psql -U "$user" -d postgres -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$db\"" >/dev/null
+      psql -h /tmp -U "$user" -d postgres -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$db\"" >/dev/null
   fi
   setpriv --reuid=postgres --regid=postgres --init-groups \
     pg_ctl -D "$PGDATA" -m fast -w stop >/dev/null
