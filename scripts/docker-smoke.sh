@@ -88,8 +88,8 @@ done
 # 2. The wheelhouse: every wheel the image needs, so the build needs no index.
 if ! compgen -G "$WHEELHOUSE_DIR/*.whl" >/dev/null; then
   say "filling $WHEELHOUSE_DIR with pip download"
-  python3 -m pip download -q -d "$WHEELHOUSE_DIR" ".[pretrained]" "setuptools>=68" wheel \
-    --extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  python3 -m pip download -q --timeout 20 --retries 1 -d "$WHEELHOUSE_DIR" \
+    ".[pretrained]" "setuptools>=68" wheel --extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 fi
 if [ "$(cd "$WHEELHOUSE_DIR" && pwd)" != "$repo/docker/wheels" ]; then
   mkdir -p docker/wheels
