@@ -32,17 +32,9 @@ for requirement in (
 PY
 grep -E '^(torch|torchvision)==' /tmp/requirements.txt >/tmp/torch.txt
 
-if [ -n "${WHEELHOUSE:-}" ]; then
-  echo "installing from the wheelhouse $WHEELHOUSE only" >&2
-  pip install --no-index --find-links "$WHEELHOUSE" -r /tmp/torch.txt
-  pip install --no-index --find-links "$WHEELHOUSE" -r /tmp/requirements.txt
-else
-  echo "installing torch from $TORCH_INDEX, the rest from $PIP_INDEX_URL" >&2
-  pip install --index-url "$TORCH_INDEX" -r /tmp/torch.txt
-  pip install --index-url "$PIP_INDEX_URL" -r /tmp/requirements.txt
-fi
-
-TORCH_VARIANT=$variant python - <<'PY'
+# Fail before the rest is installed when the torch that came is not the kind asked for.
+check_torch_variant() {
+  TORCH_VARIANT=$variant python - <<'PY'
 import os
 import sys
 
@@ -57,4 +49,18 @@ if built_for != wanted:
         "point TORCH_INDEX (or the wheelhouse) at the matching wheels, or set TORCH_VARIANT"
     )
 PY
+}
+
+if [ -n "${WHEELHOUSE:-}" ]; then
+  echo "installing from the wheelhouse $WHEELHOUSE only" >&2
+  pip install --no-index --find-links "$WHEELHOUSE" -r /tmp/torch.txt
+  check_torch_variant
+  pip install --no-index --find-links "$WHEELHOUSE" -r /tmp/requirements.txt
+else
+  echo "installing torch from $TORCH_INDEX, the rest from $PIP_INDEX_URL" >&2
+  pip install --index-url "$TORCH_INDEX" -r /tmp/torch.txt
+  check_torch_variant
+  pip install --index-url "$PIP_INDEX_URL" -r /tmp/requirements.txt
+fi
+
 rm -f /tmp/requirements.txt /tmp/torch.txt
