@@ -82,14 +82,24 @@ for base in python:3.11-slim-bookworm postgres:16; do
     continue
   fi
   say "$base cannot be pulled: building a local stand-in (test fixture)"
-  DOCKER=$DOCKER "$repo/scripts/docker-standins.sh" "${base%%:*}"
+  started=$SECONDS
+  DOCKER=$DOCKER "$repo/scripts/docker-standins.sh" "${base%%:*}" >"$work/standin.log" 2>&1 || {
+    tail -n 40 "$work/standin.log" >&2
+    fail "stand-in $base"
+  }
+  say "stand-in $base built in $((SECONDS - started))s"
 done
 
 # 2. The wheelhouse: every wheel the image needs, so the build needs no index.
 if ! compgen -G "$WHEELHOUSE_DIR/*.whl" >/dev/null; then
   say "filling $WHEELHOUSE_DIR with pip download"
-  python3 -m pip download -q --timeout 20 --retries 1 -d "$WHEELHOUSE_DIR" \
-    ".[pretrained]" "setuptools>=68" wheel --extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+  python3 -m pip download --timeout 20 --retries 1 -d "$WHEELHOUSE_DIR" \
+    ".[pretrained]" "setuptools>=68" wheel \
+    --extra-index-url "${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" \
+    >"$work/pip-download.log" 2>&1 || {
+    tail -n 40 "$work/pip-download.log" >&2
+    fail "pip download"
+  }
 fi
 if [ "$(cd "$WHEELHOUSE_DIR" && pwd)" != "$repo/docker/wheels" ]; then
   mkdir -p docker/wheels
