@@ -100,6 +100,8 @@ def serve(
         port=port,
         workers=workers,
         log_config=None,
+        # The app logs one line per request itself (app/api/observability.py).
+        access_log=False,
         timeout_graceful_shutdown=30,
     )
 
@@ -222,14 +224,25 @@ def bench_embed(
 @db_cli.command("upgrade")
 def db_upgrade() -> None:
     """Migrate the database (VS_DATABASE_URL) to the latest schema."""
+    from sqlalchemy.exc import OperationalError
+
     from app.core.database import Database
     from app.core.migrations import current_revision, upgrade
 
-    settings = _settings()
+    # The container entry point runs this before `serve`: it logs as the service does
+    # (VS_LOG_FORMAT), so a JSON log stream stays JSON from the first line.
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format)
     db = Database(settings.resolved_database_url)
-    upgrade(db)
-    err.print(f"database schema at {current_revision(db)}")
-    db.dispose()
+    try:
+        upgrade(db)
+        revision = current_revision(db)
+    except OperationalError as exc:
+        LOG.error("database not reachable: %s", str(exc.orig).strip() or exc)
+        raise typer.Exit(1) from None
+    finally:
+        db.dispose()
+    LOG.info("database schema at %s", revision, extra={"revision": revision})
 
 
 @db_cli.command("current")

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
 import pytest
 import yaml
 from pydantic import ValidationError
 
 from app.core.config import Settings, settings_rows
 from tests.conftest import REPO
+from tests.server import free_port, start_server
 
 
 def test_compose_service_env_names_real_settings() -> None:
@@ -25,7 +33,8 @@ def test_compose_service_env_names_real_settings() -> None:
 
 def test_dockerfile_runs_as_non_root_with_a_readiness_healthcheck() -> None:
     dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    assert "USER vsearch" in dockerfile
+    assert "USER 10001:10001" in dockerfile  # numeric: runAsNonRoot can verify it
+    assert not dockerfile.startswith("# syntax=")  # no frontend image to fetch
     assert "HEALTHCHECK" in dockerfile
     assert "/ready" in dockerfile
     assert 'VOLUME ["/data", "/models"]' in dockerfile
@@ -44,3 +53,68 @@ class TestProductionSettings:
 
     def test_production_with_keys_is_fine(self) -> None:
         assert Settings(environment="production", api_keys="k").write_keys() == ["k"]
+
+
+def test_build_context_leaves_out_local_state() -> None:
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ignored[ignored.index("*") :][:1] == ["*"]  # an allow-list: nothing by default
+    allowed = {line[1:].rstrip("/") for line in ignored if line.startswith("!")}
+    assert {"app", "migrations", "docker", "pyproject.toml"} <= allowed
+    assert not allowed & {".venv", "data", "models", ".git"}
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    """Every non-empty line parsed as JSON (a plain-text line fails the test here)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+class TestEntrypointLogs:
+    """The entry point migrates, then serves: under VS_LOG_FORMAT=json every line is JSON."""
+
+    def test_migration_logs_json(self, tmp_path: Path) -> None:
+        url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+        run = _cli(["db", "upgrade"], {"VS_DATABASE_URL": url, "VS_LOG_FORMAT": "json"})
+        assert run.returncode == 0, run.stderr
+        lines = _json_lines(run.stderr)
+        done = [line for line in lines if str(line["message"]).startswith("database schema at")]
+        assert len(done) == 1
+        assert (
+            done[0]["revision"]
+            == json.loads(_cli(["db", "current"], {"VS_DATABASE_URL": url}).stdout)["head"]
+        )
+
+    def test_unreachable_database_is_one_json_error(self) -> None:
+        url = f"postgresql+psycopg://vsearch:x@127.0.0.1:{free_port()}/vsearch"
+        run = _cli(["db", "upgrade"], {"VS_DATABASE_URL": url, "VS_LOG_FORMAT": "json"})
+        assert run.returncode == 1
+        errors = [line for line in _json_lines(run.stderr) if line["level"] == "error"]
+        assert len(errors) == 1
+        assert str(errors[0]["message"]).startswith("database not reachable")
+
+    def test_each_request_is_logged_once(self, tiny_model_dir: Path, tmp_path: Path) -> None:
+        env = {
+            "VS_MODEL": str(tiny_model_dir),
+            "VS_DATA_DIR": str(tmp_path / "data"),
+            "VS_PRECISION": "fp32",
+        }
+        server = start_server(env, tmp_path / "log")
+        try:
+            marker = f"/health?probe={free_port()}"
+            assert httpx.get(server.url + marker, timeout=10).status_code == 200
+        finally:
+            server.stop()
+        lines = _json_lines(server.output())
+        about_it = [line for line in lines if "/health" in str(line["message"])]
+        assert len(about_it) == 1, about_it
+        assert about_it[0]["status"] == 200
