@@ -91,6 +91,9 @@ def serve(
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: only the
+    # configured proxies may name the client, else any local process could reset limits.
+    proxies = [p.strip() for p in settings.trusted_proxies.split(",") if p.strip()]
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -99,6 +102,8 @@ def serve(
         workers=workers,
         log_config=None,
         timeout_graceful_shutdown=30,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
     )
 
 

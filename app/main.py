@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
@@ -11,7 +11,8 @@ from app.api.limits import BodySizeLimit
 from app.api.observability import RequestObservability, ServiceMetrics
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
-from app.api.schemas import ProductsCreate, SearchRequest
+from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
+from app.api.security import install_security
 from app.core.config import Settings
 from app.lifespan import State, lifespan
 
@@ -50,11 +51,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs" if settings.docs else None,
         redoc_url="/redoc" if settings.docs else None,
         openapi_url="/openapi.json" if settings.docs else None,
+        dependencies=[Depends(refuse_control_characters)],
     )
     state = State(settings=settings)
     state.metrics = ServiceMetrics(lambda: state)
     app.state.vs = state
     install_error_handlers(app)
+    install_security(app, settings)
     app.include_router(search.router)
     app.include_router(products.router)
     app.include_router(duplicates.router)

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
 from app.api.schemas import HealthRead, ModelRead, ReadyRead
+from app.api.security import MayReadDep
 
 router = APIRouter(tags=["health"])
 
@@ -27,11 +28,12 @@ async def health() -> HealthRead:
     description=(
         "200 when the service can answer searches: the model is loaded and the inference "
         "worker runs. 503 (same body, `status: starting`) otherwise. Load balancers and the "
-        "Docker HEALTHCHECK use this."
+        "Docker HEALTHCHECK use this. With read keys set (VS_API_KEYS_READ), `model` and "
+        "`index` are shown only to a caller with a read key."
     ),
     responses={503: {"model": ReadyRead, "description": "Not ready yet."}},
 )
-async def ready(state: StateDep) -> ReadyRead | JSONResponse:
+async def ready(state: StateDep, reader: MayReadDep) -> ReadyRead | JSONResponse:
     checks = {
         "model": state.embedder is not None,
         "worker": state.worker is not None and state.worker.running,
@@ -39,13 +41,13 @@ async def ready(state: StateDep) -> ReadyRead | JSONResponse:
         "index": state.index is not None,
     }
     model = None
-    if state.embedder is not None:
+    if state.embedder is not None and reader:
         model = ModelRead(**state.embedder.describe(), fallback=state.model_fallback)
     body = ReadyRead(
         status="ready" if all(checks.values()) else "starting",
         checks=checks,
         model=model,
-        index=state.index.describe() if state.index is not None else None,
+        index=state.index.describe() if state.index is not None and reader else None,
     )
     if body.status != "ready":
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.deps import CatalogueDep, StateDep
@@ -24,10 +21,15 @@ from app.api.schemas import (
     ProductsCreate,
     ProductsCreateRead,
     ProductsRead,
+    check_name,
+    check_text,
+    parse_attributes,
+    parse_json_body,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.models import Product
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
+from app.core.config import AttributeSettings
 from app.core.errors import InvalidRequest, ServiceError
 
 router = APIRouter(
@@ -92,9 +94,11 @@ async def create_products(
 ) -> ProductsCreateRead:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        inputs = [await _multipart_product(request)]
+        inputs = [await _multipart_product(request, state.settings.attributes)]
     elif content_type in ("application/json", ""):
-        payload = _parse_json(await request.body())
+        payload = await parse_json_body(
+            ProductsCreate, await request.body(), {"attributes": state.settings.attributes}
+        )
         limit = state.settings.max_products_per_request
         if len(payload.products) > limit:
             raise InvalidRequest(
@@ -131,16 +135,7 @@ class UnsupportedMediaType(ServiceError):
     code = "unsupported_media_type"
 
 
-def _parse_json(body: bytes) -> ProductsCreate:
-    try:
-        return ProductsCreate.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
-        ) from None
-
-
-async def _multipart_product(request: Request) -> ProductInput:
+async def _multipart_product(request: Request, limits: AttributeSettings) -> ProductInput:
     async with request.form(max_files=64, max_fields=32) as form:
         product_id = form.get("id")
         if not isinstance(product_id, str) or not 0 < len(product_id) <= 256:
@@ -151,13 +146,11 @@ async def _multipart_product(request: Request) -> ProductInput:
         attributes: dict[str, Any] = {}
         raw_attributes = form.get("attributes")
         if isinstance(raw_attributes, str) and raw_attributes.strip():
-            try:
-                attributes = json.loads(raw_attributes)
-            except json.JSONDecodeError:
-                raise InvalidRequest("`attributes` must be a JSON object.") from None
-            if not isinstance(attributes, dict):
-                raise InvalidRequest("`attributes` must be a JSON object.")
+            attributes = parse_attributes(raw_attributes, limits)
         title, category = form.get("title"), form.get("category")
+        check_name(("id",), product_id)
+        check_text(("title",), title)
+        check_name(("category",), category)
         if isinstance(title, str) and len(title) > 4096:
             raise InvalidRequest("`title` must be at most 4096 characters.")
         if isinstance(category, str) and len(category) > 256:

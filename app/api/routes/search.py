@@ -5,14 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from app.api.deps import SearchDep
 from app.api.errors import error_responses
 from app.api.routes.products import UnsupportedMediaType
-from app.api.schemas import SearchHitRead, SearchRead, SearchRequest
+from app.api.schemas import (
+    SearchHitRead,
+    SearchRead,
+    SearchRequest,
+    check_name,
+    parse_json_body,
+)
 from app.api.security import RateLimitDep, ReadKeyDep
 from app.catalogue.service import decode_base64_image
 from app.core.errors import InvalidRequest
@@ -77,7 +81,7 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
     if content_type == "multipart/form-data":
         query = await _multipart_query(request)
     elif content_type in ("application/json", ""):
-        query = _json_query(await request.body())
+        query = _json_query(await parse_json_body(SearchRequest, await request.body()))
     else:
         raise UnsupportedMediaType("Send multipart/form-data or application/json.")
     outcome = await search.search_image(**query)
@@ -88,13 +92,7 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
     )
 
 
-def _json_query(body: bytes) -> dict[str, Any]:
-    try:
-        payload = SearchRequest.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
-        ) from None
+def _json_query(payload: SearchRequest) -> dict[str, Any]:
     return {
         "data": decode_base64_image(payload.image) if payload.image is not None else None,
         "url": payload.image_url,
@@ -137,6 +135,7 @@ async def _multipart_query(request: Request) -> dict[str, Any]:
         k = _number(form, "k", int)
         min_score = _number(form, "min_score")
         category = form.get("category")
+        check_name(("category",), category)
     if k is not None and not 1 <= k <= 1000:
         raise InvalidRequest("`k` must be between 1 and 1000.")
     if min_score is not None and not -1 <= min_score <= 1:
