@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.errors import install_error_handlers
 from app.api.limits import BodySizeLimit
-from app.api.observability import RequestObservability, ServiceMetrics
+from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
 from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
-from app.api.security import install_security
+from app.api.state import ApiState
 from app.core.config import Settings
-from app.lifespan import State, lifespan
+from app.services import open_services
+
+LOG = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Self-hosted visual product search.
@@ -39,6 +45,20 @@ TAGS = [
 ]
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the services for the app's lifetime (the one composition root)."""
+    state: ApiState = app.state.vs
+    async with open_services(state.settings, on_batch=state.metrics.observe_batch) as services:
+        state.services = services
+        state.metrics.bind(services)
+        try:
+            yield
+        finally:
+            state.services = None
+            state.metrics.bind(None)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model, database, index and worker start in the lifespan."""
     settings = settings or Settings()
@@ -53,11 +73,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_url="/openapi.json" if settings.docs else None,
         dependencies=[Depends(refuse_control_characters)],
     )
-    state = State(settings=settings)
-    state.metrics = ServiceMetrics(lambda: state)
+    state = ApiState.from_settings(settings)
     app.state.vs = state
     install_error_handlers(app)
-    install_security(app, settings)
     app.include_router(search.router)
     app.include_router(products.router)
     app.include_router(duplicates.router)

@@ -20,29 +20,18 @@ import ipaddress
 import math
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request, Security
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from app.api.deps import StateDep
-from app.core.config import Settings
+from app.api.state import ApiState
 from app.core.errors import RateLimited, Unauthorized
-from app.core.ratelimit import ClientLimits
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
     description="Required on write routes when the service has VS_API_KEYS set.",
 )
-
-
-def install_security(app: FastAPI, settings: Settings) -> None:
-    """Create the app's client limiters (they need no I/O, so they exist before start-up)."""
-    app.state.client_limits = ClientLimits.from_settings(settings.rate_limit)
-
-
-def client_limits(request: Request) -> ClientLimits | None:
-    limits: ClientLimits | None = getattr(request.app.state, "client_limits", None)
-    return limits
 
 
 def client_address(request: Request) -> str:
@@ -72,12 +61,13 @@ def _retry_after(wait: float) -> int:
     return max(1, math.ceil(wait))
 
 
-def authenticate(request: Request, api_key: str | None, keys: list[str], message: str) -> None:
+def authenticate(
+    request: Request, state: ApiState, api_key: str | None, keys: list[str], message: str
+) -> None:
     """401 unless `api_key` is one of `keys`; 429 while the client's address has spent
     its failed-authentication budget (whatever key it sends then, so a right guess is not
     told apart from a wrong one)."""
-    limits = client_limits(request)
-    failures = limits.auth_failures if limits is not None else None
+    failures = state.limits.auth_failures
     address = client_address(request)
     if api_key and failures is not None:
         wait = failures.peek(address)
@@ -103,7 +93,9 @@ def require_write_key(
     keys = state.write_keys
     if not keys:
         return None
-    authenticate(request, api_key, keys, "A valid X-API-Key header is required for this operation.")
+    authenticate(
+        request, state, api_key, keys, "A valid X-API-Key header is required for this operation."
+    )
     return api_key
 
 
@@ -119,7 +111,7 @@ def require_read_key(
     keys = state.read_keys
     if not keys:
         return api_key
-    authenticate(request, api_key, keys, "A valid X-API-Key header is required to read.")
+    authenticate(request, state, api_key, keys, "A valid X-API-Key header is required to read.")
     return api_key
 
 
@@ -140,7 +132,7 @@ def require_metrics_key(
         scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() == "bearer" and credentials.strip():
             api_key = credentials.strip()
-    authenticate(request, api_key, keys, "A valid read key is required for metrics.")
+    authenticate(request, state, api_key, keys, "A valid read key is required for metrics.")
 
 
 def may_read(
@@ -164,8 +156,7 @@ def rate_limit(
     is a configured key, else the client's address: an invented key is not a new client.
     The address is the connection's, or the one a trusted proxy forwarded
     (`VS_TRUSTED_PROXIES`)."""
-    limits = client_limits(request)
-    buckets = limits.requests if limits is not None else None
+    buckets = state.limits.requests
     if buckets is None:
         return
     known = [*state.write_keys, *state.read_keys]

@@ -15,8 +15,6 @@ together unless A~C as well (for groups of three: C must match both B and A).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -33,6 +31,7 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
+from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
 from app.core.errors import InvalidRequest, ProductNotFound
 from app.index.lifecycle import IndexService
@@ -129,6 +128,10 @@ class DuplicatesService:
         return rows
 
     # reads ------------------------------------------------------------------------------
+    def count_pairs(self) -> int:
+        with self.db.read() as session:
+            return repo.count_pairs(session)
+
     def check_min_score(self, min_score: float) -> None:
         if min_score < self.floor:
             raise InvalidRequest(
@@ -147,7 +150,10 @@ class DuplicatesService:
         undecided: bool,
     ) -> tuple[list[repo.PairRow], str | None]:
         self.check_min_score(min_score)
-        after = decode_cursor(cursor) if cursor else None
+        after = None
+        if cursor:
+            score, a_pk, b_pk = decode_cursor(cursor, "pairs", (float, int, int))
+            after = (float(score), int(a_pk), int(b_pk))
         with self.db.read() as session:
             rows = repo.list_pairs(
                 session,
@@ -157,7 +163,11 @@ class DuplicatesService:
                 category=category,
                 undecided=undecided,
             )
-        next_cursor = encode_cursor(rows[-1]) if len(rows) == limit else None
+        next_cursor = (
+            encode_cursor("pairs", (rows[-1].score, rows[-1].a_pk, rows[-1].b_pk))
+            if len(rows) == limit
+            else None
+        )
         return rows, next_cursor
 
     def groups(
@@ -308,20 +318,6 @@ def bounded_groups(pairs: list[repo.PairRow]) -> list[DuplicateGroup]:
         groups.append(DuplicateGroup(centre, [centre, *members], weakest))
     groups.sort(key=lambda g: (-len(g.members), -g.min_score, g.centre))
     return groups
-
-
-def encode_cursor(row: repo.PairRow) -> str:
-    raw = json.dumps([repr(float(row.score)), row.a_pk, row.b_pk])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, int, int]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, a_pk, b_pk = json.loads(raw)
-        return float(score), int(a_pk), int(b_pk)
-    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:

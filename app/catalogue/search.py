@@ -79,15 +79,15 @@ class SearchService:
         min_score: float | None = None,
     ) -> SearchOutcome:
         started = time.perf_counter()
-        self.worker.check_capacity()
-        if data is None:
-            if url is None:
-                raise ValueError("give data or url")
-            data = await self.fetcher.fetch(url)
-        if len(data) > self.max_bytes:
-            raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
-        image = await asyncio.to_thread(decode_image, data, max_pixels=self.max_pixels)
-        vector = (await self.worker.embed([image], [box]))[0]
+        with self.worker.admission.admit(1) as ticket:  # before any fetch or decode
+            if data is None:
+                if url is None:
+                    raise ValueError("give data or url")
+                data = await self.fetcher.fetch(url)
+            if len(data) > self.max_bytes:
+                raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
+            image = await asyncio.to_thread(decode_image, data, max_pixels=self.max_pixels)
+            vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
         hits = await asyncio.to_thread(
             self.search_vector, vector, k, category=category, min_score=min_score
         )

@@ -127,6 +127,10 @@ class IndexService:
 
     # start and stop ---------------------------------------------------------------------
     @property
+    def is_open(self) -> bool:
+        return self._index is not None
+
+    @property
     def index(self) -> ShardedIndex:
         if self._index is None:
             raise RuntimeError("the index is not open")

@@ -61,7 +61,7 @@ class TestRequestIdentity:
             for n in range(1000):
                 async with from_address(app, f"10.1.{n // 250}.{n % 250}") as client:
                     assert (await client.get("/products")).status_code == 200
-            limits: ClientLimits = app.state.client_limits
+            limits: ClientLimits = app.state.vs.limits
             assert limits.requests is not None
             assert len(limits.requests) == 100
             async with from_address(app, "10.1.3.249") as recent:

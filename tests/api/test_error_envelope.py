@@ -155,7 +155,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], dict[str, objec
                 "products": [{"id": draw(texts), "title": draw(texts), "images": [{"data": data}]}],
                 "image": data,
                 "k": draw(st.one_of(st.integers(), texts)),
-                "min_score": draw(st.one_of(st.floats(), texts)),
+                "min_score": draw(st.one_of(st.floats(allow_nan=False), texts)),
                 "filters": {"category": draw(texts)},
             }
         }

@@ -32,8 +32,6 @@ router = APIRouter(tags=["health"])
     },
 )
 async def metrics(state: StateDep) -> Response:
-    if state.metrics is None:
-        return Response(b"", media_type=CONTENT_TYPE_LATEST)
     # Rendering walks every series: off the event loop, like any other bounded work.
     text = await asyncio.to_thread(generate_latest, state.metrics.registry)
     return Response(text, media_type=CONTENT_TYPE_LATEST)

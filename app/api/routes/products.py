@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 from typing import Annotated, Any
 
 import numpy as np
@@ -30,6 +28,7 @@ from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.models import Product
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.config import AttributeSettings
+from app.core.cursor import decode_cursor, encode_cursor
 from app.core.errors import InvalidRequest, ServiceError
 
 router = APIRouter(
@@ -213,11 +212,11 @@ async def list_products(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
 ) -> ProductsRead:
-    after = _decode_cursor(cursor) if cursor else None
+    after = int(decode_cursor(cursor, "products", (int,))[0]) if cursor else None
     products = await asyncio.to_thread(
         catalogue.list_products, after_pk=after, limit=limit, category=category
     )
-    next_cursor = _encode_cursor(products[-1].pk) if len(products) == limit else None
+    next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
     return ProductsRead(products=[product_read(p) for p in products], next_cursor=next_cursor)
 
 
@@ -248,18 +247,3 @@ async def get_product(
 async def delete_product(product_id: str, catalogue: CatalogueDep, _key: WriteKeyDep) -> Response:
     await catalogue.delete_product(product_id)
     return Response(status_code=204)
-
-
-def _encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(f"p:{pk}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, value = raw.split(":", 1)
-        if prefix != "p":
-            raise ValueError
-        return int(value)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None
