@@ -119,6 +119,7 @@ numbers = st.one_of(
     texts,
 )
 IMAGE = base64.b64encode(encode(pattern(width=32, height=32, seed=1), "PNG")).decode()
+json_floats = st.floats(allow_nan=False, allow_infinity=False)
 HEADERS = ["X-API-Key", "X-Request-ID", "Content-Type", "Authorization", "X-Forwarded-For"]
 
 
@@ -155,7 +156,7 @@ def requests(draw: st.DrawFn) -> tuple[str, str, dict[str, str], dict[str, objec
                 "products": [{"id": draw(texts), "title": draw(texts), "images": [{"data": data}]}],
                 "image": data,
                 "k": draw(st.one_of(st.integers(), texts)),
-                "min_score": draw(st.one_of(st.floats(allow_nan=False), texts)),
+                "min_score": draw(st.one_of(json_floats, texts)),
                 "filters": {"category": draw(texts)},
             }
         }
