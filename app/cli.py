@@ -93,6 +93,9 @@ def serve(
 
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format)
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: only the
+    # configured proxies may name the client, else any local process could reset limits.
+    proxies = [p.strip() for p in settings.trusted_proxies.split(",") if p.strip()]
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -103,6 +106,8 @@ def serve(
         # The app logs one line per request itself (app/api/observability.py).
         access_log=False,
         timeout_graceful_shutdown=30,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or [],
     )
 
 

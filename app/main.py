@@ -20,7 +20,7 @@ from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
-from app.api.schemas import ProductsCreate, SearchRequest
+from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
 from app.api.state import ApiState
 from app.api.strict import reject_unknown_query
 from app.core.config import Settings
@@ -100,7 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=TAGS,
-        dependencies=[Depends(reject_unknown_query)],
+        # Every route: unknown or repeated query parameters and control characters in the
+        # path or query are 422s naming the parameter.
+        dependencies=[Depends(reject_unknown_query), Depends(refuse_control_characters)],
         docs_url=None,  # served from local assets by install_docs
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,

@@ -50,6 +50,20 @@ _HTTP_CODES = {
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error answer, the framework's own (404, 405, malformed bodies) and an
+    unexpected exception's 500 included, in the one envelope."""
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback and re-raises after this answer; the client learns
+        # nothing about the fault but the request id it can quote. This answer is sent
+        # outside the request middleware, so the id is added here.
+        request_id = getattr(request.state, "request_id", None)
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return error_json(
+            500, "internal_error", "Internal error; quote the X-Request-ID.", headers=headers
+        )
+
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         return error_json(exc.status_code, exc.code, exc.message, headers=exc.headers or None)

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, Json, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Json,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from app.api.schemas import ProductIn, SearchFilters, SearchRequest
+from app.api.schemas import Name, ProductIn, SearchFilters, SearchRequest, Text, check_attributes
+from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
 # A FieldInfo as the default carries the JSON model's default, limits and docs over
@@ -21,9 +30,9 @@ class ProductUpload(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    id: str = _product["id"]  # type: ignore[assignment]
-    title: str | None = _product["title"]  # type: ignore[assignment]
-    category: str | None = _product["category"]  # type: ignore[assignment]
+    id: Name = _product["id"]  # type: ignore[assignment]
+    title: Text | None = _product["title"]  # type: ignore[assignment]
+    category: Name | None = _product["category"]  # type: ignore[assignment]
     attributes: Json[dict[str, Any]] | None = Field(
         None, description="A JSON object, as text (free-form data kept with the product)."
     )
@@ -32,6 +41,13 @@ class ProductUpload(BaseModel):
         max_length=64,
         description="One or more image files (JPEG, PNG, WebP, GIF), in order.",
     )
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None:
+            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
+        return value
 
 
 class SearchUpload(BaseModel):
@@ -48,7 +64,7 @@ class SearchUpload(BaseModel):
     bbox_w: float | None = Field(None, gt=0, description="Width.")
     bbox_h: float | None = Field(None, gt=0, description="Height.")
     k: int = _search["k"]  # type: ignore[assignment]
-    category: str | None = SearchFilters.model_fields["category"]  # type: ignore[assignment]
+    category: Name | None = SearchFilters.model_fields["category"]  # type: ignore[assignment]
     min_score: float | None = _search["min_score"]  # type: ignore[assignment]
 
     @model_validator(mode="after")

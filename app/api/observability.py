@@ -1,8 +1,10 @@
 """Prometheus metrics and one structured log line per request.
 
 Metrics live in a registry per app (several apps in one process, as in the tests, do not
-collide). Request metrics are labelled by route template, not raw path, so ids do not
-explode the label space.
+collide). Every request label comes from a closed set, so no client can grow the series
+count (each series costs memory and scrape time for the life of the process): the route
+template (never the raw path) or `unmatched`, the method when it is a standard one else
+`OTHER`, the status code when it is a standard one else its class (`5xx`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -24,6 +27,25 @@ if TYPE_CHECKING:
 LOG = logging.getLogger("app.requests")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_KNOWN_STATUSES = frozenset(int(s) for s in HTTPStatus)
+
+
+def method_label(method: str) -> str:
+    """The method, or `OTHER` for any token outside the standard ones."""
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
+def status_label(status: int) -> str:
+    """The status code when it is a registered one, else its class (`5xx`)."""
+    return str(status) if status in _KNOWN_STATUSES else f"{max(1, min(status // 100, 5))}xx"
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route's template, or `unmatched`."""
+    template = getattr(scope.get("route"), "path", None)
+    return template if isinstance(template, str) and template else "unmatched"
 
 
 class ServiceMetrics:
@@ -167,14 +189,13 @@ class RequestObservability:
             await self.app(scope, receive, send_with_id)
         finally:
             duration = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            self.metrics.requests.labels(template, method, str(status)).inc()
+            template = route_label(scope)
+            method = method_label(scope.get("method", ""))
+            self.metrics.requests.labels(template, method, status_label(status)).inc()
             self.metrics.latency.labels(template, method).observe(duration)
             LOG.info(
                 "%s %s %d %.1fms",
-                method,
+                scope.get("method", "")[:32],
                 scope.get("path", ""),
                 status,
                 duration * 1000,

@@ -1,13 +1,116 @@
-"""Request and response models shared by the routes (the OpenAPI contract)."""
+"""Request and response models shared by the routes (the OpenAPI contract), and the rules
+every client string obeys.
+
+Text the service stores or filters on may not hold control characters: PostgreSQL refuses
+NUL in text, and none of them means anything in an id. Ids, categories, URLs, attribute
+keys, path and query parameters refuse every C0 control and DEL; free text (titles and
+attribute values) keeps tab, newline and carriage return. `attributes` are bounded in
+size, depth and key count (`VS_ATTRIBUTES__*`).
+"""
 
 from __future__ import annotations
 
+import json
+import re
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from app.core.config import AttributeSettings
 from app.imaging.crop import Box
+
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+CONTROL_MESSAGE = "control characters are not allowed"
+
+
+def _plain(value: str) -> str:
+    if _CONTROLS.search(value):
+        raise ValueError(CONTROL_MESSAGE)
+    return value
+
+
+def _text(value: str) -> str:
+    if _CONTROLS_BUT_WHITESPACE.search(value):
+        raise ValueError(f"{CONTROL_MESSAGE} (tab, newline and carriage return are)")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_plain)]
+"""An id, category, URL or key: no control characters at all."""
+
+Text = Annotated[str, AfterValidator(_text)]
+"""Free text: no control characters but tab, newline and carriage return."""
+
+
+def _invalid(loc: tuple[str | int, ...], message: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": message, "type": "value_error"}])
+
+
+def check_name(loc: tuple[str | int, ...], value: object) -> None:
+    """422 naming `loc` when `value` is a string holding a control character."""
+    if isinstance(value, str) and _CONTROLS.search(value):
+        raise _invalid(loc, CONTROL_MESSAGE)
+
+
+def check_text(loc: tuple[str | int, ...], value: object) -> None:
+    """422 naming `loc` when free text `value` holds a control character other than
+    tab, newline or carriage return."""
+    if isinstance(value, str) and _CONTROLS_BUT_WHITESPACE.search(value):
+        raise _invalid(loc, f"{CONTROL_MESSAGE} (tab, newline and carriage return are)")
+
+
+def refuse_control_characters(request: Request) -> None:
+    """Every route's path and query parameters: 422 naming the parameter, before the
+    route's own validation or any query runs."""
+    for name, value in request.path_params.items():
+        check_name(("path", name), value)
+    for name, value in request.query_params.multi_items():
+        check_name(("query", name), name)
+        check_name(("query", name), value)
+
+
+def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> None:
+    """Raise ValueError unless `value` fits the attribute bounds and its keys and strings
+    are clean. Walks iteratively and stops at the first breach, so a deep or wide value
+    costs no more than the bounds allow."""
+    keys = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)) and depth > limits.max_depth:
+            raise ValueError(f"attributes nest deeper than {limits.max_depth} levels")
+        if isinstance(node, dict):
+            keys += len(node)
+            if keys > limits.max_keys:
+                raise ValueError(f"attributes have more than {limits.max_keys} keys")
+            for key, item in node.items():
+                if not isinstance(key, str) or _CONTROLS.search(key):
+                    raise ValueError(f"attribute keys: {CONTROL_MESSAGE}")
+                stack.append((item, depth + 1))
+        elif isinstance(node, list):
+            if len(node) > limits.max_bytes // 2:
+                raise ValueError(f"attributes are larger than {limits.max_bytes} bytes")
+            stack.extend((item, depth + 1) for item in node)
+        elif isinstance(node, str) and _CONTROLS_BUT_WHITESPACE.search(node):
+            raise ValueError(f"attribute values: {CONTROL_MESSAGE}")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    except (UnicodeEncodeError, ValueError, TypeError):
+        raise ValueError("attributes must be JSON with valid Unicode text") from None
+    if size > limits.max_bytes:
+        raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
 
 
 class ErrorBody(BaseModel):
@@ -69,18 +172,10 @@ class BoxIn(BaseModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
-def _refuse_control_characters(url: str | None) -> str | None:
-    """URLs with control characters are refused here, naming the field: a NUL in a host
-    passes a host allowlist that sees the whole string, then cuts the resolved name."""
-    if url is not None and any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
-        raise ValueError("the URL must not contain control characters")
-    return url
-
-
 class ImageIn(BaseModel):
     """One product image: exactly one of `url` or `data`."""
 
-    url: str | None = Field(
+    url: Name | None = Field(
         None,
         max_length=4096,
         description="Public http(s) URL of the image (private addresses are refused).",
@@ -91,11 +186,6 @@ class ImageIn(BaseModel):
     )
     box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
 
-    @field_validator("url")
-    @classmethod
-    def _url_text(cls, value: str | None) -> str | None:
-        return _refuse_control_characters(value)
-
     @model_validator(mode="after")
     def _one_source(self) -> ImageIn:
         if (self.url is None) == (self.data is None):
@@ -104,18 +194,28 @@ class ImageIn(BaseModel):
 
 
 class ProductIn(BaseModel):
-    id: str = Field(
+    id: Name = Field(
         min_length=1,
         max_length=256,
         description="Your product id. Re-posting an id replaces that product.",
         examples=["sku-123"],
     )
-    title: str | None = Field(None, max_length=4096, examples=["Organic whole milk 1 L"])
-    category: str | None = Field(None, max_length=256, examples=["dairy"])
+    title: Text | None = Field(None, max_length=4096, examples=["Organic whole milk 1 L"])
+    category: Name | None = Field(None, max_length=256, examples=["dairy"])
     attributes: dict[str, Any] = Field(
-        default_factory=dict, description="Free-form JSON kept with the product."
+        default_factory=dict,
+        description="Free-form JSON kept with the product, at most VS_ATTRIBUTES__MAX_BYTES "
+        "(16 KiB) as compact JSON, VS_ATTRIBUTES__MAX_DEPTH (4) levels deep and "
+        "VS_ATTRIBUTES__MAX_KEYS (64) keys in all.",
     )
     images: list[ImageIn] = Field(min_length=1, max_length=64)
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        limits = (info.context or {}).get("attributes") or AttributeSettings()
+        check_attributes(value, limits)
+        return value
 
 
 class ProductsCreate(BaseModel):
@@ -182,13 +282,15 @@ class ProductsRead(BaseModel):
 
 # search ---------------------------------------------------------------------------------
 class SearchFilters(BaseModel):
-    category: str | None = Field(None, description="Only products of this category (exact).")
+    category: Name | None = Field(
+        None, max_length=256, description="Only products of this category (exact)."
+    )
 
 
 class SearchRequest(BaseModel):
     """Exactly one of `image_url` or `image`."""
 
-    image_url: str | None = Field(
+    image_url: Name | None = Field(
         None, max_length=4096, description="Public http(s) URL of the query image."
     )
     image: str | None = Field(None, description="The query image file, base64-encoded.")
@@ -198,11 +300,6 @@ class SearchRequest(BaseModel):
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
     )
-
-    @field_validator("image_url")
-    @classmethod
-    def _url_text(cls, value: str | None) -> str | None:
-        return _refuse_control_characters(value)
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -270,8 +367,8 @@ class DuplicateGroupsRead(BaseModel):
 
 
 class DecisionCreate(BaseModel):
-    a: str = Field(min_length=1, max_length=256, examples=["sku-1"])
-    b: str = Field(min_length=1, max_length=256, examples=["sku-2"])
+    a: Name = Field(min_length=1, max_length=256, examples=["sku-1"])
+    b: Name = Field(min_length=1, max_length=256, examples=["sku-2"])
     decision: Literal["same", "different"]
 
 

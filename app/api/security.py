@@ -1,9 +1,22 @@
-"""API-key checks: constant-time comparison against the configured keys."""
+"""Who a client is and whether it may: API-key checks (constant-time), per-client rate
+limits keyed by a valid key or the client's address, and a limit on failed keys per
+address so keys cannot be guessed at line speed.
+
+Which routes stay open when read keys are set (`VS_API_KEYS_READ`):
+
+* `/health` and `/ready` stay open for probes; `/ready` then shows only its status and
+  checks (the model and index details need a read key).
+* `/docs`, `/redoc` and `/openapi.json` stay open: they describe the API, not the data
+  (turn them off with `VS_DOCS=false`).
+* `/metrics` needs a read key, as `X-API-Key` or `Authorization: Bearer <key>` (what
+  Prometheus' `authorization` scrape option sends).
+"""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import math
 from typing import Annotated
 
@@ -11,6 +24,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 
 from app.api.deps import StateDep
+from app.api.state import ApiState
 from app.core.errors import RateLimited, Unauthorized
 
 api_key_header = APIKeyHeader(
@@ -18,6 +32,21 @@ api_key_header = APIKeyHeader(
     auto_error=False,
     description="Required on write routes when the service has VS_API_KEYS set.",
 )
+
+
+def client_address(request: Request) -> str:
+    """The client's address as the limits see it: IPv6 clients by their /64 (one host
+    usually owns a whole /64), IPv4-mapped addresses as IPv4."""
+    host = request.client.host if request.client else ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host[:64] or "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def key_matches(candidate: str, keys: list[str]) -> bool:
@@ -28,15 +57,45 @@ def key_matches(candidate: str, keys: list[str]) -> bool:
     return found
 
 
+def _retry_after(wait: float) -> int:
+    return max(1, math.ceil(wait))
+
+
+def authenticate(
+    request: Request, state: ApiState, api_key: str | None, keys: list[str], message: str
+) -> None:
+    """401 unless `api_key` is one of `keys`; 429 while the client's address has spent
+    its failed-authentication budget (whatever key it sends then, so a right guess is not
+    told apart from a wrong one)."""
+    failures = state.limits.auth_failures
+    address = client_address(request)
+    if api_key and failures is not None:
+        wait = failures.peek(address)
+        if wait > 0:
+            retry = _retry_after(wait)
+            raise RateLimited(
+                f"Too many failed authentications from this address; retry in {retry} s.",
+                headers={"Retry-After": str(retry)},
+            )
+    if api_key and key_matches(api_key, keys):
+        return
+    if api_key and failures is not None:
+        failures.take(address)
+    raise Unauthorized(message)
+
+
 def require_write_key(
-    state: StateDep, api_key: Annotated[str | None, Security(api_key_header)] = None
+    request: Request,
+    state: StateDep,
+    api_key: Annotated[str | None, Security(api_key_header)] = None,
 ) -> str | None:
     """The caller's key (None when writes are open); 401 when keys are set and it is wrong."""
     keys = state.write_keys
     if not keys:
         return None
-    if not api_key or not key_matches(api_key, keys):
-        raise Unauthorized("A valid X-API-Key header is required for this operation.")
+    authenticate(
+        request, state, api_key, keys, "A valid X-API-Key header is required for this operation."
+    )
     return api_key
 
 
@@ -44,18 +103,48 @@ WriteKeyDep = Annotated[str | None, Depends(require_write_key)]
 
 
 def require_read_key(
-    state: StateDep, api_key: Annotated[str | None, Security(api_key_header)] = None
+    request: Request,
+    state: StateDep,
+    api_key: Annotated[str | None, Security(api_key_header)] = None,
 ) -> str | None:
     """With VS_API_KEYS_READ set, reads need a read or write key; otherwise they are open."""
     keys = state.read_keys
     if not keys:
         return api_key
-    if not api_key or not key_matches(api_key, keys):
-        raise Unauthorized("A valid X-API-Key header is required to read.")
+    authenticate(request, state, api_key, keys, "A valid X-API-Key header is required to read.")
     return api_key
 
 
 ReadKeyDep = Annotated[str | None, Depends(require_read_key)]
+
+
+def require_metrics_key(
+    request: Request,
+    state: StateDep,
+    api_key: Annotated[str | None, Security(api_key_header)] = None,
+) -> None:
+    """Reads-protected services protect /metrics too; Prometheus sends the key as
+    `Authorization: Bearer <key>`, so that header is accepted as well."""
+    keys = state.read_keys
+    if not keys:
+        return
+    if not api_key:
+        scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            api_key = credentials.strip()
+    authenticate(request, state, api_key, keys, "A valid read key is required for metrics.")
+
+
+def may_read(request: Request, state: StateDep) -> bool:
+    """Whether the caller may see what reads show (never raises: for open routes that
+    show more to a reader). The header is read directly, not declared as a security
+    scheme, so the route stays documented as open."""
+    keys = state.read_keys
+    api_key = request.headers.get("x-api-key")
+    return not keys or (api_key is not None and key_matches(api_key, keys))
+
+
+MayReadDep = Annotated[bool, Depends(may_read)]
 
 
 def rate_limit(
@@ -63,18 +152,21 @@ def rate_limit(
     state: StateDep,
     api_key: Annotated[str | None, Security(api_key_header)] = None,
 ) -> None:
-    """429 with Retry-After past the key's budget. The identity is the API key, or the
-    connection's address when there is none; X-Forwarded-For is never trusted for it."""
-    buckets = state.rate_limits
+    """429 with Retry-After past the client's budget. The identity is the API key when it
+    is a configured key, else the client's address: an invented key is not a new client.
+    The address is the connection's, or the one a trusted proxy forwarded
+    (`VS_TRUSTED_PROXIES`)."""
+    buckets = state.limits.requests
     if buckets is None:
         return
-    if api_key:
+    known = [*state.write_keys, *state.read_keys]
+    if api_key and known and key_matches(api_key, known):
         identity = "key:" + hashlib.sha256(api_key.encode()).hexdigest()
     else:
-        identity = "addr:" + (request.client.host if request.client else "unknown")
+        identity = "addr:" + client_address(request)
     wait = buckets.take(identity)
     if wait > 0:
-        retry = max(1, math.ceil(wait))
+        retry = _retry_after(wait)
         raise RateLimited(
             f"Rate limit exceeded; retry in {retry} s.", headers={"Retry-After": str(retry)}
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from app.api.observability import ServiceMetrics
 from app.core.config import Settings
-from app.core.ratelimit import TokenBuckets
+from app.core.ratelimit import ClientLimits
 from app.services import Services
 
 
@@ -23,7 +23,7 @@ class ApiState:
     metrics: ServiceMetrics
     write_keys: list[str]
     read_keys: list[str]
-    rate_limits: TokenBuckets | None
+    limits: ClientLimits
     started_at: float = field(default_factory=time.time)
     # Set while the lifespan holds the services open; None before start-up ends and after
     # shut-down begins (requests then get 503 not_ready).
@@ -44,13 +44,10 @@ class ApiState:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiState:
-        limits = settings.rate_limit
         return cls(
             settings=settings,
             metrics=ServiceMetrics(),
             write_keys=settings.write_keys(),
             read_keys=settings.read_keys(),
-            rate_limits=(
-                TokenBuckets(limits.per_minute, limits.burst) if limits.per_minute > 0 else None
-            ),
+            limits=ClientLimits.from_settings(settings.rate_limit),
         )

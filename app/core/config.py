@@ -133,12 +133,44 @@ class DuplicatesSettings(BaseModel):
 
 
 class RateLimitSettings(BaseModel):
-    """Token-bucket limits per API key (or per client address when no key is sent)."""
+    """Token-bucket limits per valid API key, else per client address (IPv6: per /64)."""
 
     per_minute: float = Field(
-        0.0, ge=0, description="Sustained requests per minute per key; 0 turns limits off."
+        0.0,
+        ge=0,
+        description="Sustained requests per minute per valid key (else per client address); "
+        "0 turns limits off.",
     )
     burst: int = Field(60, ge=1, description="Requests a key may send at once.")
+    auth_failures_per_minute: float = Field(
+        6.0,
+        ge=0,
+        description="Sustained failed authentications (wrong or missing key) per client "
+        "address per minute; past the burst every keyed request from it is 429. 0: no limit.",
+    )
+    auth_failures_burst: int = Field(
+        20, ge=1, description="Failed authentications a client address may make at once."
+    )
+    max_clients: int = Field(
+        100_000,
+        ge=1,
+        description="Most clients each limiter remembers; the least recently seen are "
+        "forgotten first.",
+    )
+
+
+class AttributeSettings(BaseModel):
+    """Bounds on a product's free-form `attributes` (checked on every write)."""
+
+    max_bytes: int = Field(
+        16 * 1024, ge=2, description="Largest `attributes` object, as compact JSON (bytes)."
+    )
+    max_depth: int = Field(
+        4, ge=1, le=64, description="Deepest nesting of objects and arrays in `attributes`."
+    )
+    max_keys: int = Field(
+        64, ge=1, description="Most keys in `attributes`, counted over all nested objects."
+    )
 
 
 class Settings(BaseSettings):
@@ -186,6 +218,13 @@ class Settings(BaseSettings):
         "", description="Comma-separated keys for reads; when set, reads need a key too."
     )
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated proxy addresses or networks whose `X-Forwarded-For` "
+        "and `X-Forwarded-Proto` are believed (`vsearch serve`); empty: none, the "
+        "connection's address is the client's.",
+    )
+    attributes: AttributeSettings = Field(default_factory=AttributeSettings)
     cors_origins: str = Field(
         "", description="Comma-separated origins allowed by CORS (empty: CORS off)."
     )

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 
 from app.api.deps import StateDep
 from app.api.schemas import HealthRead, ModelRead, ReadyRead
+from app.api.security import MayReadDep
 
 router = APIRouter(tags=["health"])
 
@@ -31,11 +32,12 @@ async def health(state: StateDep) -> HealthRead:
     description=(
         "200 when the service can answer searches: the model is loaded and the inference "
         "worker runs. 503 (same body, `status: starting`) otherwise. Load balancers and the "
-        "Docker HEALTHCHECK use this."
+        "Docker HEALTHCHECK use this. With read keys set (VS_API_KEYS_READ), `model` and "
+        "`index` are shown only to a caller with a read key."
     ),
     responses={503: {"model": ReadyRead, "description": "Not ready yet."}},
 )
-async def ready(state: StateDep) -> ReadyRead | JSONResponse:
+async def ready(state: StateDep, reader: MayReadDep) -> ReadyRead | JSONResponse:
     services = state.services
     checks = {
         "model": services is not None,
@@ -48,10 +50,10 @@ async def ready(state: StateDep) -> ReadyRead | JSONResponse:
         checks=checks,
         model=(
             ModelRead(**services.embedder.describe(), fallback=services.model_fallback)
-            if services is not None
+            if services is not None and reader
             else None
         ),
-        index=services.index.describe() if services is not None else None,
+        index=services.index.describe() if services is not None and reader else None,
     )
     if body.status != "ready":
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

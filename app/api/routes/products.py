@@ -62,7 +62,14 @@ are searchable as soon as this call returns.
 async def create_products(
     request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep
 ) -> ProductsCreateRead:
-    body = await read_body(request, ProductsCreate, ProductUpload, max_files=64, max_fields=32)
+    body = await read_body(
+        request,
+        ProductsCreate,
+        ProductUpload,
+        max_files=64,
+        max_fields=32,
+        context={"attributes": state.settings.attributes},
+    )
     if isinstance(body, ProductUpload):
         inputs = [
             ProductInput(
