@@ -73,7 +73,8 @@ def install_error_handlers(app: FastAPI) -> None:
         details = [
             {
                 "loc": list(e.get("loc", ())),
-                "msg": str(e.get("msg", "")),
+                # pydantic prefixes a validator's own ValueError with "Value error, ".
+                "msg": str(e.get("msg", "")).removeprefix("Value error, "),
                 "type": str(e.get("type", "")),
             }
             for e in exc.errors()

@@ -42,7 +42,12 @@ LOG = logging.getLogger(__name__)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-_NOT_ALLOWED = "The image URL is not allowed: it must be a public http(s) address."
+# One answer for a name that does not resolve and one that resolves to a private address:
+# two answers would tell a client which internal names exist.
+_NOT_ALLOWED = (
+    "The image URL is not allowed: it must be an http(s) URL whose host resolves to public "
+    "addresses only."
+)
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
@@ -181,10 +186,10 @@ class ImageFetcher:
                     f"The image URL's host name did not resolve in {self.limits.dns_timeout_s:g} s."
                 ) from None
             except (OSError, UnicodeError, ValueError):
-                raise ImageFetchFailed("The image URL's host name could not be resolved.") from None
+                raise UrlNotAllowed(_NOT_ALLOWED) from None
             candidates = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not candidates:
-            raise ImageFetchFailed("The image URL's host name could not be resolved.")
+            raise UrlNotAllowed(_NOT_ALLOWED)
         if not self.limits.allow_private and not all(is_public_address(ip) for ip in candidates):
             # One private answer is enough to refuse: we will not pick and choose.
             raise UrlNotAllowed(_NOT_ALLOWED)

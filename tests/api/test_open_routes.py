@@ -60,12 +60,6 @@ class TestWithReadKeys:
             assert (await c.get("/ready")).json()["model"] is not None
 
 
-@pytest.mark.xfail(
-    reason="app/imaging/fetch.py answers image_fetch_failed 'could not be resolved' for a "
-    "name that does not resolve and url_not_allowed for one that resolves to a private "
-    "address, which tells a client which internal names exist",
-    strict=False,
-)
 async def test_fetch_refusals_do_not_tell_whether_a_name_resolves(settings: Settings) -> None:
     async with app_client(settings.model_copy(update={"allow_private_urls": False})) as c:
         missing = await c.post("/search", json={"image_url": "http://no-such-host.invalid/a.jpg"})
