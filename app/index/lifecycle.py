@@ -18,7 +18,6 @@ ended, and rows of younger ones are read again (idempotently) until they are bel
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
 from app.catalogue import repository as repo
 from app.core.config import IndexSettings
 from app.core.database import Database
+from app.index.build import ivfpq_factory, train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.store import (
     Manifest,
@@ -60,39 +59,6 @@ class IndexStats:
     log_head_seq: int = 0
     applied_seq: int = 0
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[str, Any]]:
-    """The FAISS factory string for `n` vectors, and the parameters recorded with it."""
-    nlist = settings.nlist or int(2 ** round(math.log2(max(4 * math.sqrt(n), 16))))
-    nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
-    coarse = f"IVF{nlist}_HNSW32" if nlist >= 4096 else f"IVF{nlist}"
-    code_bytes = settings.pq_m
-    if settings.fast_scan and n >= 1000 and dim % (2 * code_bytes) == 0:
-        # 4-bit codes: two sub-quantizers per byte, scanned with SIMD lookups.
-        m, nbits, pq = 2 * code_bytes, 4, f"PQ{2 * code_bytes}x4fs"
-    else:
-        m = code_bytes
-        while dim % m:
-            m -= 1
-        # 8-bit codes need 256 training points per sub-quantizer; tiny sets get fewer bits.
-        nbits = max(1, min(8, int(math.log2(max(n, 2)))))
-        pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
-    prefix = f"OPQ{m}," if settings.opq else ""
-    params = {"nlist": nlist, "pq_m": m, "pq_bits": nbits, "opq": settings.opq}
-    return f"{prefix}{coarse},{pq}", params
-
-
-def train_template(sample: np.ndarray, factory: str) -> faiss.Index:
-    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    index.verbose = False
-    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-    if hasattr(ivf, "do_polysemous_training"):
-        # On by default from the factory; it costs most of the training time and only
-        # serves polysemous filtering, which these indexes do not use.
-        ivf.do_polysemous_training = False
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index
 
 
 class IndexService:
