@@ -399,13 +399,15 @@ def reindex(
     ] = None,
 ) -> None:
     """Rebuild every index shard from the database (the source of truth)."""
+    from app.catalogue.feed import CatalogueEmbeddings, change_feed
     from app.index.lifecycle import IndexService
 
     settings = _settings()
     db, embedder = _open_catalogue(settings)
     service = IndexService(
-        db,
-        settings.data_dir / "index",
+        feed=change_feed(db),
+        source=CatalogueEmbeddings(db),
+        directory=settings.data_dir / "index",
         model_id=embedder.model_id,
         dim=embedder.embedding_dim,
         settings=settings.index,

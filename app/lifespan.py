@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
@@ -145,8 +146,9 @@ def open_index(
     settings: Settings, db: Database, embedder: Embedder, *, tail: bool = True
 ) -> IndexService:
     index = IndexService(
-        db,
-        settings.data_dir / "index",
+        feed=change_feed(db),
+        source=CatalogueEmbeddings(db),
+        directory=settings.data_dir / "index",
         model_id=embedder.model_id,
         dim=embedder.embedding_dim,
         settings=settings.index,
