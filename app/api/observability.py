@@ -78,22 +78,22 @@ class _StateCollector(Collector):
         queue = GaugeMetricFamily("vsearch_inference_queue_depth", "Images waiting for the model.")
         queue.add_metric([], state.worker.queue_depth if state.worker else 0)
         yield queue
-        index = state.index
-        if index is not None and index._index is not None:
+        index = state.index.describe() if state.index is not None else None
+        if index is not None and index["kind"] is not None:
             size = GaugeMetricFamily(
                 "vsearch_index_vectors", "Vectors per index shard.", labels=["shard", "kind"]
             )
-            for n, shard in enumerate(index.index.shards):
-                size.add_metric([str(n), index.index.kind], shard.ntotal)
+            for n, count in enumerate(index["shards"]):
+                size.add_metric([str(n), index["kind"]], count)
             yield size
             generation = GaugeMetricFamily("vsearch_index_generation", "Live index generation.")
-            generation.add_metric([], index.stats.generation)
+            generation.add_metric([], index["generation"])
             yield generation
             lag = GaugeMetricFamily(
                 "vsearch_index_catchup_lag",
                 "Change-log rows not yet applied (last seq in the log minus applied seq).",
             )
-            lag.add_metric([], max(0, index.stats.log_head_seq - index.stats.applied_seq))
+            lag.add_metric([], index["catchup_lag"])
             yield lag
         if state.db is not None:
             pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
