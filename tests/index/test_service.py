@@ -24,7 +24,7 @@ DIM = 32
 def service(
     catalogue: MemoryCatalogue, directory: Path, *, model_id: str = MODEL, **overrides: object
 ) -> IndexService:
-    settings = IndexSettings(**{"shards": 3, "train_threshold": 10**9, **overrides})  # type: ignore[arg-type]
+    settings = IndexSettings(**{"shards": 3, "train_threshold": 10**9, **overrides})
     index = IndexService(
         feed=catalogue,
         source=catalogue,
