@@ -18,9 +18,6 @@ from app.core.logging import configure_logging
 if TYPE_CHECKING:
     from rich.progress import Progress
 
-    from app.core.database import Database
-    from app.inference.model import Embedder
-
 cli = typer.Typer(
     help="Visual product search service: serve, manage models, benchmark.",
     no_args_is_help=True,
@@ -45,20 +42,6 @@ def _settings() -> Settings:
     settings = Settings()
     configure_logging(settings.log_level, "text")
     return settings
-
-
-def _open_catalogue(settings: Settings) -> tuple[Database, Embedder]:
-    """The migrated catalogue and the configured model, refusing a model whose
-    embeddings the catalogue does not hold (run `vsearch reembed` first)."""
-    from app.core.database import Database
-    from app.core.migrations import ensure_schema
-    from app.lifespan import check_model_matches_catalogue, load_embedder
-
-    db = Database(settings.resolved_database_url)
-    ensure_schema(db, migrate=settings.migrate_on_start)
-    embedder, _ = load_embedder(settings)
-    check_model_matches_catalogue(db, embedder.model_id)
-    return db, embedder
 
 
 def _bar(label: str) -> Progress:
@@ -269,7 +252,8 @@ def ingest(
 
     from app.catalogue.ingest import CsvColumns, read_products
     from app.catalogue.ingest import ingest as run
-    from app.lifespan import State, start_services, stop_services
+    from app.catalogue.service import ProductResult
+    from app.services import open_services
 
     settings = _settings()
     columns = CsvColumns(
@@ -287,36 +271,31 @@ def ingest(
     )
 
     async def main() -> dict[str, object]:
-        state = State(settings=settings)
-        await asyncio.to_thread(start_services, state)
-        assert state.catalogue is not None
-        state.catalogue.set_concurrency(concurrency)
-        task = progress.add_task("ingest", total=total, rate="0.0", failed=0)
-        started, counts = time.perf_counter(), {"images": 0, "failed": 0}
+        async with open_services(settings, tail=False) as services:
+            catalogue = services.catalogue
+            catalogue.set_concurrency(concurrency)
+            task = progress.add_task("ingest", total=total, rate="0.0", failed=0)
+            started, counts = time.perf_counter(), {"images": 0, "failed": 0}
 
-        def on_result(product: object, result: object) -> None:
-            from app.catalogue.service import ProductResult
+            def on_result(product: object, result: ProductResult) -> None:
+                counts["images"] += result.images
+                counts["failed"] += result.status == "failed"
+                rate = counts["images"] / max(time.perf_counter() - started, 1e-9)
+                progress.update(task, advance=1, rate=f"{rate:.1f}", failed=counts["failed"])
 
-            assert isinstance(result, ProductResult)
-            counts["images"] += result.images
-            counts["failed"] += result.status == "failed"
-            rate = counts["images"] / max(time.perf_counter() - started, 1e-9)
-            progress.update(task, advance=1, rate=f"{rate:.1f}", failed=counts["failed"])
-
-        fh = failures.open("w") if failures else None
-        try:
-            with progress:
-                summary = await run(
-                    state.catalogue,
-                    read_products(file, images_root=images_root, columns=columns),
-                    batch_size=batch_size,
-                    failures=fh,
-                    on_result=on_result,
-                )
-        finally:
-            if fh is not None:
-                fh.close()
-            await stop_services(state)
+            fh = failures.open("w") if failures else None
+            try:
+                with progress:
+                    summary = await run(
+                        catalogue,
+                        read_products(file, images_root=images_root, columns=columns),
+                        batch_size=batch_size,
+                        failures=fh,
+                        on_result=on_result,
+                    )
+            finally:
+                if fh is not None:
+                    fh.close()
         return summary.as_dict()
 
     result = asyncio.run(main())
@@ -343,45 +322,36 @@ def reembed(
 
     from rich.progress import Progress, TextColumn
 
-    from app.catalogue.service import CatalogueService, reembed_catalogue
-    from app.core.database import Database
-    from app.core.migrations import ensure_schema
-    from app.lifespan import load_embedder, make_fetcher, start_worker
+    from app.catalogue.service import reembed_catalogue
+    from app.services import catalogue_service, open_database, open_embedding
 
     settings = _settings()
-    db = Database(settings.resolved_database_url)
-    ensure_schema(db, migrate=settings.migrate_on_start)
-    embedder, _ = load_embedder(settings)
 
     async def main() -> dict[str, object]:
-        worker = start_worker(settings, embedder)
-        fetcher = make_fetcher(settings)
-        service = CatalogueService(
-            db,
-            worker,
-            fetcher,
-            max_pixels=settings.image.max_pixels,
-            max_bytes=settings.image.max_bytes,
-        )
-        progress = Progress(TextColumn("[bold]reembed[/bold] {task.completed} images"), console=err)
-        task = progress.add_task("reembed", total=None)
+        db = open_database(settings)
         try:
-            with progress:
-                report = await reembed_catalogue(
-                    service, batch=batch, progress=lambda n: progress.update(task, completed=n)
+            async with open_embedding(settings, db, check_catalogue=False) as embedding:
+                service = catalogue_service(settings, db, embedding)
+                progress = Progress(
+                    TextColumn("[bold]reembed[/bold] {task.completed} images"), console=err
                 )
+                task = progress.add_task("reembed", total=None)
+                with progress:
+                    report = await reembed_catalogue(
+                        service,
+                        batch=batch,
+                        progress=lambda n: progress.update(task, completed=n),
+                    )
         finally:
-            await asyncio.to_thread(worker.shutdown)
-            await fetcher.aclose()
+            db.dispose()
         return {
-            "model_id": embedder.model_id,
+            "model_id": embedding.embedder.model_id,
             "reembedded": report.reembedded,
             "unrecoverable_uploads": len(report.unrecoverable),
             "failed": report.failed,
         }
 
     result = asyncio.run(main())
-    db.dispose()
     print(json.dumps(result, indent=2))
     if result["unrecoverable_uploads"] or result["failed"]:
         err.print(
@@ -399,30 +369,19 @@ def reindex(
     ] = None,
 ) -> None:
     """Rebuild every index shard from the database (the source of truth)."""
-    from app.catalogue.feed import CatalogueEmbeddings, change_feed
-    from app.index.lifecycle import IndexService
+    from app.services import open_storage
 
     settings = _settings()
-    db, embedder = _open_catalogue(settings)
-    service = IndexService(
-        feed=change_feed(db),
-        source=CatalogueEmbeddings(db),
-        directory=settings.data_dir / "index",
-        model_id=embedder.model_id,
-        dim=embedder.embedding_dim,
-        settings=settings.index,
-    )
-    progress = _bar("reindex")
-    with progress:
-        task = progress.add_task("reindex", total=None)
+    with open_storage(settings, save=False) as storage:
+        progress = _bar("reindex")
+        with progress:
+            task = progress.add_task("reindex", total=None)
 
-        def advance(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
 
-        service.rebuild(reason="vsearch reindex", train=train, progress=advance)
-    print(json.dumps(service.describe(), indent=2))
-    service.close(save=False)
-    db.dispose()
+            storage.index.rebuild(reason="vsearch reindex", train=train, progress=advance)
+        print(json.dumps(storage.index.describe(), indent=2))
 
 
 @bench_cli.command("index")
@@ -678,27 +637,20 @@ def duplicates_scan(
     ] = False,
 ) -> None:
     """Recompute every duplicate pair with batched kNN over the catalogue (resumable)."""
-    from app.catalogue.duplicates import DuplicatesService
-    from app.lifespan import open_index
+    from app.services import open_storage
 
     settings = _settings()
-    db, embedder = _open_catalogue(settings)
-    index = open_index(settings, db, embedder, tail=False)
-    service = DuplicatesService(
-        db, index, floor=settings.duplicates.floor, neighbours=settings.duplicates.neighbours
-    )
-    progress = _bar("scan")
-    with progress:
-        task = progress.add_task("scan", total=None)
-        report = service.scan(
-            state_path=settings.data_dir / "duplicates-scan.json",
-            floor=floor,
-            batch=batch,
-            resume=not restart,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    index.close(save=True)
-    db.dispose()
+    with open_storage(settings) as storage:
+        progress = _bar("scan")
+        with progress:
+            task = progress.add_task("scan", total=None)
+            report = storage.duplicates.scan(
+                state_path=settings.data_dir / "duplicates-scan.json",
+                floor=floor,
+                batch=batch,
+                resume=not restart,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
     print(json.dumps(report, indent=2))
 
 

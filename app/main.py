@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
 from app.api.errors import install_error_handlers
+from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit
-from app.api.observability import RequestObservability, ServiceMetrics
+from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
 from app.api.schemas import ProductsCreate, SearchRequest
+from app.api.state import ApiState
 from app.core.config import Settings
-from app.lifespan import State, lifespan
+from app.services import open_services
+
+LOG = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Self-hosted visual product search.
@@ -38,6 +46,20 @@ TAGS = [
 ]
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Open the services for the app's lifetime (the one composition root)."""
+    state: ApiState = app.state.vs
+    async with open_services(state.settings, on_batch=state.metrics.observe_batch) as services:
+        state.services = services
+        state.metrics.bind(services)
+        try:
+            yield
+        finally:
+            state.services = None
+            state.metrics.bind(None)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model, database, index and worker start in the lifespan."""
     settings = settings or Settings()
@@ -51,8 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url="/redoc" if settings.docs else None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
-    state = State(settings=settings)
-    state.metrics = ServiceMetrics(lambda: state)
+    state = ApiState.from_settings(settings)
     app.state.vs = state
     install_error_handlers(app)
     app.include_router(search.router)
@@ -71,5 +92,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestObservability, metrics=state.metrics)
-    install_openapi(app, [ProductsCreate, SearchRequest])
+    install_openapi(app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload])
     return app

@@ -1,4 +1,4 @@
-"""Request dependencies: typed access to the process State."""
+"""Request dependencies: one-line getters over the app's `ApiState` and its services."""
 
 from __future__ import annotations
 
@@ -6,59 +6,43 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.state import ApiState
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.errors import NotReady
-from app.inference.worker import BatchWorker
-from app.lifespan import State
+from app.services import Services
 
 
-def get_state(request: Request) -> State:
-    state: State = request.app.state.vs
+def get_state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.vs
     return state
 
 
-StateDep = Annotated[State, Depends(get_state)]
+StateDep = Annotated[ApiState, Depends(get_state)]
 
 
-def get_worker(state: StateDep) -> BatchWorker:
-    if state.worker is None or not state.worker.running:
-        raise NotReady("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
-    return state.worker
+def get_services(state: StateDep) -> Services:
+    if state.services is None:
+        raise NotReady("The service is starting or stopping; retry shortly.")
+    return state.services
 
 
-WorkerDep = Annotated[BatchWorker, Depends(get_worker)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_catalogue(state: StateDep) -> CatalogueService:
-    if state.catalogue is None:
-        raise NotReady(
-            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
-        )
-    return state.catalogue
+def get_catalogue(services: ServicesDep) -> CatalogueService:
+    return services.catalogue
+
+
+def get_search(services: ServicesDep) -> SearchService:
+    return services.search
+
+
+def get_duplicates(services: ServicesDep) -> DuplicatesService:
+    return services.duplicates
 
 
 CatalogueDep = Annotated[CatalogueService, Depends(get_catalogue)]
-
-
-def get_search(state: StateDep) -> SearchService:
-    if state.search is None:
-        raise NotReady(
-            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
-        )
-    return state.search
-
-
 SearchDep = Annotated[SearchService, Depends(get_search)]
-
-
-def get_duplicates(state: StateDep) -> DuplicatesService:
-    if state.duplicates is None:
-        raise NotReady(
-            "The service is still starting; retry shortly.", headers={"Retry-After": "5"}
-        )
-    return state.duplicates
-
-
 DuplicatesDep = Annotated[DuplicatesService, Depends(get_duplicates)]

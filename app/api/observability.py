@@ -10,13 +10,16 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from app.services import Services
 
 LOG = logging.getLogger("app.requests")
 
@@ -26,7 +29,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 class ServiceMetrics:
     """The service's Prometheus metrics."""
 
-    def __init__(self, state_getter: Callable[[], Any]) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "vsearch_http_requests_total",
@@ -56,7 +59,12 @@ class ServiceMetrics:
         self.images_embedded = Counter(
             "vsearch_images_embedded_total", "Images embedded.", registry=self.registry
         )
-        self.registry.register(_StateCollector(state_getter))
+        self._live = _ServicesCollector()
+        self.registry.register(self._live)
+
+    def bind(self, services: Services | None) -> None:
+        """Read live gauges from `services` at scrape time (None: report none)."""
+        self._live.services = services
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
@@ -64,22 +72,40 @@ class ServiceMetrics:
         self.images_embedded.inc(size)
 
 
-class _StateCollector(Collector):
-    """Gauges read from the live state at scrape time."""
+class _ServicesCollector(Collector):
+    """Gauges read from the live services at scrape time."""
 
-    def __init__(self, state_getter: Callable[[], Any]) -> None:
-        self.state_getter = state_getter
+    def __init__(self) -> None:
+        self.services: Services | None = None
         self._pairs: tuple[float, int] = (0.0, 0)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        state = self.state_getter()
-        if state is None:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        services = self.services
+        if services is None:
             return
         queue = GaugeMetricFamily("vsearch_inference_queue_depth", "Images waiting for the model.")
-        queue.add_metric([], state.worker.queue_depth if state.worker else 0)
+        queue.add_metric([], services.worker.queue_depth)
         yield queue
-        index = state.index.describe() if state.index is not None else None
-        if index is not None and index["kind"] is not None:
+        admission = services.admission
+        in_flight = GaugeMetricFamily(
+            "vsearch_admission_in_flight_images",
+            "Images admitted and not yet embedded (fetching, decoding, queued or in the model).",
+        )
+        in_flight.add_metric([], admission.in_flight)
+        yield in_flight
+        rejected = CounterMetricFamily(
+            "vsearch_admission_rejected_requests",
+            "Requests refused with 503 overloaded because too many images were in flight.",
+        )
+        rejected.add_metric([], admission.rejected_requests)
+        yield rejected
+        rejected_images = CounterMetricFamily(
+            "vsearch_admission_rejected_images", "Images in requests refused as overloaded."
+        )
+        rejected_images.add_metric([], admission.rejected_images)
+        yield rejected_images
+        index = services.index.describe()
+        if index["kind"] is not None:
             size = GaugeMetricFamily(
                 "vsearch_index_vectors", "Vectors per index shard.", labels=["shard", "kind"]
             )
@@ -95,19 +121,15 @@ class _StateCollector(Collector):
             )
             lag.add_metric([], index["catchup_lag"])
             yield lag
-        if state.db is not None:
-            pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
-            pairs.add_metric([], self._pair_count(state))
-            yield pairs
+        pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
+        pairs.add_metric([], self._pair_count(services))
+        yield pairs
 
-    def _pair_count(self, state: Any) -> int:
+    def _pair_count(self, services: Services) -> int:
         # COUNT(*) on a large table is not free: refresh at most every 30 s.
         checked, value = self._pairs
         if time.monotonic() - checked > 30:
-            from app.catalogue import repository as repo
-
-            with state.db.read() as session:
-                value = repo.count_pairs(session)
+            value = services.duplicates.count_pairs()
             self._pairs = (time.monotonic(), value)
         return value
 

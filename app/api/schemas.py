@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
+from app.imaging.crop import Box
+
 
 class ErrorBody(BaseModel):
     code: str = Field(
@@ -63,8 +65,8 @@ class BoxIn(BaseModel):
     w: float = Field(gt=0, description="Width.", examples=[300])
     h: float = Field(gt=0, description="Height.", examples=[400])
 
-    def as_tuple(self) -> tuple[float, float, float, float]:
-        return (self.x, self.y, self.w, self.h)
+    def as_box(self) -> Box:
+        return Box(self.x, self.y, self.w, self.h)
 
 
 class ImageIn(BaseModel):

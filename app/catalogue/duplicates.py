@@ -15,14 +15,12 @@ together unless A~C as well (for groups of three: C must match both B and A).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +31,7 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
+from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
 from app.core.errors import InvalidRequest, ProductNotFound
 from app.core.files import atomic_write_text
@@ -82,54 +81,19 @@ class DuplicatesService:
         with self.db.read() as session:
             vectors = repo.product_image_vectors(session, product_pk)
             decided = repo.decided_pairs(session, product_pk)
-        rows = self._pairs_for(product_pk, vectors, decided) if vectors else []
+        different = {pair for pair, decision in decided.items() if decision == "different"}
+        queries = [(image_id, product_pk, vector) for image_id, vector in vectors]
+        rows = self._find_pairs(queries, self.floor, different) if queries else []
         with self.db.write() as session:
             repo.delete_stale_pairs_of(session, product_pk, [i for i, _ in vectors])
             repo.upsert_pairs(session, rows)
         return len(rows)
 
-    def _pairs_for(
-        self,
-        product_pk: int,
-        vectors: list[tuple[int, bytes]],
-        decided: dict[tuple[int, int], str],
-    ) -> list[dict[str, Any]]:
-        image_ids = [i for i, _ in vectors]
-        queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, e in vectors])
-        scores, found = self.index.index.search(queries, self.neighbours)
-        candidates = found[(scores >= self.floor) & (found >= 0)]
-        with self.db.read() as session:
-            owners = repo.image_products(session, candidates.tolist())
-        best: dict[int, tuple[float, int, int]] = {}
-        for q, mine in enumerate(image_ids):
-            for score, theirs in zip(scores[q].tolist(), found[q].tolist(), strict=True):
-                if theirs < 0 or score < self.floor:
-                    break
-                other = owners.get(int(theirs))
-                if other is None or other == product_pk:
-                    continue
-                if other not in best or score > best[other][0]:
-                    best[other] = (float(score), mine, int(theirs))
-        now = utcnow()
-        rows = []
-        for other, (score, mine, theirs) in best.items():
-            a, b = repo.canonical(product_pk, other)
-            if decided.get((a, b)) == "different":
-                continue
-            a_img, b_img = (mine, theirs) if a == product_pk else (theirs, mine)
-            rows.append(
-                {
-                    "a_pk": a,
-                    "b_pk": b,
-                    "score": min(score, 1.0),
-                    "a_image_id": a_img,
-                    "b_image_id": b_img,
-                    "found_at": now,
-                }
-            )
-        return rows
-
     # reads ------------------------------------------------------------------------------
+    def count_pairs(self) -> int:
+        with self.db.read() as session:
+            return repo.count_pairs(session)
+
     def check_min_score(self, min_score: float) -> None:
         if min_score < self.floor:
             raise InvalidRequest(
@@ -148,7 +112,10 @@ class DuplicatesService:
         undecided: bool,
     ) -> tuple[list[repo.PairRow], str | None]:
         self.check_min_score(min_score)
-        after = decode_cursor(cursor) if cursor else None
+        after = None
+        if cursor:
+            score, a_pk, b_pk = decode_cursor(cursor, "pairs", (float, int, int))
+            after = (float(score), int(a_pk), int(b_pk))
         with self.db.read() as session:
             rows = repo.list_pairs(
                 session,
@@ -158,7 +125,11 @@ class DuplicatesService:
                 category=category,
                 undecided=undecided,
             )
-        next_cursor = encode_cursor(rows[-1]) if len(rows) == limit else None
+        next_cursor = (
+            encode_cursor("pairs", (rows[-1].score, rows[-1].a_pk, rows[-1].b_pk))
+            if len(rows) == limit
+            else None
+        )
         return rows, next_cursor
 
     def groups(
@@ -223,7 +194,7 @@ class DuplicatesService:
                 page = repo.images_page(session, int(state["after_id"]), batch, model_id)
             if not page:
                 break
-            rows = self._scan_batch(page, floor, different)
+            rows = self._find_pairs(page, floor, different)
             with self.db.write() as session:
                 repo.upsert_pairs(session, rows)
             state["after_id"], state["done"] = page[-1][0], int(state["done"]) + len(page)
@@ -242,9 +213,15 @@ class DuplicatesService:
             "seconds": round(time.perf_counter() - t0, 2),
         }
 
-    def _scan_batch(
-        self, page: list[tuple[int, int, bytes]], floor: float, different: set[tuple[int, int]]
+    def _find_pairs(
+        self,
+        page: Sequence[tuple[int, int, bytes]],
+        floor: float,
+        different: Container[tuple[int, int]],
     ) -> list[dict[str, Any]]:
+        """Pair rows for images `(image_id, product_pk, embedding)`: each other product
+        whose image scores >= `floor`, best pair of images per product pair, skipping pairs
+        a reviewer marked `different` (one code path for ingest refreshes and full scans)."""
         queries = np.stack([np.frombuffer(e, dtype=np.float32) for _, _, e in page])
         scores, found = self.index.index.search(queries, self.neighbours)
         strong = (scores >= floor) & (found >= 0)
@@ -309,20 +286,6 @@ def bounded_groups(pairs: list[repo.PairRow]) -> list[DuplicateGroup]:
         groups.append(DuplicateGroup(centre, [centre, *members], weakest))
     groups.sort(key=lambda g: (-len(g.members), -g.min_score, g.centre))
     return groups
-
-
-def encode_cursor(row: repo.PairRow) -> str:
-    raw = json.dumps([repr(float(row.score)), row.a_pk, row.b_pk])
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[float, int, int]:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        score, a_pk, b_pk = json.loads(raw)
-        return float(score), int(a_pk), int(b_pk)
-    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None
 
 
 def _read_state(path: Path) -> dict[str, Any] | None:

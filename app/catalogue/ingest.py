@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 from app.catalogue.service import CatalogueService, ImageInput, ProductInput, ProductResult
 from app.core.errors import InvalidRequest
+from app.imaging.crop import Box
 
 
 @dataclass
@@ -79,7 +80,7 @@ class IngestSummary:
         }
 
 
-def _image(value: str, root: Path, box: tuple[float, float, float, float] | None) -> ImageInput:
+def _image(value: str, root: Path, box: Box | None) -> ImageInput:
     value = value.strip()
     if value.startswith(("http://", "https://")):
         return ImageInput(url=value, box=box)
@@ -95,7 +96,7 @@ def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
             images = []
             for img in raw["images"]:
                 box = img.get("box")
-                box_t = (box["x"], box["y"], box["w"], box["h"]) if box else None
+                box_t = Box(box["x"], box["y"], box["w"], box["h"]) if box else None
                 if "data" in img:
                     images.append(ImageInput(data_b64=img["data"], box=box_t))
                 else:
@@ -124,7 +125,7 @@ def read_csv(fh: TextIO, root: Path, columns: CsvColumns) -> Iterator[ProductInp
         box = None
         if has_box and all(row.get(c, "").strip() for c in columns.box):
             x, y, w, h = (float(row[c]) for c in columns.box)
-            box = (x, y, w, h)
+            box = Box(x, y, w, h)
         images = [_image(v, root, box) for v in row[columns.image].split("|") if v.strip()]
         if current is not None and current["id"] == pid:
             current["images"].extend(images)

@@ -18,12 +18,11 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, NotReady
+from app.imaging.crop import Box
 from app.imaging.decode import decode_image
 from app.imaging.fetch import ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.worker import BatchWorker
-
-Box = tuple[float, float, float, float]
 
 # Categories with at most this many images are searched exactly over their own images.
 EXACT_FILTER_LIMIT = 50_000
@@ -79,15 +78,15 @@ class SearchService:
         min_score: float | None = None,
     ) -> SearchOutcome:
         started = time.perf_counter()
-        self.worker.check_capacity()
-        if data is None:
-            if url is None:
-                raise ValueError("give data or url")
-            data = await self.fetcher.fetch(url)
-        if len(data) > self.max_bytes:
-            raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
-        image = await asyncio.to_thread(decode_image, data, max_pixels=self.max_pixels)
-        vector = (await self.worker.embed([image], [box]))[0]
+        with self.worker.admission.admit(1) as ticket:  # before any fetch or decode
+            if data is None:
+                if url is None:
+                    raise ValueError("give data or url")
+                data = await self.fetcher.fetch(url)
+            if len(data) > self.max_bytes:
+                raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
+            image = await asyncio.to_thread(decode_image, data, max_pixels=self.max_pixels)
+            vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
         hits = await asyncio.to_thread(
             self.search_vector, vector, k, category=category, min_score=min_score
         )

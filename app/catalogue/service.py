@@ -26,14 +26,15 @@ from app.catalogue import repository as repo
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
+from app.imaging.crop import Box
 from app.imaging.decode import decode_image
 from app.imaging.fetch import ImageFetcher
+from app.inference.admission import Ticket
 from app.inference.worker import BatchWorker
 
 LOG = logging.getLogger(__name__)
 
 Status = Literal["created", "updated", "unchanged", "failed"]
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,12 @@ class CatalogueService:
         return ProductResult(product.id, outcome.status, len(prepared))
 
     async def _prepare(self, product: ProductInput) -> list[PreparedImage]:
+        """Read, decode and embed a product's images; admitted for all of them first,
+        so an overloaded service refuses the product before fetching anything."""
+        with self.worker.admission.admit(len(product.images)) as ticket:
+            return await self._prepare_admitted(product, ticket)
+
+    async def _prepare_admitted(self, product: ProductInput, ticket: Ticket) -> list[PreparedImage]:
         started = time.perf_counter()
         payloads = await asyncio.gather(*(self._read(img) for img in product.images))
         self.timings.add("read", time.perf_counter() - started)
@@ -187,7 +194,6 @@ class CatalogueService:
             else:
                 todo.append(i)
         if todo:
-            self.worker.check_capacity(len(todo))
             started = time.perf_counter()
             decoded = await asyncio.gather(
                 *(
@@ -197,7 +203,9 @@ class CatalogueService:
             )
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
-            vectors = await self.worker.embed(decoded, [product.images[i].box for i in todo])
+            vectors = await self.worker.embed(
+                decoded, [product.images[i].box for i in todo], ticket=ticket
+            )
             self.timings.add("embed", time.perf_counter() - started)
             for j, i in enumerate(todo):
                 prepared[i] = PreparedImage(
@@ -357,7 +365,7 @@ async def reembed_catalogue(
             image_input = ImageInput(
                 url=source if is_url else None,
                 path=None if is_url else Path(source),
-                box=(box[0], box[1], box[2], box[3]) if box else None,
+                box=Box(box[0], box[1], box[2], box[3]) if box else None,
             )
             try:
                 data = await service._read(image_input)

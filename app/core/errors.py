@@ -79,6 +79,11 @@ class NotReady(ServiceError):
     status_code = 503
     code = "not_ready"
 
+    def __init__(
+        self, message: str = "The service is not ready yet; retry shortly.", retry_after: int = 5
+    ):
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
 
 class ModelLoadError(Exception):
     """The model directory is missing, malformed, or does not match its config."""

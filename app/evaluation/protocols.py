@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.errors import InvalidRequest
+from app.imaging.crop import Box
 
 
 @dataclass(frozen=True)
@@ -21,7 +22,7 @@ class Item:
     path: Path
     label: str
     group: str | None = None
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _read(path: Path, id_column: str, images_root: Path, with_box: bool) -> list
             box = None
             if has_box and all(row[c].strip() for c in box_columns):
                 x, y, w, h = (float(row[c]) for c in box_columns)
-                box = (x, y, w, h)
+                box = Box(x, y, w, h)
             items.append(
                 Item(
                     id=row[id_column],

@@ -104,6 +104,11 @@ class IndexService:
 
     # start and stop ---------------------------------------------------------------------
     @property
+    def is_open(self) -> bool:
+        """Whether a generation is live (searches can run)."""
+        return self._index is not None
+
+    @property
     def index(self) -> ShardedIndex:
         if self._index is None:
             raise RuntimeError("the index is not open")

@@ -7,9 +7,12 @@ Work is split in three stages, as in infinity's batch handler:
   `max_wait_ms` for the batch to fill after its first item, and runs one forward pass;
 - post: the (already L2-normalised) rows are handed back through one future per image.
 
-The queue is bounded: when it is full, submitting raises `Overloaded` (503 with
-Retry-After) at once instead of blocking. A batch whose forward pass fails is retried item
-by item, so one bad input fails only its own future.
+How much work is taken is decided in one place, `Admission` (app.inference.admission):
+callers that fetch and decode first (the services) admit their images before any of that
+and pass the ticket in; direct callers are admitted here. Either way a refusal is an
+immediate `Overloaded` (503 with Retry-After), never a blocked caller, and the queue itself
+never refuses an admitted image. A batch whose forward pass fails is retried item by item,
+so one bad input fails only its own future.
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.core.errors import NotReady, Overloaded
+from app.core.errors import NotReady
+from app.imaging.crop import Box
+from app.inference.admission import Admission, Ticket
 from app.inference.model import Embedder
 
 LOG = logging.getLogger(__name__)
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass
@@ -48,7 +51,6 @@ class WorkerStats:
 
     batches: int = 0
     images: int = 0
-    rejected: int = 0
     failures: int = 0
     forward_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
@@ -76,12 +78,14 @@ class BatchWorker:
         queue_size: int = 256,
         preprocess_threads: int = 2,
         on_batch: BatchObserver | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.embedder = embedder
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
-        self.queue_size = queue_size
-        self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=queue_size)
+        self.admission = admission or Admission(queue_size)
+        # Unbounded on purpose: admission bounds what can be in it.
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._pre = ThreadPoolExecutor(preprocess_threads, thread_name_prefix="vs-preprocess")
         self._thread = threading.Thread(target=self._run, name="vs-batch-worker", daemon=True)
         self._accepting = False
@@ -101,13 +105,10 @@ class BatchWorker:
         if not drain:
             self._fail_queued(NotReady("The service is shutting down."))
         if self._thread.is_alive():
-            try:  # the sentinel waits for room only while the worker drains the queue
-                self._queue.put(None, timeout=timeout)
-            except queue.Full:
-                LOG.warning("inference queue did not drain in %ss; failing the rest", timeout)
-                self._fail_queued(NotReady("The service is shutting down."))
-                self._queue.put_nowait(None)
+            self._queue.put_nowait(None)  # behind everything queued: drained first
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                LOG.warning("inference queue did not drain in %ss; failing the rest", timeout)
         self._stopped.set()
         self._fail_queued(NotReady("The service is shutting down."))
         self._pre.shutdown(wait=True, cancel_futures=True)
@@ -120,74 +121,79 @@ class BatchWorker:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def check_capacity(self, images: int = 1) -> None:
-        """Raise Overloaded when the queue is full: call before decoding an image, so a
-        request that would be turned away costs no decode (overload answers stay fast)."""
-        if self._queue.full():
-            self.stats.rejected += images
-            raise Overloaded()
-
     # submission ------------------------------------------------------------------------
     def submit_tensor(self, tensor: torch.Tensor) -> Future[np.ndarray]:
         """Queue one preprocessed image; the future resolves to its embedding row."""
-        if not self.running:
-            raise NotReady("The inference worker is not running.")
-        item = _Item(tensor=tensor, future=Future())
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self.stats.rejected += 1
-            raise Overloaded(
-                f"The inference queue is full ({self.queue_size} images); retry shortly."
-            ) from None
-        return item.future
+        return self.submit_many([tensor])[0]
 
-    def submit_many(self, tensors: Sequence[torch.Tensor]) -> list[Future[np.ndarray]]:
-        """Queue several images, all or none: a full queue rejects the whole request."""
-        if not self.running:
-            raise NotReady("The inference worker is not running.")
-        if self._queue.qsize() + len(tensors) > self.queue_size:
-            self.stats.rejected += len(tensors)
-            raise Overloaded(
-                f"The inference queue cannot take {len(tensors)} more images; retry shortly."
-            )
-        return [self.submit_tensor(t) for t in tensors]
+    def submit_many(
+        self, tensors: Sequence[torch.Tensor], ticket: Ticket | None = None
+    ) -> list[Future[np.ndarray]]:
+        """Queue several images, all or none, under `ticket` (the caller releases it) or
+        under one admitted here and released as their results arrive."""
+        self._check_running()
+        if ticket is not None:
+            return self._enqueue(tensors)
+        own = self.admission.admit(len(tensors))
+        futures = self._enqueue(tensors)
+        _release_when_done(own, futures)
+        return futures
 
     def preprocess(self, image: Image.Image, box: Box | None = None) -> Future[torch.Tensor]:
         """Run the embedder's preprocessing on the thread pool."""
         return self._pre.submit(self.embedder.preprocess, image, box)
 
     async def embed(
-        self, images: Sequence[Image.Image], boxes: Sequence[Box | None] | None = None
+        self,
+        images: Sequence[Image.Image],
+        boxes: Sequence[Box | None] | None = None,
+        *,
+        ticket: Ticket | None = None,
     ) -> np.ndarray:
-        """Embed images from async code: preprocess off the loop, then batch."""
-        self.check_capacity(len(images))
-        pre = [
-            asyncio.wrap_future(self.preprocess(img, boxes[i] if boxes else None))
-            for i, img in enumerate(images)
-        ]
-        tensors = await asyncio.gather(*pre)
-        futures = self.submit_many(tensors)
-        rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
-        return _stack(rows, self.embedder.embedding_dim)
+        """Embed images from async code: preprocess off the loop, then batch.
 
-    async def embed_tensors(self, tensors: Sequence[torch.Tensor]) -> np.ndarray:
-        futures = self.submit_many(tensors)
-        rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        Without a `ticket` the images are admitted here (and may be refused at once)."""
+        self._check_running()
+        held = ticket if ticket is not None else self.admission.admit(len(images))
+        try:
+            pre = [
+                asyncio.wrap_future(self.preprocess(img, boxes[i] if boxes else None))
+                for i, img in enumerate(images)
+            ]
+            tensors = await asyncio.gather(*pre)
+            futures = self._enqueue(tensors)
+            rows = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        finally:
+            if ticket is None:
+                held.release()
         return _stack(rows, self.embedder.embedding_dim)
 
     def embed_sync(
         self, images: Sequence[Image.Image], boxes: Sequence[Box | None] | None = None
     ) -> np.ndarray:
-        """Embed images from a plain thread (CLI): same queue, same batching."""
-        tensors = [
-            f.result()
-            for f in [
-                self.preprocess(img, boxes[i] if boxes else None) for i, img in enumerate(images)
+        """Embed images from a plain thread (CLI): same admission, queue and batching."""
+        self._check_running()
+        with self.admission.admit(len(images)):
+            tensors = [
+                f.result()
+                for f in [
+                    self.preprocess(img, boxes[i] if boxes else None)
+                    for i, img in enumerate(images)
+                ]
             ]
-        ]
-        futures = self.submit_many(tensors)
-        return _stack([f.result() for f in futures], self.embedder.embedding_dim)
+            futures = self._enqueue(tensors)
+            return _stack([f.result() for f in futures], self.embedder.embedding_dim)
+
+    def _check_running(self) -> None:
+        if not self.running:
+            raise NotReady("The inference worker is not running.")
+
+    def _enqueue(self, tensors: Sequence[torch.Tensor]) -> list[Future[np.ndarray]]:
+        self._check_running()
+        items = [_Item(tensor=t, future=Future()) for t in tensors]
+        for item in items:
+            self._queue.put_nowait(item)
+        return [item.future for item in items]
 
     # the worker thread -----------------------------------------------------------------
     def _collect(self, first: _Item) -> tuple[list[_Item], bool]:
@@ -251,6 +257,24 @@ class BatchWorker:
                 return
             if item is not None and item.future.set_running_or_notify_cancel():
                 item.future.set_exception(exc)
+
+
+def _release_when_done(ticket: Ticket, futures: Sequence[Future[np.ndarray]]) -> None:
+    """Release `ticket` once every future has a result (or an error)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future[np.ndarray]) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            ticket.release()
+
+    if not futures:
+        ticket.release()
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 def _stack(rows: Sequence[np.ndarray], dim: int) -> np.ndarray:

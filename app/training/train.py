@@ -38,7 +38,7 @@ from app.core.files import atomic_write
 from app.evaluation.metrics import evaluate_scores
 from app.evaluation.protocols import load_protocol
 from app.evaluation.run import embed_items
-from app.imaging.crop import crop
+from app.imaging.crop import Box, crop
 from app.imaging.decode import decode_image
 from app.inference.builders import write_model_dir
 from app.inference.model import (
@@ -94,7 +94,7 @@ class TrainConfig:
 class Sample:
     path: Path
     label: int
-    box: tuple[float, float, float, float] | None
+    box: Box | None
 
 
 def read_samples(path: Path, root: Path) -> tuple[list[Sample], list[str]]:
@@ -117,7 +117,7 @@ def read_samples(path: Path, root: Path) -> tuple[list[Sample], list[str]]:
         box = None
         if has_box and all(r[c].strip() for c in box_cols):
             x, y, w, h = (float(r[c]) for c in box_cols)
-            box = (x, y, w, h)
+            box = Box(x, y, w, h)
         samples.append(Sample(root / r[path_col], index[r[label_col]], box))
     return samples, names
 

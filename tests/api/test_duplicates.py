@@ -126,7 +126,7 @@ class TestDecisions:
                 "/duplicates/decisions",
                 json={"a": "original", "b": "cropped", "decision": "different"},
             )
-            assert ok.status_code == 200
+            assert ok.status_code == 200, ok.text
             await client.post(
                 "/duplicates/decisions", json={"a": "resized", "b": "original", "decision": "same"}
             )
@@ -138,7 +138,7 @@ class TestDecisions:
             assert frozenset(("original", "resized")) not in undecided
             assert frozenset(("original", "reencoded")) in undecided
 
-            duplicates = client.app.state.vs.duplicates  # type: ignore[attr-defined]
+            duplicates = client.app.state.vs.services.duplicates  # type: ignore[attr-defined]
             report = duplicates.scan(state_path=tmp_path / "scan.json", resume=False)
             assert report["pairs"] >= 5
             # Re-ingesting the cropped copy searches it again: the decision still holds.
@@ -178,9 +178,9 @@ class TestScan:
     ) -> None:
         async with app_client(db_settings) as client:
             await ingest(client, variants())
-            duplicates = client.app.state.vs.duplicates  # type: ignore[attr-defined]
+            duplicates = client.app.state.vs.services.duplicates  # type: ignore[attr-defined]
             before = names(await pairs(client))
-            db = client.app.state.vs.db  # type: ignore[attr-defined]
+            db = client.app.state.vs.services.db  # type: ignore[attr-defined]
             with db.write() as session:  # a stale pair no image supports any more
                 products = {
                     p.external_id: p.pk

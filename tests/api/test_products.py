@@ -33,7 +33,7 @@ async def post(client: httpx.AsyncClient, *products: dict[str, Any], **kw: Any) 
 
 
 def _db(client: httpx.AsyncClient) -> Database:
-    return client.app.state.vs.db  # type: ignore[attr-defined]
+    return client.app.state.vs.services.db  # type: ignore[attr-defined]
 
 
 def _change_log(client: httpx.AsyncClient) -> list[tuple[int, str]]:
@@ -43,7 +43,7 @@ def _change_log(client: httpx.AsyncClient) -> list[tuple[int, str]]:
 
 
 def _embedded(client: httpx.AsyncClient) -> int:
-    return client.app.state.vs.worker.stats.images  # type: ignore[attr-defined,no-any-return]
+    return client.app.state.vs.services.worker.stats.images  # type: ignore[attr-defined,no-any-return]
 
 
 class TestCreateProducts:

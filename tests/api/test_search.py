@@ -174,9 +174,10 @@ class TestSearchErrors:
         assert response.status_code == 422
 
     async def test_full_queue_answers_503_with_retry_after(self, settings: Settings) -> None:
-        batch = settings.batch.model_copy(update={"max_size": 1, "queue_size": 1})
+        # Two images in flight fill it: one in the forward pass, one queued.
+        batch = settings.batch.model_copy(update={"max_size": 1, "queue_size": 2})
         async with app_client(settings.model_copy(update={"batch": batch})) as c:
-            worker = c.app.state.vs.worker  # type: ignore[attr-defined]
+            worker = c.app.state.vs.services.worker  # type: ignore[attr-defined]
             gate, entered = threading.Event(), threading.Event()
             forward = worker.embedder.forward
 
@@ -190,7 +191,7 @@ class TestSearchErrors:
             try:
                 busy = worker.submit_tensor(tensor)  # taken by the model, held at the gate
                 assert entered.wait(5)
-                queued = worker.submit_tensor(tensor)  # fills the one-image queue
+                queued = worker.submit_tensor(tensor)  # fills the capacity
                 started = time.perf_counter()
                 response = await search_json(c, image=b64(jpeg(3)))
                 elapsed = time.perf_counter() - started
@@ -205,3 +206,6 @@ class TestSearchErrors:
             assert queued.result(5).shape == (512,)
             after = await search_json(c, image=b64(jpeg(3)))
             assert after.status_code == 200
+            metrics = (await c.get("/metrics")).text
+            assert "vsearch_admission_rejected_requests_total 1.0" in metrics
+            assert "vsearch_admission_in_flight_images 0.0" in metrics

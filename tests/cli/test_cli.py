@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from app.cli import cli
 from app.core.config import DEFAULT_MODEL, Settings
 from app.inference.model import load_model
-from app.lifespan import load_embedder
+from app.services import load_embedder
 from tests.conftest import REPO
 
 runner = CliRunner()

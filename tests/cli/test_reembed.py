@@ -46,9 +46,15 @@ def test_switching_models_and_reembedding(
 
     other = init_random(tmp_path / "other", backbone="convnext_atto", input_size=64, seed=7)
     env2 = {**env, "VS_MODEL": str(other)}
-    refused = runner.invoke(cli, ["reindex"], env=env2)
+    refused = runner.invoke(cli, ["ingest", str(listing)], env=env2)
     assert refused.exit_code != 0
     assert "another model" in str(refused.exception)
+    # reindex never embeds: it rebuilds from the catalogue's own embeddings without
+    # loading any model, so a missing VS_MODEL does not matter to it.
+    no_model = {**env, "VS_MODEL": str(tmp_path / "no-such-model")}
+    rebuilt = runner.invoke(cli, ["reindex"], env=no_model)
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert json.loads(rebuilt.stdout[rebuilt.stdout.index("{") :])["ntotal"] == 4
 
     result = runner.invoke(cli, ["reembed"], env=env2)
 

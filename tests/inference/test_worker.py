@@ -59,7 +59,8 @@ class TestBatchWorker:
 
     async def test_full_queue_answers_overloaded_at_once(self, embedder: Embedder) -> None:
         gated = _GatedEmbedder(embedder)
-        worker = BatchWorker(gated, max_size=1, max_wait_ms=0, queue_size=2)  # type: ignore[arg-type]
+        # Capacity 3: one image in the forward pass plus two queued fill it.
+        worker = BatchWorker(gated, max_size=1, max_wait_ms=0, queue_size=3)  # type: ignore[arg-type]
         worker.start()
         tensor = embedder.preprocess(pattern())
         try:
@@ -72,11 +73,14 @@ class TestBatchWorker:
             assert time.perf_counter() - started < 0.5
             assert info.value.headers["Retry-After"] == "1"
             assert info.value.status_code == 503
+            assert worker.admission.rejected_requests == 1
+            assert worker.admission.in_flight == 3
         finally:
             gated.gate.set()
             worker.shutdown()
         assert first.result(5).shape == (512,)
         assert all(f.result(5).shape == (512,) for f in queued)
+        assert worker.admission.in_flight == 0  # every slot came back with its result
 
     def test_a_failing_image_fails_only_its_own_future(self, embedder: Embedder) -> None:
         worker = BatchWorker(embedder, max_size=8, max_wait_ms=100, queue_size=64)

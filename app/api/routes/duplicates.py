@@ -18,7 +18,7 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
-from app.core.errors import InvalidRequest
+from app.core.cursor import decode_cursor, encode_cursor
 
 router = APIRouter(
     prefix="/duplicates",
@@ -109,9 +109,9 @@ async def groups(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
 ) -> DuplicateGroupsRead:
     found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
-    start = _offset(cursor)
+    start = int(decode_cursor(cursor, "groups", (int,))[0]) if cursor else 0
     page = found[start : start + limit]
-    next_cursor = str(start + limit) if start + limit < len(found) else None
+    next_cursor = encode_cursor("groups", (start + limit,)) if start + limit < len(found) else None
     return DuplicateGroupsRead(
         groups=[
             DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
@@ -119,14 +119,6 @@ async def groups(
         ],
         next_cursor=next_cursor,
     )
-
-
-def _offset(cursor: str | None) -> int:
-    if not cursor:
-        return 0
-    if not cursor.isdigit():
-        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.")
-    return int(cursor)
 
 
 @router.post(

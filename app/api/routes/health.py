@@ -32,20 +32,22 @@ async def health() -> HealthRead:
     responses={503: {"model": ReadyRead, "description": "Not ready yet."}},
 )
 async def ready(state: StateDep) -> ReadyRead | JSONResponse:
+    services = state.services
     checks = {
-        "model": state.embedder is not None,
-        "worker": state.worker is not None and state.worker.running,
-        "database": state.db is not None,
-        "index": state.index is not None,
+        "model": services is not None,
+        "worker": services is not None and services.worker.running,
+        "database": services is not None,
+        "index": services is not None and services.index.is_open,
     }
-    model = None
-    if state.embedder is not None:
-        model = ModelRead(**state.embedder.describe(), fallback=state.model_fallback)
     body = ReadyRead(
         status="ready" if all(checks.values()) else "starting",
         checks=checks,
-        model=model,
-        index=state.index.describe() if state.index is not None else None,
+        model=(
+            ModelRead(**services.embedder.describe(), fallback=services.model_fallback)
+            if services is not None
+            else None
+        ),
+        index=services.index.describe() if services is not None else None,
     )
     if body.status != "ready":
         return JSONResponse(body.model_dump(), status_code=503, headers={"Retry-After": "5"})

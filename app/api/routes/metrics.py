@@ -23,6 +23,4 @@ router = APIRouter(tags=["health"])
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Metrics."}},
 )
 async def metrics(state: StateDep) -> Response:
-    if state.metrics is None:
-        return Response(b"", media_type=CONTENT_TYPE_LATEST)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
-from starlette.datastructures import UploadFile
 
+from app.api.bodies import read_body, request_body
 from app.api.deps import CatalogueDep, StateDep
 from app.api.errors import error_responses
+from app.api.forms import ProductUpload
 from app.api.schemas import (
     ErrorBody,
     ImageRead,
@@ -28,7 +24,8 @@ from app.api.schemas import (
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.models import Product
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
-from app.core.errors import InvalidRequest, ServiceError
+from app.core.cursor import decode_cursor, encode_cursor
+from app.core.errors import InvalidRequest
 
 router = APIRouter(
     prefix="/products",
@@ -36,23 +33,6 @@ router = APIRouter(
     dependencies=[RateLimitDep],
     responses=error_responses(429),
 )
-
-_MULTIPART_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["id", "image"],
-    "properties": {
-        "id": {"type": "string", "minLength": 1, "maxLength": 256, "example": "sku-123"},
-        "title": {"type": "string", "maxLength": 4096},
-        "category": {"type": "string", "maxLength": 256},
-        "attributes": {"type": "string", "description": "A JSON object, as text."},
-        "image": {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "string", "format": "binary"},
-            "description": "One or more image files (JPEG, PNG, WebP, GIF).",
-        },
-    },
-}
 
 CREATE_DESCRIPTION = """
 Index up to `VS_MAX_PRODUCTS_PER_REQUEST` products (default 64) in one call.
@@ -77,29 +57,27 @@ are searchable as soon as this call returns.
     summary="Index products (create or replace)",
     description=CREATE_DESCRIPTION,
     responses=error_responses(401, 413, 415, 422, 503),
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/ProductsCreate"}},
-                "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
-            },
-        }
-    },
+    openapi_extra=request_body(ProductsCreate, ProductUpload),
 )
 async def create_products(
     request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep
 ) -> ProductsCreateRead:
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "multipart/form-data":
-        inputs = [await _multipart_product(request)]
-    elif content_type in ("application/json", ""):
-        payload = _parse_json(await request.body())
+    body = await read_body(request, ProductsCreate, ProductUpload, max_files=64, max_fields=32)
+    if isinstance(body, ProductUpload):
+        inputs = [
+            ProductInput(
+                id=body.id,
+                title=body.title,
+                category=body.category,
+                attributes=body.attributes or {},
+                images=[ImageInput(data=data) for data in body.image],
+            )
+        ]
+    else:
         limit = state.settings.max_products_per_request
-        if len(payload.products) > limit:
+        if len(body.products) > limit:
             raise InvalidRequest(
-                f"At most {limit} products per request (got {len(payload.products)}); "
-                "split the batch."
+                f"At most {limit} products per request (got {len(body.products)}); split the batch."
             )
         inputs = [
             ProductInput(
@@ -109,67 +87,15 @@ async def create_products(
                 attributes=p.attributes,
                 images=[
                     ImageInput(
-                        url=img.url,
-                        data_b64=img.data,
-                        box=img.box.as_tuple() if img.box else None,
+                        url=img.url, data_b64=img.data, box=img.box.as_box() if img.box else None
                     )
                     for img in p.images
                 ],
             )
-            for p in payload.products
+            for p in body.products
         ]
-    else:
-        raise UnsupportedMediaType(
-            "Send application/json or multipart/form-data (see the API docs)."
-        )
     results = await catalogue.upsert_products(inputs)
     return ProductsCreateRead(results=[_result(r) for r in results])
-
-
-class UnsupportedMediaType(ServiceError):
-    status_code = 415
-    code = "unsupported_media_type"
-
-
-def _parse_json(body: bytes) -> ProductsCreate:
-    try:
-        return ProductsCreate.model_validate_json(body)
-    except ValidationError as exc:
-        raise RequestValidationError(
-            [{**e, "loc": ("body", *e.get("loc", ()))} for e in exc.errors(include_url=False)]
-        ) from None
-
-
-async def _multipart_product(request: Request) -> ProductInput:
-    async with request.form(max_files=64, max_fields=32) as form:
-        product_id = form.get("id")
-        if not isinstance(product_id, str) or not 0 < len(product_id) <= 256:
-            raise InvalidRequest("Multipart products need an `id` field of 1-256 characters.")
-        files = [f for f in form.getlist("image") if isinstance(f, UploadFile)]
-        if not files:
-            raise InvalidRequest("Multipart products need at least one `image` file.")
-        attributes: dict[str, Any] = {}
-        raw_attributes = form.get("attributes")
-        if isinstance(raw_attributes, str) and raw_attributes.strip():
-            try:
-                attributes = json.loads(raw_attributes)
-            except json.JSONDecodeError:
-                raise InvalidRequest("`attributes` must be a JSON object.") from None
-            if not isinstance(attributes, dict):
-                raise InvalidRequest("`attributes` must be a JSON object.")
-        title, category = form.get("title"), form.get("category")
-        if isinstance(title, str) and len(title) > 4096:
-            raise InvalidRequest("`title` must be at most 4096 characters.")
-        if isinstance(category, str) and len(category) > 256:
-            raise InvalidRequest("`category` must be at most 256 characters.")
-        images = [ImageInput(data=await f.read()) for f in files]
-    return ProductInput(
-        id=product_id,
-        title=title if isinstance(title, str) else None,
-        category=category if isinstance(category, str) else None,
-        attributes=attributes,
-        images=images,
-    )
 
 
 def _result(result: ProductResult) -> ProductResultRead:
@@ -220,11 +146,11 @@ async def list_products(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
 ) -> ProductsRead:
-    after = _decode_cursor(cursor) if cursor else None
+    after = int(decode_cursor(cursor, "products", (int,))[0]) if cursor else None
     products = await asyncio.to_thread(
         catalogue.list_products, after_pk=after, limit=limit, category=category
     )
-    next_cursor = _encode_cursor(products[-1].pk) if len(products) == limit else None
+    next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
     return ProductsRead(products=[product_read(p) for p in products], next_cursor=next_cursor)
 
 
@@ -255,18 +181,3 @@ async def get_product(
 async def delete_product(product_id: str, catalogue: CatalogueDep, _key: WriteKeyDep) -> Response:
     await catalogue.delete_product(product_id)
     return Response(status_code=204)
-
-
-def _encode_cursor(pk: int) -> str:
-    return base64.urlsafe_b64encode(f"p:{pk}".encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        prefix, value = raw.split(":", 1)
-        if prefix != "p":
-            raise ValueError
-        return int(value)
-    except (ValueError, UnicodeDecodeError, binascii.Error):
-        raise InvalidRequest("The cursor is not valid; use `next_cursor` as returned.") from None

@@ -9,7 +9,7 @@ from app.catalogue.models import ProductImage
 from app.core.config import Settings
 from app.core.database import Database
 from app.core.migrations import SchemaBehind, current_revision, head_revision
-from app.lifespan import ModelMismatch
+from app.services import ModelMismatch
 from tests.conftest import app_client
 from tests.images import encode, pattern
 

@@ -1,0 +1,42 @@
+"""What the HTTP layer holds per app: settings, access rules, metrics, and the services.
+
+The services are opened by the lifespan (`app.main.lifespan`) through the one composition
+root, `app.services.open_services`; everything else here is derived from the settings when
+the app is created, so middleware and probes work before the model has loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from app.api.observability import ServiceMetrics
+from app.core.config import Settings
+from app.core.ratelimit import TokenBuckets
+from app.services import Services
+
+
+@dataclass
+class ApiState:
+    settings: Settings
+    metrics: ServiceMetrics
+    write_keys: list[str]
+    read_keys: list[str]
+    rate_limits: TokenBuckets | None
+    started_at: float = field(default_factory=time.time)
+    # Set while the lifespan holds the services open; None before start-up ends and after
+    # shut-down begins (requests then get 503 not_ready).
+    services: Services | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ApiState:
+        limits = settings.rate_limit
+        return cls(
+            settings=settings,
+            metrics=ServiceMetrics(),
+            write_keys=settings.write_keys(),
+            read_keys=settings.read_keys(),
+            rate_limits=(
+                TokenBuckets(limits.per_minute, limits.burst) if limits.per_minute > 0 else None
+            ),
+        )
