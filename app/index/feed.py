@@ -4,7 +4,7 @@ The index is a derived cache of whatever owns the embeddings. It knows nothing o
 transactions or SQL: it reads changes through a `ChangeFeed` (which image ids changed, in
 order, after a position) and the current state through an `EmbeddingSource`, and persists
 its position, a `Watermark`, in its manifest. The catalogue implements both over its
-database (app/catalogue/feed.py); the index tests implement them in memory.
+database (in the catalogue package); the index tests implement them in memory.
 
 A change says only *which* image changed. The index then asks the source for that image's
 current embedding (or learns it is gone), so applying a change twice, or out of order with
