@@ -11,17 +11,37 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from app.core.config import Settings
+from app.core.errors import ModelLoadError, ServiceError
 from app.core.logging import configure_logging
 
 if TYPE_CHECKING:
     from rich.progress import Progress
+    from typer._click import Context
+
+
+err = Console(stderr=True)
+
+
+class CommandGroup(TyperGroup):
+    """Prints what a user can fix (a model that does not load, a bad input, a file that
+    cannot be read) as one `error:` line and exit status 1, not a traceback."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (ServiceError, ModelLoadError, OSError) as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(code=1) from exc
+
 
 cli = typer.Typer(
     help="Visual product search service: serve, manage models, benchmark.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    cls=CommandGroup,
 )
 model_cli = typer.Typer(help="Create and inspect model directories.", no_args_is_help=True)
 bench_cli = typer.Typer(help="Benchmarks that print their figures as JSON.", no_args_is_help=True)
@@ -34,7 +54,6 @@ cli.add_typer(bench_cli, name="bench")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(duplicates_cli, name="duplicates")
 
-err = Console(stderr=True)
 LOG = logging.getLogger("vsearch")
 
 
@@ -146,7 +165,7 @@ def model_info(
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
 ) -> None:
     """Load a model strictly and print what the service would use."""
-    from app.inference.model import load_model
+    from app.inference.runtime import load_model
 
     _settings()
     embedder = load_model(model, device=device, precision=precision)
@@ -155,12 +174,12 @@ def model_info(
 
 @bench_cli.command("embed")
 def bench_embed(
-    model: Annotated[Path, typer.Option(help="Model directory.")],
-    images: Annotated[int, typer.Option(help="Number of images.")] = 64,
+    model: Annotated[str, typer.Option(help="Model directory or hub id.")],
+    images: Annotated[int, typer.Option(help="Number of images.", min=1)] = 64,
     images_dir: Annotated[
         Path | None, typer.Option(help="Take images from here instead of synthetic ones.")
     ] = None,
-    callers: Annotated[int, typer.Option(help="Concurrent callers.")] = 16,
+    callers: Annotated[int, typer.Option(help="Concurrent callers.", min=1)] = 16,
     batch_sizes: Annotated[
         str, typer.Option(help="Comma-separated worker batch sizes.")
     ] = "1,8,32",
@@ -171,22 +190,30 @@ def bench_embed(
     compile_model: Annotated[
         bool, typer.Option("--compile/--no-compile", help="Also measure the compiled model.")
     ] = True,
+    roofline: Annotated[
+        bool, typer.Option("--roofline/--no-roofline", help="Measure the machine's GEMM peak.")
+    ] = True,
 ) -> None:
     """Reference loop vs the batching worker, with the machine's roofline; prints JSON."""
     from app.benchmarks.embed import run_embed_benchmark
 
     _settings()
+    try:
+        sizes = tuple(int(b) for b in batch_sizes.split(",") if b.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{batch_sizes!r} is not a list like 1,8,32") from None
     result = run_embed_benchmark(
         model,
         n_images=images,
         images_dir=images_dir,
-        batch_sizes=tuple(int(b) for b in batch_sizes.split(",") if b),
+        batch_sizes=sizes,
         callers=callers,
         device=device,
         precision=precision,
         max_wait_ms=max_wait_ms,
         preprocess_threads=preprocess_threads,
         compile_model=compile_model,
+        roofline=roofline,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     print(json.dumps(result, indent=2))

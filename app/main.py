@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from app import __version__
+from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit
@@ -18,6 +22,7 @@ from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, metrics, products, search
 from app.api.schemas import ProductsCreate, SearchRequest
 from app.api.state import ApiState
+from app.api.strict import reject_unknown_query
 from app.core.config import Settings
 from app.services import open_services
 
@@ -48,16 +53,42 @@ TAGS = [
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the services for the app's lifetime (the one composition root)."""
+    """Open the services in the background, so the server answers `/health` (`starting`)
+    and `/ready` (503) while the model loads; other routes answer 503 until then."""
     state: ApiState = app.state.vs
-    async with open_services(state.settings, on_batch=state.metrics.observe_batch) as services:
-        state.services = services
-        state.metrics.bind(services)
-        try:
-            yield
-        finally:
-            state.services = None
-            state.metrics.bind(None)
+    stop = asyncio.Event()
+    task = asyncio.create_task(_hold_services(state, stop), name="vsearch-services")
+    try:
+        yield
+    finally:
+        stop.set()
+        if not state.started.is_set():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task  # start-up errors were logged (and raised) where they happened
+
+
+async def _hold_services(state: ApiState, stop: asyncio.Event) -> None:
+    try:
+        async with open_services(state.settings, on_batch=state.metrics.observe_batch) as s:
+            state.services = s
+            state.metrics.bind(s)
+            state.started.set()
+            try:
+                await stop.wait()
+            finally:
+                state.services = None
+                state.metrics.bind(None)
+    except Exception as exc:
+        if state.started.is_set():
+            raise
+        state.start_error = exc
+        state.started.set()
+        LOG.critical("start-up failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        if state.exit_on_start_failure:
+            logging.shutdown()
+            os._exit(3)  # nothing to release: open_services closed what it had opened
+        raise
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -69,8 +100,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
         openapi_tags=TAGS,
-        docs_url="/docs" if settings.docs else None,
-        redoc_url="/redoc" if settings.docs else None,
+        dependencies=[Depends(reject_unknown_query)],
+        docs_url=None,  # served from local assets by install_docs
+        redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
     )
     state = ApiState.from_settings(settings)
@@ -92,5 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             expose_headers=["X-Request-ID", "Retry-After"],
         )
     app.add_middleware(RequestObservability, metrics=state.metrics)
+    if settings.docs:
+        install_docs(app, "/openapi.json")
     install_openapi(app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload])
     return app

@@ -35,7 +35,8 @@ from app.core.migrations import ensure_schema
 from app.imaging.fetch import FetchLimits, ImageFetcher
 from app.index.lifecycle import IndexService
 from app.inference.admission import Admission
-from app.inference.model import CONFIG_FILE, Embedder, load_model
+from app.inference.loading import CONFIG_FILE
+from app.inference.runtime import Embedder, load_model
 from app.inference.worker import BatchObserver, BatchWorker
 
 LOG = logging.getLogger(__name__)
@@ -77,16 +78,15 @@ class Services:
     catalogue: CatalogueService
     search: SearchService
 
-    @property
-    def ready(self) -> bool:
-        return self.worker.running
-
 
 # the parts ------------------------------------------------------------------------------
 def open_database(settings: Settings) -> Database:
     """The catalogue database, migrated (or checked) per `VS_MIGRATE_ON_START`."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     db = Database(settings.resolved_database_url)
+    LOG.info(
+        "catalogue: %s; data directory: %s", db.engine.url.render_as_string(), settings.data_dir
+    )
     try:
         ensure_schema(db, migrate=settings.migrate_on_start)
     except BaseException:

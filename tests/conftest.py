@@ -127,7 +127,9 @@ def db_settings(settings: Settings, database_url: str) -> Settings:
 async def app_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The real app (lifespan included) behind an ASGI transport."""
     app = create_app(settings)
+    app.state.vs.exit_on_start_failure = False  # raise start-up errors here instead
     async with app.router.lifespan_context(app):
+        await app.state.vs.wait_started()
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
             c.app = app  # type: ignore[attr-defined]

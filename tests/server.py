@@ -41,7 +41,8 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(env: dict[str, str], log: Path, timeout: float = 90) -> Server:
+def launch_server(env: dict[str, str], log: Path) -> Server:
+    """Start `vsearch serve` without waiting for anything."""
     port = free_port()
     handle = log.open("ab")
     process = subprocess.Popen(
@@ -51,7 +52,12 @@ def start_server(env: dict[str, str], log: Path, timeout: float = 90) -> Server:
         stdout=handle,
         stderr=subprocess.STDOUT,
     )
-    server = Server(process, port, log)
+    return Server(process, port, log)
+
+
+def start_server(env: dict[str, str], log: Path, timeout: float = 90) -> Server:
+    server = launch_server(env, log)
+    process = server.process
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
 
 from tests.images import encode, pattern
-from tests.server import start_server
+from tests.server import launch_server, start_server
 
 
 def _env(tiny_model_dir: Path, data_dir: Path) -> dict[str, str]:
@@ -67,3 +68,46 @@ def test_restart_after_sigkill_loses_nothing(tiny_model_dir: Path, tmp_path: Pat
         assert ready["index"]["ntotal"] == 6
     finally:
         again.stop()
+
+
+def test_health_answers_starting_while_the_model_loads(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    server = launch_server(_env(tiny_model_dir, tmp_path / "data"), tmp_path / "log")
+    seen: list[tuple[str, int]] = []
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and server.process.poll() is None:
+            try:
+                health = httpx.get(f"{server.url}/health", timeout=2)
+                search = httpx.post(f"{server.url}/search", json={"image_url": "http://x"})
+                ready = httpx.get(f"{server.url}/ready", timeout=2)
+            except httpx.TransportError:
+                time.sleep(0.02)
+                continue
+            seen.append((health.json()["status"], ready.status_code))
+            if search.status_code == 503:  # refused while starting, with a retry hint
+                assert search.json()["error"]["code"] == "not_ready"
+                assert search.headers["retry-after"]
+            else:  # only once started
+                assert ready.status_code == 200
+            if ready.status_code == 200:
+                break
+            time.sleep(0.02)
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled
+    assert seen[0] == ("starting", 503), seen  # listening before the model has loaded
+    assert seen[-1] == ("ok", 200), seen
+
+
+def test_a_failed_start_exits_non_zero_with_the_reason(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    env = {**_env(tiny_model_dir, tmp_path / "data"), "VS_MODEL": str(tmp_path / "missing")}
+    server = launch_server(env, tmp_path / "log")
+    try:
+        code = server.process.wait(90)
+    finally:
+        server.stop(signal.SIGKILL)
+    assert code == 3
+    assert "start-up failed" in server.output()

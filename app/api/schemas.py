@@ -27,7 +27,7 @@ class ErrorResponse(BaseModel):
 
 
 class HealthRead(BaseModel):
-    status: str = Field(examples=["ok"])
+    status: Literal["ok", "starting"] = Field(examples=["ok"])
 
 
 class ModelRead(BaseModel):

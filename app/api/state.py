@@ -7,6 +7,7 @@ the app is created, so middleware and probes work before the model has loaded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -27,6 +28,19 @@ class ApiState:
     # Set while the lifespan holds the services open; None before start-up ends and after
     # shut-down begins (requests then get 503 not_ready).
     services: Services | None = None
+    started: asyncio.Event = field(default_factory=asyncio.Event)
+    start_error: BaseException | None = None
+    # A server process exits (code 3) when start-up fails, so an orchestrator restarts it
+    # and the error is the last thing logged; in-process callers get the exception instead.
+    exit_on_start_failure: bool = True
+
+    async def wait_started(self) -> Services:
+        """The services once start-up finished; raises what made it fail."""
+        await self.started.wait()
+        if self.start_error is not None:
+            raise self.start_error
+        assert self.services is not None
+        return self.services
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ApiState:

@@ -42,13 +42,18 @@ class CardModel(nn.Module):
 
 
 class CardPipeline:
-    """Model + transform as the card builds them."""
+    """Model + transform as the card builds them.
 
-    def __init__(self, model_dir: Path) -> None:
+    The card's class knows only its flatten head; for a pooled-head model pass the loaded
+    module as `model`, and the loop (one image, fp32, torchvision transforms) stays the card's.
+    """
+
+    def __init__(self, model_dir: Path, model: nn.Module | None = None) -> None:
         config = json.loads((model_dir / "config.json").read_text())
-        self.model = CardModel(config)
-        self.model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
-        self.model.eval()
+        if model is None:
+            model = CardModel(config)
+            model.load_state_dict(load_file(str(model_dir / "model.safetensors")), strict=False)
+        self.model = model.eval()
         size = config["input_size"]
         norm = config["normalization"]
         self.transform = transforms.Compose(

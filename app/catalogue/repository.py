@@ -3,7 +3,7 @@ commit; the caller's `Database.write()` / `read()` does."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -76,10 +76,6 @@ def list_products(
     return list(session.scalars(stmt))
 
 
-def count_products(session: Session) -> int:
-    return int(session.scalar(select(func.count()).select_from(Product)) or 0)
-
-
 def delete_product(session: Session, product: Product) -> list[int]:
     """Delete a product and its images; logs a `delete` change per image."""
     image_ids = list(
@@ -89,13 +85,6 @@ def delete_product(session: Session, product: Product) -> list[int]:
     log_changes(session, image_ids, OP_DELETE)
     session.execute(delete(Product).where(Product.pk == product.pk))
     return image_ids
-
-
-def products_by_pk(session: Session, pks: Iterable[int]) -> dict[int, Product]:
-    wanted = list(set(pks))
-    if not wanted:
-        return {}
-    return {p.pk: p for p in session.scalars(select(Product).where(Product.pk.in_(wanted)))}
 
 
 # images ---------------------------------------------------------------------------------
@@ -487,11 +476,6 @@ def set_decision(
         set_={k: stmt.excluded[k] for k in ("decision", "decided_by", "decided_at")},
     )
     session.execute(stmt)
-
-
-def get_decision(session: Session, a_pk: int, b_pk: int) -> DuplicateDecision | None:
-    a_pk, b_pk = canonical(a_pk, b_pk)
-    return session.get(DuplicateDecision, (a_pk, b_pk))
 
 
 def images_page(

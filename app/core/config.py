@@ -24,7 +24,12 @@ class BatchSettings(BaseModel):
         5.0, ge=0, le=10_000, description="Longest wait for a batch to fill after its first image."
     )
     queue_size: int = Field(
-        256, ge=1, description="Images waiting for the model before requests get 503."
+        256,
+        ge=1,
+        description=(
+            "Images in flight (downloading, decoding, queued or in the model) before "
+            "requests get 503."
+        ),
     )
     preprocess_threads: int = Field(
         2, ge=1, le=64, description="Threads that decode, crop and resize images."
@@ -117,7 +122,13 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="Inference precision; auto = fp16 on CUDA, bf16 on capable CPUs."
     )
-    data_dir: Path = Field(Path("./data"), description="SQLite file, index files, cached models.")
+    data_dir: Path = Field(
+        Path("~/.local/share/vsearch"),
+        description=(
+            "SQLite file, index files, cached models. One place per user, whatever the "
+            "working directory, so every command sees the same catalogue."
+        ),
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite file under the data directory."
     )
@@ -166,7 +177,7 @@ class Settings(BaseSettings):
     @field_validator("data_dir")
     @classmethod
     def _expand(cls, value: Path) -> Path:
-        return value.expanduser()
+        return value.expanduser().absolute()
 
     @model_validator(mode="after")
     def _refuse_unsafe_in_production(self) -> Settings:

@@ -23,12 +23,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | None = None) -> None:
     """Replace `path` with what `write(tmp)` writes to a temporary path next to it.
 
     `write` receives the temporary path (so libraries that write by file name, such as
-    FAISS, torch or safetensors, can be used as they are). The temporary file is removed
-    when `write` fails; the target is then left as it was.
+    FAISS, torch or safetensors, can be used as they are). `mode`, when given, is set on
+    the file before it replaces `path`, whatever the umask or the writing library chose.
+    The temporary file is removed when `write` fails; the target is then left as it was.
     """
     # pid and thread in the name: two writers of the same file never share a temporary.
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
@@ -39,6 +40,8 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:
@@ -46,6 +49,6 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
             tmp.unlink()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
     """`atomic_write` of a text file (UTF-8)."""
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=mode)

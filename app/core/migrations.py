@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import sysconfig
 from pathlib import Path
 
 from alembic import command
@@ -18,13 +20,25 @@ LOG = logging.getLogger(__name__)
 
 
 def migrations_dir() -> Path:
-    """The Alembic scripts: VS_MIGRATIONS_DIR, else beside the package (source checkout),
-    else ./migrations (an installed package run from the project directory)."""
+    """The Alembic scripts: `VS_MIGRATIONS_DIR`, else beside the package (a source checkout
+    or an editable install), else where `pip install` put them (`<prefix>/share/vsearch/
+    migrations`). Never the working directory: the catalogue must not depend on it."""
     override = os.environ.get("VS_MIGRATIONS_DIR")
     if override:
         return Path(override)
-    beside = Path(__file__).resolve().parents[2] / "migrations"
-    return beside if beside.is_dir() else Path.cwd() / "migrations"
+    candidates = [
+        Path(__file__).resolve().parents[2] / "migrations",
+        Path(sysconfig.get_path("data")) / "share" / "vsearch" / "migrations",
+        Path(sys.prefix) / "share" / "vsearch" / "migrations",
+    ]
+    for candidate in candidates:
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "The database migrations were not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); reinstall vsearch or set VS_MIGRATIONS_DIR to the project's migrations/."
+    )
 
 
 # Any fixed number: replicas starting together take turns migrating.

@@ -27,7 +27,7 @@ from app.imaging.decode import decode_image
 from app.index.build import ivfpq_factory, train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.vectors import ExactVectors
-from app.inference.model import Embedder, load_model
+from app.inference.runtime import Embedder, load_model
 
 Progress = Callable[[str, int, int], None]
 

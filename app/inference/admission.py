@@ -52,16 +52,12 @@ class Admission:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._in_flight = 0
-        self.admitted_images = 0
         self.rejected_images = 0
         self.rejected_requests = 0
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
-
-    def is_overloaded(self, images: int = 1) -> bool:
-        return self._in_flight + images > self.capacity
 
     def admit(self, images: int) -> Ticket:
         """Reserve `images` slots, or raise `Overloaded` (503 with Retry-After) at once.
@@ -85,7 +81,6 @@ class Admission:
                     f"and cannot take {images} more now; retry shortly."
                 )
             self._in_flight += images
-            self.admitted_images += images
         return Ticket(self, images)
 
     def _release(self, images: int) -> None:

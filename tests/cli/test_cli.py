@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from app.cli import cli
 from app.core.config import DEFAULT_MODEL, Settings
-from app.inference.model import load_model
+from app.inference.runtime import load_model
 from app.services import load_embedder
 from tests.conftest import REPO
 
@@ -115,15 +115,16 @@ class TestServe:
             "VS_PRECISION": "fp32",
             "VS_LOG_FORMAT": "json",
         }
+        log = tmp_path / "serve.log"  # a file, not a pipe nobody drains while it polls
         proc = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
             cwd=REPO,
             env=env,
-            stdout=subprocess.PIPE,
+            stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
         )
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 120
             body = None
             while time.monotonic() < deadline:
                 try:
@@ -133,13 +134,14 @@ class TestServe:
                         break
                 except httpx.TransportError:
                     pass
-                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                assert proc.poll() is None, log.read_text()
                 time.sleep(0.3)
-            assert body is not None, "service did not become ready in 60 s"
+            assert body is not None, "service did not become ready in 120 s"
             assert body["model"]["model_id"].startswith("tiny@")
         finally:
             proc.terminate()
-            output = proc.communicate(timeout=30)[0].decode()
+            proc.wait(timeout=30)
+        output = log.read_text()
         # uvicorn re-raises SIGTERM after its graceful shutdown, so -15 is a clean exit.
         assert proc.returncode in (0, -15)
         messages = [json.loads(x)["message"] for x in output.splitlines() if x.startswith("{")]

@@ -12,7 +12,7 @@ from app.catalogue.models import ProductImage
 from app.cli import cli
 from app.core.database import Database
 from app.inference.builders import init_random
-from app.inference.model import load_model
+from app.inference.runtime import load_model
 from tests.conftest import app_client
 from tests.images import encode, pattern
 

@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from app.core.errors import InvalidBox, ModelLoadError, ModelUnavailable
-from app.inference import model as model_mod
+from app.inference import precision as precision_mod
 from app.inference.builders import init_random
-from app.inference.model import load_model, resolve_model_dir
+from app.inference.loading import resolve_model_dir
+from app.inference.runtime import load_model
 from tests.images import pattern
 from tests.inference.card_reference import card_embed
 
@@ -101,7 +105,7 @@ class TestStrictLoading:
         save_file(state, str(target / "model.safetensors"))
         image = pattern(seed=3)
 
-        with caplog.at_level(logging.INFO, logger="app.inference.model"):
+        with caplog.at_level(logging.INFO, logger="app.inference.loading"):
             embedder = load_model(target, device="cpu", precision="fp32")
 
         ignored = [r for r in caplog.records if "used only in training" in r.getMessage()]
@@ -132,6 +136,76 @@ class TestStrictLoading:
         (target / "model.safetensors").write_bytes(b"\x00" * 64)
         with pytest.raises(ModelLoadError, match="not a readable safetensors file"):
             load_model(target, device="cpu", precision="fp32")
+
+
+def _as_another_user(action: Callable[[], str]) -> str:
+    """Run `action` in a forked child as uid/gid 65534 (nobody); return what it returned.
+
+    Root reads any file, so a permission problem can only be seen from another user.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: no torch work happens before the check under test
+        os.close(read_end)
+        status = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            os.write(write_end, action().encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    return out
+
+
+class TestUnreadableFiles:
+    """A model directory mounted for another user: unreadable is not the same as missing."""
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="reading as another user needs root")
+    def test_mode_0600_weights_say_permission_denied_and_how_to_fix(
+        self, tiny_model_dir: Path
+    ) -> None:
+        shared = Path(tempfile.mkdtemp(prefix="vs-model-"))
+        try:
+            shared.chmod(0o755)
+            target = _copy(tiny_model_dir, shared, "mounted")
+            target.chmod(0o755)
+            (target / "config.json").chmod(0o644)
+            (target / "model.safetensors").chmod(0o600)
+
+            def attempt() -> str:
+                try:
+                    load_model(target, device="cpu", precision="fp32")
+                except ModelLoadError as exc:
+                    return str(exc)
+                return "loaded"
+
+            message = _as_another_user(attempt)
+        finally:
+            shutil.rmtree(shared)
+
+        weights = target / "model.safetensors"
+        assert message.startswith(f"cannot read {weights}: permission denied")
+        assert "the file is mode 0600 owned by uid 0" in message
+        assert "runs as uid 65534" in message
+        assert f"chmod a+r {weights}" in message
+        assert "does not exist" not in message
+
+    def test_missing_weights_are_not_called_a_permission_problem(
+        self, tiny_model_dir: Path, tmp_path: Path
+    ) -> None:
+        target = _copy(tiny_model_dir, tmp_path)
+        (target / "model.safetensors").unlink()
+
+        with pytest.raises(ModelLoadError) as info:
+            load_model(target, device="cpu", precision="fp32")
+
+        assert str(info.value) == f"{target / 'model.safetensors'} does not exist"
 
 
 class TestModelId:
@@ -170,7 +244,7 @@ class TestHubIds:
 
 class TestPrecision:
     def test_bf16_on_this_cpu_agrees_with_fp32(self, tiny_model_dir: Path) -> None:
-        if not model_mod.cpu_supports_bf16():
+        if not precision_mod.cpu_supports_bf16():
             pytest.skip("this CPU has no native bf16")
         images = [pattern(seed=i) for i in range(4)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
@@ -184,8 +258,8 @@ class TestPrecision:
     def test_falls_back_to_exact_fp32_when_low_precision_disagrees(
         self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setattr(model_mod, "cpu_supports_bf16", lambda: True)
-        monkeypatch.setattr(model_mod, "PRECISION_MIN_COSINE", 1.01)  # nothing can pass
+        monkeypatch.setattr(precision_mod, "cpu_supports_bf16", lambda: True)
+        monkeypatch.setattr(precision_mod, "PRECISION_MIN_COSINE", 1.01)  # nothing can pass
         images = [pattern(seed=i) for i in range(3)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from app.core.errors import InvalidBox, NotReady, Overloaded
-from app.inference.model import Embedder, load_model
+from app.inference.runtime import Embedder, load_model
 from app.inference.worker import BatchWorker
 from tests.images import pattern
 

@@ -36,7 +36,7 @@ from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.index.shard import Shard
 from app.index.store import generation_dir, read_manifest
-from app.inference.model import load_model
+from app.inference.runtime import load_model
 from tests.images import encode, pattern
 from tests.server import Server, start_server
 

@@ -191,7 +191,9 @@ def main() -> None:
     async def run(tmp: Path) -> dict[str, Any]:
         model = init_random(tmp / "model", backbone="convnext_atto", input_size=64)
         app = create_app(Settings(model=str(model), data_dir=tmp / "data", precision="fp32"))
+        app.state.vs.exit_on_start_failure = False
         async with app.router.lifespan_context(app):
+            await app.state.vs.wait_started()
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 return await run_corpus(client)

@@ -14,10 +14,14 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/health",
     summary="Liveness probe",
-    description="200 while the process runs, whatever the state of the model or database.",
+    description=(
+        "200 while the process runs, whatever the state of the model or database: "
+        "`status` is `starting` while the model loads and the index opens, then `ok`. "
+        "Use `/ready` to decide whether to send traffic."
+    ),
 )
-async def health() -> HealthRead:
-    return HealthRead(status="ok")
+async def health(state: StateDep) -> HealthRead:
+    return HealthRead(status="ok" if state.services is not None else "starting")
 
 
 @router.get(

@@ -1,0 +1,60 @@
+"""Strict query strings: an unknown or repeated single-valued query parameter is a 422
+naming it, never silently ignored (a misspelt `min_scor` must not return wrong results)."""
+
+from __future__ import annotations
+
+import typing
+from typing import Any
+
+from fastapi import Request
+from fastapi.dependencies.models import Dependant
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+_CACHE_ATTR = "_vsearch_query_params"
+
+
+def reject_unknown_query(request: Request) -> None:
+    """App-wide dependency: compare the query string with the route's declared parameters."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not request.query_params:
+        return
+    allowed: dict[str, bool] = getattr(route, _CACHE_ATTR, None) or _declared(route)
+    errors: list[dict[str, Any]] = []
+    for name in dict.fromkeys(request.query_params.keys()):
+        values = request.query_params.getlist(name)
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            errors.append(
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": f"Unknown query parameter (this route takes: {known}).",
+                    "input": values[0],
+                }
+            )
+        elif not allowed[name] and len(values) > 1:
+            errors.append(
+                {
+                    "type": "repeated_field",
+                    "loc": ("query", name),
+                    "msg": "This parameter takes one value; it was sent more than once.",
+                    "input": values,
+                }
+            )
+    if errors:
+        raise RequestValidationError(errors)
+
+
+def _declared(route: APIRoute) -> dict[str, bool]:
+    """{alias: takes a list} for every query parameter of the route and its dependencies."""
+    found: dict[str, bool] = {}
+    stack: list[Dependant] = [route.dependant]
+    while stack:
+        dependant = stack.pop()
+        for field in dependant.query_params:
+            origin = typing.get_origin(field.field_info.annotation)
+            found[field.alias] = origin in (list, set, tuple)
+        stack.extend(dependant.dependencies)
+    setattr(route, _CACHE_ATTR, found)
+    return found

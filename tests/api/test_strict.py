@@ -1,0 +1,37 @@
+"""Unknown or repeated query parameters are refused, naming the parameter."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "name"),
+    [
+        ("/duplicates", {"min_score": "0.9", "min_scor": "0.95"}, "min_scor"),
+        ("/products", {"limt": "5"}, "limt"),
+        ("/products/sku-1", {"embedings": "true"}, "embedings"),
+        ("/duplicates/groups", {"min_score": "0.9", "categroy": "x"}, "categroy"),
+    ],
+)
+async def test_unknown_query_parameters_are_422(
+    client: httpx.AsyncClient, path: str, params: dict[str, str], name: str
+) -> None:
+    response = await client.get(path, params=params)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["details"][0]["loc"] == ["query", name]
+    assert "this route takes" in error["details"][0]["msg"]
+
+
+async def test_a_repeated_single_valued_parameter_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.get("/products", params={"limit": ["5", "50"]})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"][0]["loc"] == ["query", "limit"]
+
+
+async def test_declared_parameters_still_work(client: httpx.AsyncClient) -> None:
+    response = await client.get("/products", params={"limit": "5", "category": "x"})
+    assert response.status_code == 200
+    assert response.json()["products"] == []
