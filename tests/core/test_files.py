@@ -30,3 +30,15 @@ class TestAtomicWrite:
 
         assert target.read_bytes() == b"complete old generation"
         assert [p.name for p in tmp_path.iterdir()] == ["shard.faiss"]
+
+    def test_mode_is_set_whatever_the_writer_chose(self, tmp_path: Path) -> None:
+        target = tmp_path / "model.safetensors"
+
+        def private(tmp: Path) -> None:
+            tmp.write_bytes(b"weights")
+            tmp.chmod(0o600)
+
+        atomic_write(target, private, mode=0o644)
+
+        assert target.stat().st_mode & 0o777 == 0o644
+        assert target.read_bytes() == b"weights"
