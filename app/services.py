@@ -25,6 +25,7 @@ import numpy as np
 
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
@@ -195,7 +196,12 @@ def _open_index(
     settings: Settings, db: Database, model_id: str, dim: int, *, tail: bool
 ) -> IndexService:
     index = IndexService(
-        db, settings.data_dir / "index", model_id=model_id, dim=dim, settings=settings.index
+        feed=change_feed(db),
+        source=CatalogueEmbeddings(db),
+        directory=settings.data_dir / "index",
+        model_id=model_id,
+        dim=dim,
+        settings=settings.index,
     )
     index.open()
     if tail:

@@ -126,22 +126,22 @@ class _ServicesCollector(Collector):
         )
         rejected_images.add_metric([], admission.rejected_images)
         yield rejected_images
-        index = services.index
-        if index.is_open:
+        index = services.index.describe()
+        if index["kind"] is not None:
             size = GaugeMetricFamily(
                 "vsearch_index_vectors", "Vectors per index shard.", labels=["shard", "kind"]
             )
-            for n, shard in enumerate(index.index.shards):
-                size.add_metric([str(n), index.index.kind], shard.ntotal)
+            for n, count in enumerate(index["shards"]):
+                size.add_metric([str(n), index["kind"]], count)
             yield size
             generation = GaugeMetricFamily("vsearch_index_generation", "Live index generation.")
-            generation.add_metric([], index.stats.generation)
+            generation.add_metric([], index["generation"])
             yield generation
             lag = GaugeMetricFamily(
                 "vsearch_index_catchup_lag",
                 "Change-log rows not yet applied (last seq in the log minus applied seq).",
             )
-            lag.add_metric([], max(0, index.stats.log_head_seq - index.stats.applied_seq))
+            lag.add_metric([], index["catchup_lag"])
             yield lag
         pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
         pairs.add_metric([], self._pair_count(services))

@@ -21,6 +21,7 @@ from sqlalchemy import insert, select
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.models import DuplicatePair, Product, ProductImage, utcnow
 from app.core.config import IndexSettings
 from app.core.database import Database
@@ -107,10 +108,16 @@ def run_duplicates_benchmark(
         planted = _fill(db, n, dim, 50_000, say)
         fill_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        index = IndexService(db, Path(tmp) / "index", model_id=MODEL_ID, dim=dim, settings=settings)
+        index = IndexService(
+            feed=change_feed(db),
+            source=CatalogueEmbeddings(db),
+            directory=Path(tmp) / "index",
+            model_id=MODEL_ID,
+            dim=dim,
+            settings=settings,
+        )
         index.open()
-        if index._retrain is not None:
-            index._retrain.join()
+        index.wait_for_retraining()
         index_s = time.perf_counter() - t0
         service = DuplicatesService(db, index, floor=floor, neighbours=neighbours)
         say("scanning")

@@ -22,7 +22,7 @@ import faiss
 import numpy as np
 
 from app.benchmarks.synthetic import EmbeddingMixture
-from app.index.lifecycle import train_template
+from app.index.build import train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.vectors import ExactVectors
 

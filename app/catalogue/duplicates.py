@@ -34,6 +34,7 @@ from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
 from app.core.errors import InvalidRequest, ProductNotFound
+from app.core.files import atomic_write_text
 from app.index.lifecycle import IndexService
 
 LOG = logging.getLogger(__name__)
@@ -297,6 +298,4 @@ def _read_state(path: Path) -> dict[str, Any] | None:
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(state))

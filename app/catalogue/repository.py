@@ -168,9 +168,11 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
     session.execute(insert(ChangeLog), rows)
 
 
-# index feeds ----------------------------------------------------------------------------
+# the index's change feed (app/catalogue/feed.py) ---------------------------------------
 @dataclass(frozen=True)
-class Change:
+class ChangeRow:
+    """A change-log row: `txid` is the writing transaction's id on Postgres, else None."""
+
     seq: int
     image_id: int
     txid: int | None
@@ -188,17 +190,17 @@ def last_seq(session: Session) -> int:
     return int(session.scalar(select(func.max(ChangeLog.seq))) or 0)
 
 
-def changes_after_seq(session: Session, seq: int, limit: int) -> list[Change]:
+def changes_after_seq(session: Session, seq: int, limit: int) -> list[ChangeRow]:
     stmt = (
         select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.txid)
         .where(ChangeLog.seq > seq)
         .order_by(ChangeLog.seq)
         .limit(limit)
     )
-    return [Change(*row) for row in session.execute(stmt)]
+    return [ChangeRow(*row) for row in session.execute(stmt)]
 
 
-def changes_from_txid(session: Session, xmin: int, after_seq: int, limit: int) -> list[Change]:
+def changes_from_txid(session: Session, xmin: int, after_seq: int, limit: int) -> list[ChangeRow]:
     """Visible changes of transactions with id >= `xmin` (Postgres), in seq order."""
     stmt = (
         select(ChangeLog.seq, ChangeLog.image_id, ChangeLog.txid)
@@ -206,7 +208,7 @@ def changes_from_txid(session: Session, xmin: int, after_seq: int, limit: int) -
         .order_by(ChangeLog.seq)
         .limit(limit)
     )
-    return [Change(*row) for row in session.execute(stmt)]
+    return [ChangeRow(*row) for row in session.execute(stmt)]
 
 
 def current_embeddings(

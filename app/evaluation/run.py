@@ -24,7 +24,7 @@ from app.evaluation.metrics import (
 )
 from app.evaluation.protocols import Item, load_protocol
 from app.imaging.decode import decode_image
-from app.index.lifecycle import ivfpq_factory, train_template
+from app.index.build import ivfpq_factory, train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.vectors import ExactVectors
 from app.inference.runtime import Embedder, load_model

@@ -1,24 +1,24 @@
-"""IndexService: the vector index as a derived cache of the catalogue.
+"""IndexService: the vector index as a derived cache of an embedding source.
 
-- start: load the live generation from disk and catch up from the change log; a missing,
-  torn or foreign (other model, other dimension) index is rebuilt from the database;
+It reads through the protocols of app/index/feed.py (a `ChangeFeed` and an
+`EmbeddingSource`), never a database, so it runs and is tested without one:
+
+- start: load the live generation from disk and catch up from the feed; a missing, torn
+  or foreign (other model, other dimension) index is rebuilt from the source;
 - apply: committed changes are applied at once by the writer (read-your-writes);
-- tail: a background thread applies the change log every `catchup_interval_s`, so
-  replicas sharing one database converge, and checkpoints the files now and then;
+- tail: a background thread replays the feed every `catchup_interval_s`, so replicas
+  sharing one source converge, and checkpoints the files now and then;
 - lifecycle: exact shards while small; past `train_threshold` one IVF-PQ template is
   trained on a sample and every shard rebuilt in the background while searches go on,
   then swapped in atomically; again whenever the catalogue grows by `retrain_growth`.
 
-Watermark: on SQLite (serialised writers) it is the last applied sequence number. On
-Postgres a transaction can take a sequence number and commit after a later one, so the
-watermark is the snapshot xmin taken before reading: every transaction older than it has
-ended, and rows of younger ones are read again (idempotently) until they are below it.
+The feed's watermark is saved in each generation's manifest, so a restart replays only
+what that generation has not seen.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -26,16 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 
-from app.catalogue import repository as repo
 from app.core.config import IndexSettings
-from app.core.database import Database
+from app.index.build import ivfpq_factory, train_template
+from app.index.feed import ChangeFeed, EmbeddingSource, FeedCursor, Watermark
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.store import (
     Manifest,
-    Watermark,
     generation_dir,
     read_manifest,
     remove_other_generations,
@@ -62,62 +60,41 @@ class IndexStats:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[str, Any]]:
-    """The FAISS factory string for `n` vectors, and the parameters recorded with it."""
-    nlist = settings.nlist or int(2 ** round(math.log2(max(4 * math.sqrt(n), 16))))
-    nlist = max(1, min(nlist, n // 39 or 1))  # FAISS wants >= 39 training points per list
-    coarse = f"IVF{nlist}_HNSW32" if nlist >= 4096 else f"IVF{nlist}"
-    code_bytes = settings.pq_m
-    if settings.fast_scan and n >= 1000 and dim % (2 * code_bytes) == 0:
-        # 4-bit codes: two sub-quantizers per byte, scanned with SIMD lookups.
-        m, nbits, pq = 2 * code_bytes, 4, f"PQ{2 * code_bytes}x4fs"
-    else:
-        m = code_bytes
-        while dim % m:
-            m -= 1
-        # 8-bit codes need 256 training points per sub-quantizer; tiny sets get fewer bits.
-        nbits = max(1, min(8, int(math.log2(max(n, 2)))))
-        pq = f"PQ{m}" if nbits == 8 else f"PQ{m}x{nbits}"
-    prefix = f"OPQ{m}," if settings.opq else ""
-    params = {"nlist": nlist, "pq_m": m, "pq_bits": nbits, "opq": settings.opq}
-    return f"{prefix}{coarse},{pq}", params
-
-
-def train_template(sample: np.ndarray, factory: str) -> faiss.Index:
-    index = faiss.index_factory(sample.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    index.verbose = False
-    ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-    if hasattr(ivf, "do_polysemous_training"):
-        # On by default from the factory; it costs most of the training time and only
-        # serves polysemous filtering, which these indexes do not use.
-        ivf.do_polysemous_training = False
-    index.train(np.ascontiguousarray(sample, dtype=np.float32))
-    return index
-
-
 class IndexService:
-    """Owns the live ShardedIndex and keeps it in step with the database."""
+    """Owns the live ShardedIndex and keeps it in step with the embedding source.
+
+    Args:
+        feed: the changes to apply, in order, and the position to resume from.
+        source: the current embeddings (applying a change reads the image's current state;
+            rebuilds and training read them all).
+        directory: where the generations and the manifest live.
+        model_id: the model whose embeddings this index holds (a manifest of another
+            model is rebuilt, never mixed in).
+        dim: the embedding dimension.
+        settings: shards, training thresholds, search knobs, checkpoint intervals.
+    """
 
     def __init__(
         self,
-        db: Database,
-        root: Path,
         *,
+        feed: ChangeFeed,
+        source: EmbeddingSource,
+        directory: Path,
         model_id: str,
         dim: int,
         settings: IndexSettings,
     ) -> None:
-        self.db = db
-        self.root = root
+        self.feed = feed
+        self.source = source
+        self.root = directory
         self.model_id = model_id
         self.dim = dim
         self.settings = settings
         self.stats = IndexStats()
         self._index: ShardedIndex | None = None
         self._manifest: Manifest | None = None
-        self._watermark = Watermark()
+        self._cursor = FeedCursor()
         self._apply_lock = threading.RLock()
-        self._recent: dict[int, int] = {}  # seq -> txid of rows applied above the watermark
         self._dirty = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -128,6 +105,7 @@ class IndexService:
     # start and stop ---------------------------------------------------------------------
     @property
     def is_open(self) -> bool:
+        """Whether a generation is live (searches can run)."""
         return self._index is not None
 
     @property
@@ -138,7 +116,8 @@ class IndexService:
 
     @property
     def watermark(self) -> Watermark:
-        return self._watermark
+        """How far the feed has been applied to the live generation."""
+        return self._cursor.watermark
 
     def open(self) -> None:
         """Load the live generation (or rebuild it), then catch up from the change log."""
@@ -173,7 +152,7 @@ class IndexService:
             )
         except Exception as exc:  # noqa: BLE001 - a torn or missing file means: rebuild
             LOG.warning(
-                "index generation %d could not be loaded (%s: %s); rebuilding from the database",
+                "index generation %d could not be loaded (%s: %s); rebuilding from the source",
                 manifest.generation,
                 type(exc).__name__,
                 exc,
@@ -188,7 +167,8 @@ class IndexService:
             )
             index.close()
             return False
-        self._index, self._manifest, self._watermark = index, manifest, manifest.watermark
+        self._index, self._manifest = index, manifest
+        self._cursor = FeedCursor(manifest.watermark)
         self.stats.generation = manifest.generation
         LOG.info(
             "loaded index generation %d (%s, %d vectors, watermark %s)",
@@ -200,7 +180,7 @@ class IndexService:
         return True
 
     def _open_vectors(self, dim: int) -> ExactVectors:
-        # Rows are rewritten from the database for every live image on rebuild and replay,
+        # Rows are rewritten from the source for every live image on rebuild and replay,
         # so an existing file of the same dimension can always be reused.
         if self._vectors is None or self._vectors.dim != dim:
             self._vectors = ExactVectors(self.root / f"vectors-{dim}.f16", dim)
@@ -210,7 +190,7 @@ class IndexService:
         return SearchKnobs(nprobe=self.settings.nprobe, refine=self.settings.refine)
 
     def start_tailing(self) -> None:
-        """Tail the change log (and checkpoint) on a background thread."""
+        """Tail the change feed (and checkpoint) on a background thread."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._tail, name="vs-index-tail", daemon=True)
             self._thread.start()
@@ -257,79 +237,39 @@ class IndexService:
             self._dirty = True
 
     def _apply_current_state(self, index: ShardedIndex, image_ids: Sequence[int]) -> None:
-        """Bring `image_ids` to their current state in the database (idempotent)."""
+        """Bring `image_ids` to their current state in the source (idempotent)."""
         if not image_ids:
             return
-        with self.db.read() as session:
-            current = repo.current_embeddings(session, image_ids, self.model_id)
+        current = self.source.current(image_ids, self.model_id)
         gone = np.asarray([i for i in image_ids if i not in current], dtype=np.int64)
         if len(gone):
             index.remove(gone)
         if current:
             ids = np.fromiter(current.keys(), dtype=np.int64, count=len(current))
-            vectors = np.stack([np.frombuffer(current[i], dtype=np.float32) for i in ids])
+            vectors = np.stack([current[int(i)] for i in ids]).astype(np.float32, copy=False)
             index.upsert(ids, vectors)
 
     def catch_up(self) -> int:
-        """Apply the change log past the watermark; returns the number of rows applied."""
+        """Apply the feed past the watermark; returns the number of changes applied."""
         with self._apply_lock:
-            applied, watermark = self._replay(self.index, self._watermark, self._recent)
+            applied = self._replay(self.index, self._cursor)
             if applied:
                 self._dirty = True
-            self._watermark = watermark
             self.stats.applied_changes += applied
             self.stats.last_catchup = time.time()
-            self.stats.applied_seq = watermark.seq
-            with self.db.read() as session:
-                self.stats.log_head_seq = repo.last_seq(session)
+            self.stats.applied_seq = self._cursor.watermark.seq
+            self.stats.log_head_seq = self.feed.last_seq()
             return applied
 
-    def _replay(
-        self, index: ShardedIndex, start: Watermark, recent: dict[int, int]
-    ) -> tuple[int, Watermark]:
+    def _replay(self, index: ShardedIndex, cursor: FeedCursor) -> int:
+        """Apply the changes after `cursor` to `index`, advancing `cursor`."""
         applied = 0
-        if self.db.is_postgres:
-            with self.db.read() as session:
-                xmin = repo.current_xmin(session)  # before reading: see the docstring
-            after_seq, max_seq = 0, start.seq
-            while True:
-                with self.db.read() as session:
-                    rows = repo.changes_from_txid(session, start.xmin, after_seq, PAGE)
-                if not rows:
-                    break
-                fresh = [r for r in rows if r.seq not in recent]
-                self._apply_current_state(index, sorted({r.image_id for r in fresh}))
-                for r in fresh:
-                    recent[r.seq] = r.txid or 0
-                applied += len(fresh)
-                after_seq = rows[-1].seq
-                max_seq = max(max_seq, after_seq)
-            for seq in [s for s, txid in recent.items() if txid < xmin]:
-                del recent[seq]
-            return applied, Watermark(seq=max_seq, xmin=max(xmin, start.xmin))
-        seq = start.seq
-        while True:
-            with self.db.read() as session:
-                rows = repo.changes_after_seq(session, seq, PAGE)
-            if not rows:
-                break
-            self._apply_current_state(index, sorted({r.image_id for r in rows}))
-            applied += len(rows)
-            seq = rows[-1].seq
-        return applied, Watermark(seq=seq, xmin=0)
-
-    def _log_position(self) -> Watermark:
-        """Where a rebuild that starts now must replay from."""
-        with self.db.read() as session:
-            if self.db.is_postgres:
-                return Watermark(seq=repo.last_seq(session), xmin=repo.current_xmin(session))
-            return Watermark(seq=repo.last_seq(session), xmin=0)
+        for page in self.feed.changes(cursor, PAGE):
+            self._apply_current_state(index, sorted({c.image_id for c in page}))
+            applied += len(page)
+        return applied
 
     # rebuilds ---------------------------------------------------------------------------
-    def _count(self) -> int:
-        with self.db.read() as session:
-            return repo.count_images(session)
-
     def rebuild(
         self,
         *,
@@ -338,17 +278,17 @@ class IndexService:
         retrain: bool = False,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        """Build a new generation from the database and swap it in atomically.
+        """Build a new generation from the source and swap it in atomically.
 
         Searches keep using the old generation meanwhile. `train=None` decides by size;
         an IVF-PQ rebuild reuses the live trained template unless `retrain` is set.
         """
         started = time.perf_counter()
-        start = self._log_position()
-        total = self._count()
+        start = self.feed.position()  # before reading: what changes meanwhile is after it
+        total = self.source.count()
         use_ivf = train if train is not None else total >= self.settings.train_threshold
         LOG.info(
-            "rebuilding the index from the database (%s): %d images, %s",
+            "rebuilding the index from the source (%s): %d images, %s",
             reason,
             total,
             "IVF-PQ" if use_ivf else "exact",
@@ -368,12 +308,9 @@ class IndexService:
         elif use_ivf and total > 0:
             factory, params = ivfpq_factory(total, self.dim, self.settings)
             sample_size = min(total, max(params["nlist"] * 40, 20_000))
-            with self.db.read() as session:
-                sample = repo.embedding_sample(session, sample_size, self.model_id)
+            sample = self.source.sample(sample_size, self.model_id)
             t0 = time.perf_counter()
-            template = train_template(
-                np.stack([np.frombuffer(e, dtype=np.float32) for e in sample]), factory
-            )
+            template = train_template(sample, factory)
             params.update(factory=factory, train_s=round(time.perf_counter() - t0, 2))
             params["train_sample"] = len(sample)
             trained_now = True
@@ -382,24 +319,18 @@ class IndexService:
             )
         else:
             new = ShardedIndex.new_flat(self.dim, self.settings.shards, vectors)
-        after_id, done = 0, 0
-        while True:
-            with self.db.read() as session:
-                page = repo.embeddings_page(session, after_id, PAGE * 4, self.model_id)
-            if not page:
-                break
-            ids = np.asarray([i for i, _ in page], dtype=np.int64)
-            new.upsert(ids, np.stack([np.frombuffer(e, dtype=np.float32) for _, e in page]))
-            after_id, done = int(ids[-1]), done + len(page)
+        done = 0
+        for ids, page in self.source.pages(self.model_id, PAGE * 4):
+            new.upsert(ids, page)
+            done += len(ids)
             if progress is not None:
                 progress(done, total)
         with self._apply_lock:
             # Changes committed while we streamed: replay them onto the new generation
             # under the lock, so no direct apply can slip between this and the swap.
-            recent: dict[int, int] = {}
-            _, watermark = self._replay(new, start, recent)
+            self._replay(new, start)
             old, self._index = self._index, new
-            self._watermark, self._recent = watermark, recent
+            self._cursor = start
             self._dirty = True
             self.stats.rebuilds += 1
             self.stats.timings["last_rebuild_s"] = round(time.perf_counter() - started, 2)
@@ -451,7 +382,7 @@ class IndexService:
     def save(self, *, trained_at_n: int | None = None) -> Manifest:
         """Write a new generation's files, then the manifest, then drop older generations."""
         with self._apply_lock:
-            watermark = Watermark(self._watermark.seq, self._watermark.xmin)
+            watermark = self._cursor.watermark
             index = self.index
             self._dirty = False
         generation = (self._manifest.generation + 1) if self._manifest else 1
@@ -480,15 +411,31 @@ class IndexService:
         LOG.debug("saved index generation %d (%d vectors)", generation, written)
         return manifest
 
+    def wait_for_retraining(self, timeout: float | None = None) -> None:
+        """Block until a background (re)training started by `maybe_retrain` has swapped in."""
+        retrain = self._retrain
+        if retrain is not None:
+            retrain.join(timeout)
+
     def describe(self) -> dict[str, Any]:
+        """The index at a glance, for readiness probes, metrics and the CLI.
+
+        Cheap (no I/O): `shards` is the vector count per shard, `trained` whether the
+        shards hold IVF-PQ codes (else exact vectors), `watermark` how far the feed is
+        applied and `catchup_lag` how many changes the feed held beyond it at the last
+        catch-up. `kind` is None until the index is open.
+        """
         index = self._index
+        watermark = self._cursor.watermark
         return {
             "kind": index.kind if index else None,
+            "trained": index is not None and index.kind != "flat",
             "generation": self.stats.generation,
             "ntotal": index.ntotal if index else 0,
             "shards": [s.ntotal for s in index.shards] if index else [],
             "params": index.params if index else {},
-            "watermark": {"seq": self._watermark.seq, "xmin": self._watermark.xmin},
+            "watermark": {"seq": watermark.seq, "xmin": watermark.xmin},
+            "catchup_lag": max(0, self.stats.log_head_seq - self.stats.applied_seq),
             "retrain_running": self.stats.retrain_running,
             "last_error": self.stats.last_error,
         }

@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from app.core.files import atomic_write
 from app.index.shard import Shard, new_flat, prepare_ivf
 from app.index.vectors import ExactVectors
 
@@ -228,13 +229,11 @@ class ShardedIndex:
             The file names and the number of vectors written (each shard is written under
             its read lock, so the count matches the files even while writes go on).
         """
-        from app.index.store import atomic_write
-
         directory.mkdir(parents=True, exist_ok=True)
         names, written = [], 0
         for n, shard in enumerate(self.shards):
             name = f"shard-{n:02d}.faiss"
-            written += _write_counted(shard, directory / name, atomic_write)
+            written += _write_counted(shard, directory / name)
             names.append(name)
         if self.template is not None:
             template = self.template
@@ -284,7 +283,7 @@ class ShardedIndex:
         faiss.omp_set_num_threads(max(1, n))
 
 
-def _write_counted(shard: Shard, path: Path, atomic_write: Any) -> int:
+def _write_counted(shard: Shard, path: Path) -> int:
     counts: list[int] = []
 
     def write(tmp: Path) -> None:

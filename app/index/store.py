@@ -1,4 +1,4 @@
-"""Crash-safe files of the index: atomic writes and the manifest.
+"""Crash-safe files of the index: generations and the manifest.
 
 Layout under the index directory::
 
@@ -6,65 +6,28 @@ Layout under the index directory::
     gen-000007/            shard-00.faiss ... shard-NN.faiss (+ template.faiss)
     vectors-512.f16        exact vectors for re-ranking, addressed by image id (per dim)
 
-Every file is written to a temporary name, fsynced, renamed into place, and the directory
-fsynced; the manifest is written last. A crash at any point leaves the previous manifest
-pointing at a complete previous generation, or the new manifest at a complete new one.
+Every file is written with `app.core.files.atomic_write` (temporary name, fsync, rename,
+directory fsync); the manifest is written last. A crash at any point leaves the previous
+manifest pointing at a complete previous generation, or the new one at a complete new one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from app.core.files import atomic_write_text
+from app.index.feed import Watermark
 
 LOG = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call `write(tmp)`, fsync tmp, rename it to `path`, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-@dataclass
-class Watermark:
-    """How far the change log has been applied.
-
-    `seq`: every change with a smaller-or-equal sequence number is applied (SQLite, whose
-    writers are serialised). `xmin`: every change written by a transaction with a smaller
-    id is applied (Postgres; transactions may commit out of sequence order).
-    """
-
-    seq: int = 0
-    xmin: int = 0
 
 
 @dataclass
@@ -111,7 +74,7 @@ def read_manifest(root: Path) -> Manifest | None:
 
 
 def write_manifest(root: Path, manifest: Manifest) -> None:
-    atomic_write(root / MANIFEST, lambda tmp: tmp.write_text(manifest.to_json()))
+    atomic_write_text(root / MANIFEST, manifest.to_json())
 
 
 def remove_other_generations(root: Path, keep: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from app.core.errors import ModelLoadError
+from app.core.files import atomic_write, atomic_write_text
 from app.inference.architecture import ModelConfig, TYArcFace, build_module, feature_map_side
 from app.inference.loading import CONFIG_FILE, WEIGHTS_FILE
 
@@ -44,14 +44,13 @@ def write_model_dir(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-    tmp_weights = out_dir / f".{WEIGHTS_FILE}.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    os.chmod(tmp_weights, MODEL_FILE_MODE)
-    os.replace(tmp_weights, out_dir / WEIGHTS_FILE)
-    tmp_config = out_dir / f".{CONFIG_FILE}.tmp"
-    tmp_config.write_text(json.dumps({**config.to_dict(), **extra}, indent=2) + "\n")
-    os.chmod(tmp_config, MODEL_FILE_MODE)
-    os.replace(tmp_config, out_dir / CONFIG_FILE)
+    atomic_write(
+        out_dir / WEIGHTS_FILE,
+        lambda t: save_file(tensors, str(t), {"format": "pt"}),
+        mode=MODEL_FILE_MODE,
+    )
+    config_text = json.dumps({**config.to_dict(), **extra}, indent=2) + "\n"
+    atomic_write_text(out_dir / CONFIG_FILE, config_text, mode=MODEL_FILE_MODE)
     return out_dir
 
 

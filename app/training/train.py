@@ -34,6 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from app.core.errors import InvalidRequest, ModelLoadError
+from app.core.files import atomic_write
 from app.evaluation.metrics import evaluate_scores
 from app.evaluation.protocols import load_protocol
 from app.evaluation.run import embed_items
@@ -385,6 +386,4 @@ def _save_checkpoint(
         "epoch": epoch,
         "history": history,
     }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -9,9 +9,11 @@ import pytest
 from sqlalchemy import delete
 
 from app.catalogue import repository as repo
+from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.models import ProductImage
 from app.core.config import IndexSettings
 from app.core.database import Database
+from app.index.feed import FeedCursor
 from app.index.lifecycle import IndexService
 from app.index.store import generation_dir, read_manifest
 from tests.index.vectors import brute_force, clustered, recall_at_k
@@ -48,7 +50,14 @@ def delete_images(db: Database, ids: list[int]) -> None:
 
 def service(db: Database, root: Path, **overrides: object) -> IndexService:
     settings = IndexSettings(**{"shards": 3, "train_threshold": 10**9, **overrides})  # type: ignore[arg-type]
-    index = IndexService(db, root, model_id=MODEL, dim=DIM, settings=settings)
+    index = IndexService(
+        feed=change_feed(db),
+        source=CatalogueEmbeddings(db),
+        directory=root,
+        model_id=MODEL,
+        dim=DIM,
+        settings=settings,
+    )
     index.open()
     return index
 
@@ -74,8 +83,7 @@ class TestCatchUp:
         vectors = clustered(20, DIM)
         ids = add_images(db, vectors)
         index.catch_up()
-        index._watermark = type(index.watermark)()  # forget progress: replay everything
-        index._recent.clear()
+        index._cursor = FeedCursor()  # forget progress: replay everything
         index.catch_up()
         assert sorted(index.index.all_ids().tolist()) == ids
         scores, found = index.index.search(vectors[:1], 1)
@@ -175,7 +183,7 @@ class TestLifecycle:
         searches_during = []
         while index._retrain is not None and index._retrain.is_alive():
             searches_during.append(index.index.search(vectors[:2], 5)[1][0, 0])
-        index._retrain.join()  # type: ignore[union-attr]
+        index.wait_for_retraining()
 
         assert index.index.kind == "ivfpq"
         assert index.index.ntotal == 3000

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.index.lifecycle import train_template
+from app.index.build import train_template
 from app.index.sharded import SearchKnobs, ShardedIndex, shard_of
 from app.index.vectors import ExactVectors
 from tests.index.vectors import brute_force, clustered, recall_at_k
