@@ -94,8 +94,10 @@ def violations(graph: dict[str, dict[str, set[str]]]) -> list[str]:
             if unplaced:
                 out.append(f"{source} -> {target}: {', '.join(unplaced)} has no layer")
             elif LAYERS[target] >= LAYERS[source]:
-                out.append(f"{source} -> {target} (layer {LAYERS[source]} -> {LAYERS[target]}) "
-                           f"in {', '.join(sorted(files))}")
+                out.append(
+                    f"{source} -> {target} (layer {LAYERS[source]} -> {LAYERS[target]}) "
+                    f"in {', '.join(sorted(files))}"
+                )
     return out
 
 
