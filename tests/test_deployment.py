@@ -110,11 +110,14 @@ class TestEntrypointLogs:
         }
         server = start_server(env, tmp_path / "log")
         try:
-            marker = f"/health?probe={free_port()}"
-            assert httpx.get(server.url + marker, timeout=10).status_code == 200
+            marker = f"probe-{free_port()}"
+            response = httpx.get(
+                f"{server.url}/health", headers={"X-Request-ID": marker}, timeout=10
+            )
+            assert response.status_code == 200
         finally:
             server.stop()
         lines = _json_lines(server.output())
-        about_it = [line for line in lines if "/health" in str(line["message"])]
+        about_it = [line for line in lines if marker in json.dumps(line)]
         assert len(about_it) == 1, about_it
         assert about_it[0]["status"] == 200
