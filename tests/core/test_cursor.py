@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 
@@ -67,3 +70,34 @@ class TestThroughHttp:
         assert response.status_code == 422
         assert response.json()["error"]["code"] == "invalid_cursor"
         assert response.headers["x-request-id"]
+
+
+@given(token=st.text(max_size=600))
+@settings(max_examples=300, deadline=None)
+def test_any_text_decodes_or_is_refused_cleanly(token: str) -> None:
+    try:
+        key = decode_cursor(token, "pairs", (float, int, int))
+    except InvalidCursor:
+        return
+    score, a_pk, b_pk = key
+    assert math.isfinite(score)
+    assert 0 <= int(a_pk) < 2**63
+    assert 0 <= int(b_pk) < 2**63
+
+
+@given(
+    payload=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=5), inner),
+        max_leaves=10,
+    )
+)
+@settings(max_examples=300, deadline=None)
+def test_any_forged_json_decodes_or_is_refused_cleanly(payload: object) -> None:
+    token = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    try:
+        (pk,) = decode_cursor(token, "products", (int,))
+    except InvalidCursor:
+        return
+    assert isinstance(pk, int)
+    assert 0 <= pk < 2**63
