@@ -3,7 +3,9 @@ commit; the caller's `Database.write()` / `read()` does."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -87,6 +89,124 @@ def delete_product(session: Session, product: Product) -> list[int]:
     return image_ids
 
 
+def lock_or_create_products(
+    session: Session, products: Sequence[dict[str, Any]]
+) -> tuple[dict[str, Product], set[str]]:
+    """Many products at once (bulk imports): rows absent are created with their fields,
+    then every row is locked for this transaction, as `lock_or_create_product` does.
+
+    Args:
+        products: `external_id`, `title`, `category` and `attributes` of each product.
+
+    Returns:
+        The locked rows by external id, and the external ids created here.
+    """
+    if not products:
+        return {}, set()
+    now = utcnow()
+    rows = [{**p, "created_at": now, "updated_at": now} for p in products]
+    dialect = session.get_bind().dialect.name
+    ins: Any = postgresql.insert(Product) if dialect == "postgresql" else sqlite.insert(Product)
+    stmt = ins.on_conflict_do_nothing().returning(Product.external_id)
+    created = {str(e) for e in session.scalars(stmt, rows)}
+    ids = [p["external_id"] for p in products]
+    query = select(Product).where(Product.external_id.in_(ids)).with_for_update()
+    return {p.external_id: p for p in session.scalars(query)}, created
+
+
+def images_of_products(
+    session: Session, product_pks: Sequence[int]
+) -> dict[int, list[ProductImage]]:
+    """`images_of` for many products in one query."""
+    found: dict[int, list[ProductImage]] = {pk: [] for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductImage)
+        .where(ProductImage.product_pk.in_(list(product_pks)))
+        .order_by(ProductImage.product_pk, ProductImage.position, ProductImage.id)
+    )
+    for image in session.scalars(stmt):
+        found[image.product_pk].append(image)
+    return found
+
+
+# The columns a bulk image insert writes, in COPY order.
+_IMAGE_COLUMNS = (
+    "id",
+    "product_id",
+    "position",
+    "source_url",
+    "sha256",
+    "box",
+    "width",
+    "height",
+    "embedding",
+    "model_id",
+    "created_at",
+    "updated_at",
+)
+
+
+def add_images(session: Session, images: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert many images (bulk imports); returns their ids in the order given.
+
+    Postgres: ids are drawn from the table's sequence first, then the rows go in with
+    `COPY` (an order of magnitude faster than INSERTs for rows carrying a 2 KB vector).
+    SQLite: one multi-row INSERT ... RETURNING per batch.
+
+    Args:
+        images: `product_pk`, `position`, `source_url`, `sha256`, `box`, `width`,
+            `height`, `embedding` and `model_id` of each image.
+    """
+    if not images:
+        return []
+    now = utcnow()
+    if session.get_bind().dialect.name != "postgresql":
+        stmt = insert(ProductImage).returning(ProductImage.id, sort_by_parameter_order=True)
+        rows = [{**image, "created_at": now, "updated_at": now} for image in images]
+        return [int(i) for i in session.scalars(stmt, rows)]
+    ids = [
+        int(i)
+        for i in session.scalars(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('product_images', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": len(images)},
+        )
+    ]
+    columns = ", ".join(_IMAGE_COLUMNS)
+    with _copy(session, f"COPY product_images ({columns}) FROM STDIN") as copy:
+        for image_id, image in zip(ids, images, strict=True):
+            box = image["box"]
+            copy.write_row(
+                (
+                    image_id,
+                    image["product_pk"],
+                    image["position"],
+                    image["source_url"],
+                    image["sha256"],
+                    None if box is None else json.dumps(box),
+                    image["width"],
+                    image["height"],
+                    image["embedding"],
+                    image["model_id"],
+                    now,
+                    now,
+                )
+            )
+    return ids
+
+
+@contextmanager
+def _copy(session: Session, statement: str) -> Iterator[Any]:
+    """A psycopg 3 `COPY ... FROM STDIN` in the session's own transaction."""
+    dbapi: Any = session.connection().connection.driver_connection
+    with dbapi.cursor() as cursor, cursor.copy(statement) as copy:
+        yield copy
+
+
 # images ---------------------------------------------------------------------------------
 def images_of(session: Session, product_pk: int) -> list[ProductImage]:
     stmt = (
@@ -163,9 +283,18 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
     rows = [{"image_id": i, "op": op, "created_at": now} for i in image_ids]
     if session.get_bind().dialect.name == "postgresql":
         txid = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        if len(rows) >= _COPY_FROM:
+            with _copy(session, "COPY change_log (image_id, op, txid, created_at) FROM STDIN") as c:
+                for i in image_ids:
+                    c.write_row((i, op, txid, now))
+            return
         for row in rows:
             row["txid"] = txid
     session.execute(insert(ChangeLog), rows)
+
+
+# From this many change-log rows on, Postgres gets them by COPY (bulk imports).
+_COPY_FROM = 256
 
 
 # index feeds ----------------------------------------------------------------------------
