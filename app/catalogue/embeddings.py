@@ -224,8 +224,8 @@ def import_embeddings(
 ) -> ImportReport:
     """Import `path` into the catalogue, `batch_rows` rows per transaction.
 
-    A product with a bad row is not imported at all (its rows go to `failures`, one JSON
-    object per row), since importing the rest would drop the bad image from it.
+    A product with a bad row is not imported at all (each bad row goes to `failures` as
+    one JSON object), since importing the rest would drop the bad image from it.
     Re-importing the same file changes nothing, so a resumed import may start again at
     any product boundary: `start_row` (the `rows_done` that `on_batch` last saw).
 
