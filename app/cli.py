@@ -537,6 +537,36 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("import")
+def bench_import(
+    n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,
+    dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
+    batch: Annotated[int, typer.Option(help="Rows per transaction.")] = 10_000,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="sqlite and/or postgres (a throwaway server); default both."),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Also import into this (empty) catalogue.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
+) -> None:
+    """Time `vsearch embeddings import` of N synthetic 512-d embeddings (prints JSON)."""
+    from app.benchmarks.embeddings_import import run_import_benchmark
+
+    _settings()
+    result = run_import_benchmark(
+        n=n,
+        dim=dim,
+        batch_rows=batch,
+        targets=tuple(target or ("sqlite", "postgres")),
+        database_url=database_url,
+        workdir=workdir,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @cli.command()
 def train(
     init: Annotated[str, typer.Option(help="Model directory to start from.")],

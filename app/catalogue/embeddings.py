@@ -29,6 +29,7 @@ replaces its images the way POST /products does.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
@@ -69,7 +70,7 @@ REQUIRED = ("product_id", "model_id", "vector")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _pyarrow() -> tuple[Any, Any, Any]:
+def load_pyarrow() -> tuple[Any, Any, Any]:
     """pyarrow, pyarrow.compute and pyarrow.parquet, or a clear error without them."""
     try:
         import pyarrow as pa
@@ -83,7 +84,7 @@ def _pyarrow() -> tuple[Any, Any, Any]:
 
 
 def parquet_schema(dim: int) -> Any:
-    pa, _, _ = _pyarrow()
+    pa, _, _ = load_pyarrow()
     return pa.schema(
         [
             pa.field("product_id", pa.string(), nullable=False),
@@ -114,7 +115,7 @@ def export_embeddings(
     """Write every product's images (of `model_id`) to `path`; returns the rows written.
 
     Products are read a page at a time in id order, so memory stays flat."""
-    pa, _, pq = _pyarrow()
+    pa, _, pq = load_pyarrow()
     schema = parquet_schema(dim)
     written = 0
     after: int | None = None
@@ -185,7 +186,7 @@ class _Product:
 def check_model(path: Path, model_id: str, dim: int) -> int:
     """Refuse a file whose model is not the catalogue's (or that mixes models), or whose
     vectors have another dimension; returns its number of rows. Reads no vectors."""
-    _, pc, pq = _pyarrow()
+    _, pc, pq = load_pyarrow()
     parquet = pq.ParquetFile(path)
     names = set(parquet.schema_arrow.names)
     missing = [c for c in REQUIRED if c not in names]
@@ -263,25 +264,33 @@ def import_embeddings(
             on_batch(rows_done, report)
 
     pending_rows = 0
-    for product in _read_products(path, dim, start_row, batch_rows):
-        if product.input.id in seen:
-            product.errors.append(
-                (product.first_row, "the rows of this product are not contiguous in the file")
-            )
-        seen.add(product.input.id)
-        pending.append(product)
-        pending_rows += product.rows
-        if pending_rows >= batch_rows:
+    # The import allocates millions of short-lived, acyclic objects; the cyclic collector
+    # would rescan them all again and again (it took half the import's CPU time).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        for product in _read_products(path, dim, start_row, batch_rows):
+            if product.input.id in seen:
+                product.errors.append(
+                    (product.first_row, "the rows of this product are not contiguous in the file")
+                )
+            seen.add(product.input.id)
+            pending.append(product)
+            pending_rows += product.rows
+            if pending_rows >= batch_rows:
+                commit(pending)
+                pending, pending_rows = [], 0
+        if pending:
             commit(pending)
-            pending, pending_rows = [], 0
-    if pending:
-        commit(pending)
+    finally:
+        if collecting:
+            gc.enable()
     return report
 
 
 def _read_products(path: Path, dim: int, start_row: int, batch_rows: int) -> Iterator[_Product]:
     """The file's products in order, each with its rows checked and converted."""
-    pa, pc, pq = _pyarrow()
+    pa, pc, pq = load_pyarrow()
     parquet = pq.ParquetFile(path)
     present = [c for c in COLUMNS if c in parquet.schema_arrow.names]
     current: _Product | None = None

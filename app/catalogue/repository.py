@@ -8,9 +8,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import Select, Table, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -22,6 +22,11 @@ from app.catalogue.models import (
     ProductImage,
     utcnow,
 )
+
+# Core tables, for bulk statements that skip the ORM's per-row bookkeeping.
+_PRODUCTS = cast(Table, Product.__table__)
+_IMAGES = cast(Table, ProductImage.__table__)
+_CHANGES = cast(Table, ChangeLog.__table__)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -91,27 +96,61 @@ def delete_product(session: Session, product: Product) -> list[int]:
 
 def lock_or_create_products(
     session: Session, products: Sequence[dict[str, Any]]
-) -> tuple[dict[str, Product], set[str]]:
-    """Many products at once (bulk imports): rows absent are created with their fields,
-    then every row is locked for this transaction, as `lock_or_create_product` does.
+) -> tuple[dict[str, Product], dict[str, int]]:
+    """Many products at once (bulk imports): absent rows are created with their fields,
+    present ones are locked for this transaction, as `lock_or_create_product` does.
 
     Args:
         products: `external_id`, `title`, `category` and `attributes` of each product.
 
     Returns:
-        The locked rows by external id, and the external ids created here.
+        The locked rows of the products that existed, by external id, and the primary
+        keys of those created here.
     """
     if not products:
-        return {}, set()
-    now = utcnow()
-    rows = [{**p, "created_at": now, "updated_at": now} for p in products]
-    dialect = session.get_bind().dialect.name
-    ins: Any = postgresql.insert(Product) if dialect == "postgresql" else sqlite.insert(Product)
-    stmt = ins.on_conflict_do_nothing().returning(Product.external_id)
-    created = {str(e) for e in session.scalars(stmt, rows)}
+        return {}, {}
     ids = [p["external_id"] for p in products]
-    query = select(Product).where(Product.external_id.in_(ids)).with_for_update()
-    return {p.external_id: p for p in session.scalars(query)}, created
+    table = _PRODUCTS
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        # Another writer may create one of them meanwhile: ON CONFLICT leaves it to them,
+        # and the row is then locked below like any existing one.
+        rows = [{**p, "created_at": now, "updated_at": now} for p in products]
+        stmt = (
+            postgresql.insert(table)
+            .on_conflict_do_nothing()
+            .returning(table.c.external_id, table.c.id)
+        )
+        created = {str(e): int(pk) for e, pk in session.execute(stmt, rows) if e is not None}
+    else:
+        # SQLite serialises writers (BEGIN IMMEDIATE): what is absent now stays absent.
+        present = set(
+            session.scalars(select(Product.external_id).where(Product.external_id.in_(ids)))
+        )
+        rows = [
+            {**p, "created_at": now, "updated_at": now}
+            for p in products
+            if p["external_id"] not in present
+        ]
+        if rows:
+            session.execute(insert(table), rows)
+        fresh = [r["external_id"] for r in rows]
+        created = (
+            {
+                str(e): int(pk)
+                for e, pk in session.execute(
+                    select(Product.external_id, Product.pk).where(Product.external_id.in_(fresh))
+                )
+            }
+            if fresh
+            else {}
+        )
+    others = [i for i in ids if i not in created]
+    locked: dict[str, Product] = {}
+    if others:
+        query = select(Product).where(Product.external_id.in_(others)).with_for_update()
+        locked = {p.external_id: p for p in session.scalars(query)}
+    return locked, created
 
 
 def images_of_products(
@@ -163,9 +202,16 @@ def add_images(session: Session, images: Sequence[dict[str, Any]]) -> list[int]:
         return []
     now = utcnow()
     if session.get_bind().dialect.name != "postgresql":
-        stmt = insert(ProductImage).returning(ProductImage.id, sort_by_parameter_order=True)
-        rows = [{**image, "created_at": now, "updated_at": now} for image in images]
-        return [int(i) for i in session.scalars(stmt, rows)]
+        # Writers are serialised, so the next ids are the ones SQLite would pick itself;
+        # naming them lets one executemany insert them all without RETURNING.
+        first = int(session.scalar(select(func.max(ProductImage.id))) or 0) + 1
+        ids = list(range(first, first + len(images)))
+        rows = [
+            {**_image_row(image), "id": i, "created_at": now, "updated_at": now}
+            for i, image in zip(ids, images, strict=True)
+        ]
+        session.execute(insert(_IMAGES), rows)
+        return ids
     ids = [
         int(i)
         for i in session.scalars(
@@ -197,6 +243,13 @@ def add_images(session: Session, images: Sequence[dict[str, Any]]) -> list[int]:
                 )
             )
     return ids
+
+
+def _image_row(image: dict[str, Any]) -> dict[str, Any]:
+    """Column names (Core) for an image given by attribute names (`product_pk`)."""
+    row = dict(image)
+    row["product_id"] = row.pop("product_pk")
+    return row
 
 
 @contextmanager
@@ -290,7 +343,7 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
             return
         for row in rows:
             row["txid"] = txid
-    session.execute(insert(ChangeLog), rows)
+    session.execute(insert(_CHANGES), rows)
 
 
 # From this many change-log rows on, Postgres gets them by COPY (bulk imports).

@@ -448,23 +448,24 @@ def store_products(
             }
             for p, _ in items
         ]
-        rows, created_ids = repo.lock_or_create_products(session, fields)
-        existing = repo.images_of_products(session, [r.pk for r in rows.values()])
+        locked, created_pks = repo.lock_or_create_products(session, fields)
+        pks = {**{e: r.pk for e, r in locked.items()}, **created_pks}
+        existing = repo.images_of_products(session, [r.pk for r in locked.values()])
         new_rows: list[dict[str, Any]] = []
         owners: list[int] = []  # index into `items` of each new row
         plans: list[tuple[ImagePlan, bool]] = []
         for n, (product, images) in enumerate(items):
-            row = rows[product.id]
-            created = product.id in created_ids
-            fields_changed = False if created else _set_fields(row, product, False)
-            plan = plan_images(existing[row.pk], images, model_id, match_vectors=True)
+            pk = pks[product.id]
+            row = locked.get(product.id)
+            fields_changed = False if row is None else _set_fields(row, product, False)
+            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=True)
             plans.append((plan, fields_changed))
             for position in plan.added:
                 image = images[position]
                 owners.append(n)
                 new_rows.append(
                     {
-                        "product_pk": row.pk,
+                        "product_pk": pk,
                         "position": position,
                         "source_url": image.source_url,
                         "sha256": image.sha256,
@@ -487,14 +488,17 @@ def store_products(
             upserted[n].append((image_id, new_row["embedding"]))
         outcomes = []
         for n, (product, _) in enumerate(items):
-            row = rows[product.id]
+            pk = pks[product.id]
             plan, fields_changed = plans[n]
             if plan.deleted:
-                kept = [img.id for img in existing[row.pk] if img.id not in plan.deleted]
-                repo.delete_stale_pairs_of(session, row.pk, kept + [i for i, _ in upserted[n]])
-            created = product.id in created_ids
-            status = _status(row, created, fields_changed or plan.changed)
-            outcomes.append(StoreOutcome(status, upserted[n], plan.deleted, row.pk))
+                kept = [img.id for img in existing[pk] if img.id not in plan.deleted]
+                repo.delete_stale_pairs_of(session, pk, kept + [i for i, _ in upserted[n]])
+            row = locked.get(product.id)
+            if row is None:
+                outcomes.append(StoreOutcome("created", upserted[n], plan.deleted, pk))
+                continue
+            status = _status(row, False, fields_changed or plan.changed)
+            outcomes.append(StoreOutcome(status, upserted[n], plan.deleted, pk))
         return outcomes
 
 

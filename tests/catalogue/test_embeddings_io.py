@@ -132,10 +132,13 @@ async def test_round_trip_into_a_fresh_catalogue_then_search_finds_the_products(
     assert report["products"] == {"created": 4, "updated": 0, "unchanged": 0, "failed": 0}
     assert not failures.exists()
 
-    fresh = db_settings.model_copy(update={"database_url": fresh_url, "data_dir": fresh_dir})
+    # A new Settings, not model_copy: that would keep the source's cached database URL.
+    fresh = Settings.model_validate(
+        {**db_settings.model_dump(), "database_url": fresh_url, "data_dir": fresh_dir}
+    )
     for sku, data in IMAGES.items():
         hits = await search(fresh, data)
-        assert hits[0]["id"] == sku
+        assert hits[0]["id"] == sku, hits
         assert hits[0]["title"] == f"title {sku}"
         assert float(hits[0]["score"]) > 0.99  # type: ignore[arg-type]
     async with app_client(fresh) as client:
