@@ -221,3 +221,41 @@ def test_bad_rows_go_to_the_failures_file_and_the_rest_is_imported(
     assert "64 hexadecimal" in bad[1]["error"]
     assert "image_sha256 or source" in bad[2]["error"]
     assert counts(str(db_settings.database_url)) == (2, 2)
+
+
+def test_an_interrupted_import_resumes_after_its_last_committed_batch(
+    settings: Settings, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+    env = env_for(settings, url, tmp_path / "data")
+    from app.inference.model import load_model
+
+    model_id = load_model(settings.model, device="cpu", precision="fp32").model_id
+    rows: list[dict[str, object]] = [
+        {"product_id": f"p{i}", "model_id": model_id, "vector": unit(i), "source": f"{i}.jpg"}
+        for i in range(6)
+    ]
+    path = tmp_path / "six.parquet"
+    write_rows(path, rows)
+    # What an import stopped after its first batch (of 4 rows) leaves behind.
+    stat = path.stat()
+    state = {"file": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "embeddings-import.json").write_text(json.dumps({**state, "rows_done": 4}))
+
+    result = runner.invoke(cli, ["embeddings", "import", str(path), "--batch", "4"], env=env)
+
+    assert result.exit_code == 0, result.output
+    report = last_json(result.stdout)
+    assert report["resumed_at_row"] == 4
+    assert report["products"]["created"] == 2  # type: ignore[index]
+    assert counts(url)[0] == 2
+    assert not (tmp_path / "data" / "embeddings-import.json").exists()
+    # Importing the whole file again: the two already there stay unchanged.
+    result = runner.invoke(cli, ["embeddings", "import", str(path), "--restart"], env=env)
+    assert last_json(result.stdout)["products"] == {
+        "created": 4,
+        "updated": 0,
+        "unchanged": 2,
+        "failed": 0,
+    }
