@@ -53,6 +53,10 @@ cli.add_typer(model_cli, name="model")
 cli.add_typer(bench_cli, name="bench")
 cli.add_typer(db_cli, name="db")
 cli.add_typer(duplicates_cli, name="duplicates")
+embeddings_cli = typer.Typer(
+    help="Precomputed embeddings in and out as Parquet.", no_args_is_help=True
+)
+cli.add_typer(embeddings_cli, name="embeddings")
 
 LOG = logging.getLogger("vsearch")
 
@@ -578,6 +582,36 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("import")
+def bench_import(
+    n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,
+    dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
+    batch: Annotated[int, typer.Option(help="Rows per transaction.")] = 10_000,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="sqlite and/or postgres (a throwaway server); default both."),
+    ] = None,
+    database_url: Annotated[
+        str | None, typer.Option(help="Also import into this (empty) catalogue.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
+) -> None:
+    """Time `vsearch embeddings import` of N synthetic 512-d embeddings (prints JSON)."""
+    from app.benchmarks.embeddings_import import run_import_benchmark
+
+    _settings()
+    result = run_import_benchmark(
+        n=n,
+        dim=dim,
+        batch_rows=batch,
+        targets=tuple(target or ("sqlite", "postgres")),
+        database_url=database_url,
+        workdir=workdir,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @cli.command()
 def train(
     init: Annotated[str, typer.Option(help="Model directory to start from.")],
@@ -697,6 +731,112 @@ def duplicates_scan(
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     print(json.dumps(report, indent=2))
+
+
+@embeddings_cli.command("export")
+def embeddings_export(
+    file: Annotated[Path, typer.Argument(help="Parquet file to write.")],
+) -> None:
+    """Write every product's embeddings (one row per image) to a Parquet file."""
+    from app.catalogue.embeddings import export_embeddings
+    from app.core.errors import ServiceError
+    from app.services import catalogue_model, open_database
+
+    settings = _settings()
+    db = open_database(settings)
+    try:
+        known = catalogue_model(db)
+        if known is None:
+            err.print("[red]The catalogue holds no embeddings.[/red]")
+            raise typer.Exit(code=1)
+        model_id, dim = known
+        progress = _bar("export")
+        with progress:
+            task = progress.add_task("export", total=None)
+            try:
+                rows = export_embeddings(
+                    db,
+                    file,
+                    model_id=model_id,
+                    dim=dim,
+                    progress=lambda n: progress.update(task, completed=n),
+                )
+            except ServiceError as exc:
+                err.print(f"[red]{exc.message}[/red]")
+                raise typer.Exit(code=1) from None
+    finally:
+        db.dispose()
+    print(json.dumps({"file": str(file), "rows": rows, "model_id": model_id, "dim": dim}))
+
+
+@embeddings_cli.command("import")
+def embeddings_import(
+    file: Annotated[Path, typer.Argument(help="Parquet file of embeddings.", exists=True)],
+    batch: Annotated[int, typer.Option(help="Rows per transaction.")] = 10_000,
+    duplicates: Annotated[
+        bool,
+        typer.Option(
+            "--duplicates/--no-duplicates",
+            help="Refresh each product's duplicate pairs as POST /products does; "
+            "--no-duplicates leaves new pairs to `vsearch duplicates scan`.",
+        ),
+    ] = True,
+    failures: Annotated[Path, typer.Option(help="Bad rows go here (JSONL).")] = Path(
+        "import-failures.jsonl"
+    ),
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Ignore an interrupted import's progress.")
+    ] = False,
+) -> None:
+    """Import precomputed embeddings: products are created or replaced as by POST /products.
+
+    Re-importing a file changes nothing; an interrupted import resumes where it stopped.
+    """
+    from app.catalogue.embeddings import check_model, import_embeddings
+    from app.core.errors import ServiceError
+    from app.services import open_storage
+
+    settings = _settings()
+    state_path = settings.data_dir / "embeddings-import.json"
+    stat = file.stat()
+    identity = {"file": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    start_row = 0
+    if not restart and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if {k: state.get(k) for k in identity} == identity:
+            start_row = int(state["rows_done"])
+    with open_storage(settings) as storage:
+        try:
+            total = check_model(file, storage.model_id, storage.index.dim)
+        except ServiceError as exc:
+            err.print(f"[red]{exc.message}[/red]")
+            raise typer.Exit(code=1) from None
+        progress = _bar("import")
+
+        def on_batch(rows_done: int, _report: object) -> None:
+            progress.update(task, completed=rows_done)
+            state_path.write_text(json.dumps({**identity, "rows_done": rows_done}))
+
+        with progress, failures.open("w") as fh:
+            task = progress.add_task("import", total=total, completed=start_row)
+            report = import_embeddings(
+                storage.db,
+                file,
+                model_id=storage.model_id,
+                dim=storage.index.dim,
+                index=storage.index,
+                after_commit=storage.duplicates.on_commit if duplicates else None,
+                batch_rows=batch,
+                start_row=start_row,
+                failures=fh,
+                on_batch=on_batch,
+            )
+    state_path.unlink(missing_ok=True)
+    print(json.dumps(report.as_dict(), indent=2))
+    if report.failed_rows:
+        err.print(f"[yellow]{report.failed_rows} bad row(s); see {failures}[/yellow]")
+        raise typer.Exit(code=2)
+    failures.unlink(missing_ok=True)
 
 
 def main() -> None:

@@ -3,12 +3,14 @@ commit; the caller's `Database.write()` / `read()` does."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, and_, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import Select, Table, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
@@ -20,6 +22,11 @@ from app.catalogue.models import (
     ProductImage,
     utcnow,
 )
+
+# Core tables, for bulk statements that skip the ORM's per-row bookkeeping.
+_PRODUCTS = cast(Table, Product.__table__)
+_IMAGES = cast(Table, ProductImage.__table__)
+_CHANGES = cast(Table, ChangeLog.__table__)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -85,6 +92,172 @@ def delete_product(session: Session, product: Product) -> list[int]:
     log_changes(session, image_ids, OP_DELETE)
     session.execute(delete(Product).where(Product.pk == product.pk))
     return image_ids
+
+
+def lock_or_create_products(
+    session: Session, products: Sequence[dict[str, Any]]
+) -> tuple[dict[str, Product], dict[str, int]]:
+    """Many products at once (bulk imports): absent rows are created with their fields,
+    present ones are locked for this transaction, as `lock_or_create_product` does.
+
+    Args:
+        products: `external_id`, `title`, `category` and `attributes` of each product.
+
+    Returns:
+        The locked rows of the products that existed, by external id, and the primary
+        keys of those created here.
+    """
+    if not products:
+        return {}, {}
+    ids = [p["external_id"] for p in products]
+    table = _PRODUCTS
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        # Another writer may create one of them meanwhile: ON CONFLICT leaves it to them,
+        # and the row is then locked below like any existing one.
+        rows = [{**p, "created_at": now, "updated_at": now} for p in products]
+        stmt = (
+            postgresql.insert(table)
+            .on_conflict_do_nothing()
+            .returning(table.c.external_id, table.c.id)
+        )
+        created = {str(e): int(pk) for e, pk in session.execute(stmt, rows) if e is not None}
+    else:
+        # SQLite serialises writers (BEGIN IMMEDIATE): what is absent now stays absent.
+        present = set(
+            session.scalars(select(Product.external_id).where(Product.external_id.in_(ids)))
+        )
+        rows = [
+            {**p, "created_at": now, "updated_at": now}
+            for p in products
+            if p["external_id"] not in present
+        ]
+        if rows:
+            session.execute(insert(table), rows)
+        fresh = [r["external_id"] for r in rows]
+        created = (
+            {
+                str(e): int(pk)
+                for e, pk in session.execute(
+                    select(Product.external_id, Product.pk).where(Product.external_id.in_(fresh))
+                )
+            }
+            if fresh
+            else {}
+        )
+    others = [i for i in ids if i not in created]
+    locked: dict[str, Product] = {}
+    if others:
+        query = select(Product).where(Product.external_id.in_(others)).with_for_update()
+        locked = {p.external_id: p for p in session.scalars(query)}
+    return locked, created
+
+
+def images_of_products(
+    session: Session, product_pks: Sequence[int]
+) -> dict[int, list[ProductImage]]:
+    """`images_of` for many products in one query."""
+    found: dict[int, list[ProductImage]] = {pk: [] for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductImage)
+        .where(ProductImage.product_pk.in_(list(product_pks)))
+        .order_by(ProductImage.product_pk, ProductImage.position, ProductImage.id)
+    )
+    for image in session.scalars(stmt):
+        found[image.product_pk].append(image)
+    return found
+
+
+# The columns a bulk image insert writes, in COPY order.
+_IMAGE_COLUMNS = (
+    "id",
+    "product_id",
+    "position",
+    "source_url",
+    "sha256",
+    "box",
+    "width",
+    "height",
+    "embedding",
+    "model_id",
+    "created_at",
+    "updated_at",
+)
+
+
+def add_images(session: Session, images: Sequence[dict[str, Any]]) -> list[int]:
+    """Insert many images (bulk imports); returns their ids in the order given.
+
+    Postgres: ids are drawn from the table's sequence first, then the rows go in with
+    `COPY` (an order of magnitude faster than INSERTs for rows carrying a 2 KB vector).
+    SQLite: one multi-row INSERT ... RETURNING per batch.
+
+    Args:
+        images: `product_pk`, `position`, `source_url`, `sha256`, `box`, `width`,
+            `height`, `embedding` and `model_id` of each image.
+    """
+    if not images:
+        return []
+    now = utcnow()
+    if session.get_bind().dialect.name != "postgresql":
+        # Writers are serialised, so the next ids are the ones SQLite would pick itself;
+        # naming them lets one executemany insert them all without RETURNING.
+        first = int(session.scalar(select(func.max(ProductImage.id))) or 0) + 1
+        ids = list(range(first, first + len(images)))
+        rows = [
+            {**_image_row(image), "id": i, "created_at": now, "updated_at": now}
+            for i, image in zip(ids, images, strict=True)
+        ]
+        session.execute(insert(_IMAGES), rows)
+        return ids
+    ids = [
+        int(i)
+        for i in session.scalars(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('product_images', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": len(images)},
+        )
+    ]
+    columns = ", ".join(_IMAGE_COLUMNS)
+    with _copy(session, f"COPY product_images ({columns}) FROM STDIN") as copy:
+        for image_id, image in zip(ids, images, strict=True):
+            box = image["box"]
+            copy.write_row(
+                (
+                    image_id,
+                    image["product_pk"],
+                    image["position"],
+                    image["source_url"],
+                    image["sha256"],
+                    None if box is None else json.dumps(box),
+                    image["width"],
+                    image["height"],
+                    image["embedding"],
+                    image["model_id"],
+                    now,
+                    now,
+                )
+            )
+    return ids
+
+
+def _image_row(image: dict[str, Any]) -> dict[str, Any]:
+    """Column names (Core) for an image given by attribute names (`product_pk`)."""
+    row = dict(image)
+    row["product_id"] = row.pop("product_pk")
+    return row
+
+
+@contextmanager
+def _copy(session: Session, statement: str) -> Iterator[Any]:
+    """A psycopg 3 `COPY ... FROM STDIN` in the session's own transaction."""
+    dbapi: Any = session.connection().connection.driver_connection
+    with dbapi.cursor() as cursor, cursor.copy(statement) as copy:
+        yield copy
 
 
 # images ---------------------------------------------------------------------------------
@@ -163,9 +336,18 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
     rows = [{"image_id": i, "op": op, "created_at": now} for i in image_ids]
     if session.get_bind().dialect.name == "postgresql":
         txid = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        if len(rows) >= _COPY_FROM:
+            with _copy(session, "COPY change_log (image_id, op, txid, created_at) FROM STDIN") as c:
+                for i in image_ids:
+                    c.write_row((i, op, txid, now))
+            return
         for row in rows:
             row["txid"] = txid
-    session.execute(insert(ChangeLog), rows)
+    session.execute(insert(_CHANGES), rows)
+
+
+# From this many change-log rows on, Postgres gets them by COPY (bulk imports).
+_COPY_FROM = 256
 
 
 # the index's change feed (app/catalogue/feed.py) ---------------------------------------

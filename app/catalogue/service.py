@@ -240,28 +240,11 @@ class CatalogueService:
         with self.db.write() as session:
             row, created = repo.lock_or_create_product(session, product.id)
             existing = repo.images_of(session, row.pk)
-            fields_changed = (
-                row.title != product.title
-                or row.category != product.category
-                or (row.attributes or {}) != (product.attributes or {})
-            )
-            if fields_changed or created:
-                row.title = product.title
-                row.category = product.category
-                row.attributes = dict(product.attributes or {})
-
-            # Match new images to existing ones by content (sha256 + box + model).
-            pool: dict[tuple[str, str, str], list[ProductImage]] = {}
-            for img in existing:
-                pool.setdefault(_image_key(img.sha256, img.box, img.model_id), []).append(img)
-            keep: dict[int, int] = {}
+            fields_changed = _set_fields(row, product, created)
+            plan = plan_images(existing, images, self.model_id)
             upserted: list[tuple[int, bytes]] = []
-            for position, new in enumerate(images):
-                matches = pool.get(_image_key(new.sha256, new.box, self.model_id))
-                if matches:
-                    old = matches.pop(0)
-                    keep[old.id] = position
-                    continue
+            for position in plan.added:
+                new = images[position]
                 added = repo.add_image(
                     session,
                     product_pk=row.pk,
@@ -275,28 +258,15 @@ class CatalogueService:
                     model_id=self.model_id,
                 )
                 upserted.append((added.id, new.embedding))
-            deleted = [img.id for img in existing if img.id not in keep]
-            repo.delete_images(session, deleted)
-            moved = {i: p for i, p in keep.items() if p != _position_of(existing, i)}
-            repo.set_positions(session, moved)
+            repo.delete_images(session, plan.deleted)
+            repo.set_positions(session, plan.moved)
             repo.log_changes(session, [i for i, _ in upserted], repo.OP_UPSERT)
-
-            if created:
-                status: Status = "created"
-            elif fields_changed or upserted or deleted or moved:
-                status = "updated"
-                row.updated_at = utcnow()
-            else:
-                status = "unchanged"
-            return StoreOutcome(status, upserted, deleted, row.pk)
+            status = _status(row, created, fields_changed or bool(upserted or plan.changed))
+            return StoreOutcome(status, upserted, plan.deleted, row.pk)
 
     async def _publish(self, outcome: StoreOutcome) -> None:
         """Make committed changes searchable at once (read-your-writes)."""
-        if self.index is not None and (outcome.upserted or outcome.deleted):
-            upserts = [(i, np.frombuffer(e, dtype=np.float32)) for i, e in outcome.upserted]
-            await asyncio.to_thread(self.index.apply, upserts, outcome.deleted)
-        if self.after_commit is not None:
-            await asyncio.to_thread(self.after_commit, outcome)
+        await asyncio.to_thread(publish_outcomes, [outcome], self.index, self.after_commit)
 
     # reads and deletes ------------------------------------------------------------------
     def get_product(self, external_id: str) -> Product:
@@ -383,6 +353,165 @@ async def reembed_catalogue(
 def _replace(service: CatalogueService, image_id: int, embedding: bytes) -> None:
     with service.db.write() as session:
         repo.replace_embedding(session, image_id, embedding, service.model_id)
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """How a product's stored images become the images it is given now."""
+
+    added: list[int]  # positions (in the new list) of images to insert
+    deleted: list[int]  # ids of stored images that go
+    moved: dict[int, int]  # id of a kept image -> its new position, where it moves
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.deleted or self.moved)
+
+
+def plan_images(
+    existing: Sequence[ProductImage],
+    images: Sequence[PreparedImage],
+    model_id: str,
+    *,
+    match_vectors: bool = False,
+) -> ImagePlan:
+    """Match new images to stored ones by content (sha256 + box + model); unmatched
+    stored images are deleted, unmatched new ones added, kept ones moved if needed.
+
+    `match_vectors` also requires the same vector: imported vectors come from elsewhere,
+    so the same image with another vector is a change (the service's own embeddings of
+    the same content are reused, never recomputed, so for them the content decides).
+    """
+    pool: dict[tuple[Any, ...], list[ProductImage]] = {}
+    for img in existing:
+        key = _image_key(img.sha256, img.box, img.model_id)
+        pool.setdefault(key + (img.embedding,) if match_vectors else key, []).append(img)
+    keep: dict[int, int] = {}
+    added: list[int] = []
+    for position, new in enumerate(images):
+        key = _image_key(new.sha256, new.box, model_id)
+        matches = pool.get(key + (new.embedding,) if match_vectors else key)
+        if matches:
+            keep[matches.pop(0).id] = position
+        else:
+            added.append(position)
+    deleted = [img.id for img in existing if img.id not in keep]
+    moved = {i: p for i, p in keep.items() if p != _position_of(list(existing), i)}
+    return ImagePlan(added, deleted, moved)
+
+
+def _set_fields(row: Product, product: ProductInput, created: bool) -> bool:
+    """Copy the product's fields onto its row; returns whether they changed."""
+    changed = (
+        row.title != product.title
+        or row.category != product.category
+        or (row.attributes or {}) != (product.attributes or {})
+    )
+    if changed or created:
+        row.title = product.title
+        row.category = product.category
+        row.attributes = dict(product.attributes or {})
+    return changed
+
+
+def _status(row: Product, created: bool, changed: bool) -> Status:
+    if created:
+        return "created"
+    if changed:
+        row.updated_at = utcnow()
+        return "updated"
+    return "unchanged"
+
+
+def store_products(
+    db: Database, model_id: str, items: Sequence[tuple[ProductInput, list[PreparedImage]]]
+) -> list[StoreOutcome]:
+    """Store many products with precomputed embeddings in one transaction (bulk imports).
+
+    The same outcome as `CatalogueService._store` per product (the same matching of
+    images, positions, statuses and change-log rows), with bulk statements: one insert
+    of the products, one of the images, one of the change-log rows. A product's pairs
+    that rest on images it no longer has are dropped in the same transaction. Each
+    product must appear once in `items`.
+    """
+    with db.write() as session:
+        fields = [
+            {
+                "external_id": p.id,
+                "title": p.title,
+                "category": p.category,
+                "attributes": dict(p.attributes or {}),
+            }
+            for p, _ in items
+        ]
+        locked, created_pks = repo.lock_or_create_products(session, fields)
+        pks = {**{e: r.pk for e, r in locked.items()}, **created_pks}
+        existing = repo.images_of_products(session, [r.pk for r in locked.values()])
+        new_rows: list[dict[str, Any]] = []
+        owners: list[int] = []  # index into `items` of each new row
+        plans: list[tuple[ImagePlan, bool]] = []
+        for n, (product, images) in enumerate(items):
+            pk = pks[product.id]
+            row = locked.get(product.id)
+            fields_changed = False if row is None else _set_fields(row, product, False)
+            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=True)
+            plans.append((plan, fields_changed))
+            for position in plan.added:
+                image = images[position]
+                owners.append(n)
+                new_rows.append(
+                    {
+                        "product_pk": pk,
+                        "position": position,
+                        "source_url": image.source_url,
+                        "sha256": image.sha256,
+                        "box": image.box,
+                        "width": image.width,
+                        "height": image.height,
+                        "embedding": image.embedding,
+                        "model_id": model_id,
+                    }
+                )
+        # Positions first: a kept image may move to a position a new one needs next.
+        repo.set_positions(session, {i: p for plan, _ in plans for i, p in plan.moved.items()})
+        deleted = [i for plan, _ in plans for i in plan.deleted]
+        repo.delete_images(session, deleted)
+        new_ids = repo.add_images(session, new_rows)
+        repo.log_changes(session, new_ids, repo.OP_UPSERT)
+
+        upserted: list[list[tuple[int, bytes]]] = [[] for _ in items]
+        for n, image_id, new_row in zip(owners, new_ids, new_rows, strict=True):
+            upserted[n].append((image_id, new_row["embedding"]))
+        outcomes = []
+        for n, (product, _) in enumerate(items):
+            pk = pks[product.id]
+            plan, fields_changed = plans[n]
+            if plan.deleted:
+                kept = [img.id for img in existing[pk] if img.id not in plan.deleted]
+                repo.delete_stale_pairs_of(session, pk, kept + [i for i, _ in upserted[n]])
+            row = locked.get(product.id)
+            if row is None:
+                outcomes.append(StoreOutcome("created", upserted[n], plan.deleted, pk))
+                continue
+            status = _status(row, False, fields_changed or plan.changed)
+            outcomes.append(StoreOutcome(status, upserted[n], plan.deleted, pk))
+        return outcomes
+
+
+def publish_outcomes(
+    outcomes: Sequence[StoreOutcome],
+    index: IndexSink | None,
+    after_commit: Callable[[StoreOutcome], Any] | None,
+) -> None:
+    """Make committed changes searchable at once (read-your-writes), then let
+    `after_commit` (the duplicates refresh) see each product that changed."""
+    changed = [o for o in outcomes if o.upserted or o.deleted]
+    if index is not None and changed:
+        upserts = [(i, np.frombuffer(e, dtype=np.float32)) for o in changed for i, e in o.upserted]
+        index.apply(upserts, [i for o in changed for i in o.deleted])
+    if after_commit is not None:
+        for outcome in outcomes:
+            after_commit(outcome)
 
 
 def decode_base64_image(data: str) -> bytes:

@@ -85,6 +85,20 @@ class NotReady(ServiceError):
         super().__init__(message, headers={"Retry-After": str(retry_after)})
 
 
+class EmbeddingsRefused(ServiceError):
+    """An embeddings file that must not enter the catalogue (another model, dimension)."""
+
+    status_code = 422
+    code = "embeddings_refused"
+
+
+class ParquetUnavailable(ServiceError):
+    """Parquet import/export without pyarrow installed (the `parquet` extra)."""
+
+    status_code = 501
+    code = "parquet_unavailable"
+
+
 class ModelLoadError(Exception):
     """The model directory is missing, malformed, or does not match its config."""
 
