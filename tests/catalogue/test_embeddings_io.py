@@ -187,7 +187,7 @@ def test_bad_rows_go_to_the_failures_file_and_the_rest_is_imported(
 ) -> None:
     env = env_for(db_settings, str(db_settings.database_url), db_settings.data_dir)
     # The catalogue's model id: the same model the service loads.
-    from app.inference.model import load_model
+    from app.inference.runtime import load_model
 
     model_id = load_model(db_settings.model, device="cpu", precision="fp32").model_id
     nan = unit(3)
@@ -228,7 +228,7 @@ def test_an_interrupted_import_resumes_after_its_last_committed_batch(
 ) -> None:
     url = f"sqlite:///{tmp_path / 'c.db'}"
     env = env_for(settings, url, tmp_path / "data")
-    from app.inference.model import load_model
+    from app.inference.runtime import load_model
 
     model_id = load_model(settings.model, device="cpu", precision="fp32").model_id
     rows: list[dict[str, object]] = [
