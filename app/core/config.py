@@ -6,7 +6,6 @@ the README's configuration table; a test fails when the two drift apart.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
@@ -284,9 +283,10 @@ class Settings(BaseSettings):
         keys = [k.strip() for k in self.api_keys_read.split(",") if k.strip()]
         return keys + self.write_keys() if keys else []
 
-    @cached_property
+    @property
     def resolved_database_url(self) -> str:
-        """The database URL, defaulting to a SQLite file under `data_dir`."""
+        """The database URL, defaulting to a SQLite file under `data_dir` (computed each
+        time: a cached value would survive `model_copy(update=...)` and point elsewhere)."""
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'vsearch.db').resolve()}"

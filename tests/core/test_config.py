@@ -34,3 +34,12 @@ def test_a_relative_data_directory_is_made_absolute_once(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert Settings(data_dir=Path("store")).data_dir == tmp_path / "store"
+
+
+def test_a_copied_settings_object_sees_its_new_database(tmp_path: Path) -> None:
+    first = Settings(data_dir=tmp_path / "a")
+    assert first.resolved_database_url.endswith("/a/vsearch.db")  # read before copying
+    other = first.model_copy(update={"database_url": "sqlite:///elsewhere.db"})
+    assert other.resolved_database_url == "sqlite:///elsewhere.db"
+    moved = first.model_copy(update={"data_dir": tmp_path / "b"})
+    assert moved.resolved_database_url.endswith("/b/vsearch.db")
