@@ -376,3 +376,15 @@ class DecisionRead(BaseModel):
     a: str
     b: str
     decision: Literal["same", "different"]
+
+
+class DecisionRecordRead(DecisionRead):
+    decided_at: datetime
+    decided_by: str | None = Field(
+        None, description="A fingerprint of the API key that decided (never the key)."
+    )
+
+
+class DecisionsRead(BaseModel):
+    decisions: list[DecisionRecordRead]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")

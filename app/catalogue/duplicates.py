@@ -33,7 +33,7 @@ from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
-from app.core.errors import InvalidRequest, ProductNotFound
+from app.core.errors import DecisionNotFound, InvalidRequest, ProductNotFound
 from app.core.files import atomic_write_text
 from app.index.lifecycle import IndexService
 
@@ -163,6 +163,40 @@ class DuplicatesService:
             assert pb is not None
             repo.set_decision(session, pa.pk, pb.pk, decision, key_fingerprint(api_key))
         return a, b
+
+    def list_decisions(
+        self, *, decision: str | None, cursor: str | None, limit: int
+    ) -> tuple[list[repo.DecisionRow], str | None]:
+        if decision is not None and decision not in DECISIONS:
+            raise InvalidRequest("decision must be 'same' or 'different'.")
+        after = None
+        if cursor:
+            a_pk, b_pk = decode_cursor(cursor, "decisions", (int, int))
+            after = (int(a_pk), int(b_pk))
+        with self.db.read() as session:
+            rows = repo.list_decisions(session, decision=decision, after=after, limit=limit)
+        next_cursor = (
+            encode_cursor("decisions", (rows[-1].a_pk, rows[-1].b_pk))
+            if len(rows) == limit
+            else None
+        )
+        return rows, next_cursor
+
+    def undo(self, a: str, b: str) -> None:
+        """Forget the decision on a pair; a pair hidden as `different` is looked for again
+        at once, so it is back in the queue when the images still match."""
+        with self.db.write() as session:
+            pa = repo.get_product(session, a)
+            pb = repo.get_product(session, b)
+            missing = [x for x, p in ((a, pa), (b, pb)) if p is None]
+            if missing:
+                raise ProductNotFound(f"No product with id {missing[0]!r}.")
+            assert pa is not None
+            assert pb is not None
+            if not repo.delete_decision(session, pa.pk, pb.pk):
+                raise DecisionNotFound(f"No decision on the pair {a!r}, {b!r}.")
+            product_pk = pa.pk
+        self.refresh_product(product_pk)
 
     # full scans -------------------------------------------------------------------------
     def scan(

@@ -660,6 +660,66 @@ def set_decision(
     session.execute(stmt)
 
 
+@dataclass(frozen=True)
+class DecisionRow:
+    a_pk: int
+    b_pk: int
+    a: str
+    b: str
+    decision: str
+    decided_by: str | None
+    decided_at: datetime
+
+
+def list_decisions(
+    session: Session,
+    *,
+    decision: str | None,
+    after: tuple[int, int] | None,
+    limit: int,
+) -> list[DecisionRow]:
+    """Decisions in (a, b) product order, a page at a time."""
+    pa, pb = aliased(Product), aliased(Product)
+    stmt = (
+        select(
+            DuplicateDecision.a_pk,
+            DuplicateDecision.b_pk,
+            pa.external_id,
+            pb.external_id,
+            DuplicateDecision.decision,
+            DuplicateDecision.decided_by,
+            DuplicateDecision.decided_at,
+        )
+        .join(pa, pa.pk == DuplicateDecision.a_pk)
+        .join(pb, pb.pk == DuplicateDecision.b_pk)
+        .order_by(DuplicateDecision.a_pk, DuplicateDecision.b_pk)
+        .limit(limit)
+    )
+    if decision is not None:
+        stmt = stmt.where(DuplicateDecision.decision == decision)
+    if after is not None:
+        stmt = stmt.where(
+            or_(
+                DuplicateDecision.a_pk > after[0],
+                and_(DuplicateDecision.a_pk == after[0], DuplicateDecision.b_pk > after[1]),
+            )
+        )
+    return [
+        DecisionRow(int(a), int(b), ea, eb, d, by, at)
+        for a, b, ea, eb, d, by, at in session.execute(stmt)
+    ]
+
+
+def delete_decision(session: Session, a_pk: int, b_pk: int) -> bool:
+    a_pk, b_pk = canonical(a_pk, b_pk)
+    result = session.execute(
+        delete(DuplicateDecision).where(
+            DuplicateDecision.a_pk == a_pk, DuplicateDecision.b_pk == b_pk
+        )
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 def images_page(
     session: Session, after_id: int, limit: int, model_id: str
 ) -> list[tuple[int, int, bytes]]:

@@ -117,6 +117,55 @@ class TestIncrementalPairs:
 
 
 class TestDecisions:
+    async def test_decisions_are_listed_paged_and_can_be_undone(
+        self, db_client: httpx.AsyncClient
+    ) -> None:
+        await ingest(db_client, variants())
+        for a, b, decision in (
+            ("original", "cropped", "different"),
+            ("resized", "original", "same"),
+            ("reencoded", "original", "same"),
+        ):
+            response = await db_client.post(
+                "/duplicates/decisions", json={"a": a, "b": b, "decision": decision}
+            )
+            assert response.status_code == 200
+        assert frozenset(("original", "cropped")) not in names(await pairs(db_client))
+
+        seen, cursor = [], None
+        while True:
+            params = {"limit": 2} | ({"cursor": cursor} if cursor else {})
+            page = (await db_client.get("/duplicates/decisions", params=params)).json()
+            seen += page["decisions"]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert len(seen) == 3
+        assert {frozenset((d["a"], d["b"])): d["decision"] for d in seen} == {
+            frozenset(("original", "cropped")): "different",
+            frozenset(("original", "resized")): "same",
+            frozenset(("original", "reencoded")): "same",
+        }
+        assert all(d["decided_at"] for d in seen)
+        different = await db_client.get("/duplicates/decisions", params={"decision": "different"})
+        assert [frozenset((d["a"], d["b"])) for d in different.json()["decisions"]] == [
+            frozenset(("original", "cropped"))
+        ]
+
+        undo = await db_client.delete(
+            "/duplicates/decisions", params={"a": "cropped", "b": "original"}
+        )
+        assert undo.status_code == 204
+        back = {frozenset((p["a"], p["b"])): p["decision"] for p in await pairs(db_client)}
+        assert back[frozenset(("original", "cropped"))] is None  # in the queue again
+        again = await db_client.delete(
+            "/duplicates/decisions", params={"a": "cropped", "b": "original"}
+        )
+        assert again.status_code == 404
+        assert again.json()["error"]["code"] == "decision_not_found"
+        left = (await db_client.get("/duplicates/decisions")).json()["decisions"]
+        assert len(left) == 2
+
     async def test_decisions_stick_across_a_rescan(
         self, db_settings: Settings, tmp_path: Path
     ) -> None:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
 from app.api.schemas import (
     DecisionCreate,
     DecisionRead,
+    DecisionRecordRead,
+    DecisionsRead,
     DuplicateGroupRead,
     DuplicateGroupsRead,
     DuplicatePairRead,
@@ -138,3 +140,61 @@ async def decide(
 ) -> DecisionRead:
     await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key)
     return DecisionRead(a=body.a, b=body.b, decision=body.decision)
+
+
+@router.get(
+    "/decisions",
+    response_model=DecisionsRead,
+    summary="List review decisions",
+    description=(
+        "Every recorded decision, `same` and `different` alike (filter with `decision`), "
+        "a page at a time in a stable order; follow `next_cursor`."
+    ),
+    responses=error_responses(401, 422),
+)
+async def list_decisions(
+    duplicates: DuplicatesDep,
+    _key: ReadKeyDep,
+    decision: Annotated[
+        Literal["same", "different"] | None, Query(description="Only this decision.")
+    ] = None,
+    cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> DecisionsRead:
+    rows, next_cursor = await asyncio.to_thread(
+        duplicates.list_decisions, decision=decision, cursor=cursor, limit=limit
+    )
+    return DecisionsRead(
+        decisions=[
+            DecisionRecordRead(
+                a=r.a,
+                b=r.b,
+                decision=r.decision,
+                decided_at=r.decided_at,
+                decided_by=r.decided_by,
+            )
+            for r in rows
+        ],
+        next_cursor=next_cursor,
+    )
+
+
+@router.delete(
+    "/decisions",
+    status_code=204,
+    summary="Undo a review decision",
+    description=(
+        "Forgets the decision on the pair `a`, `b` (in either order). A pair that was "
+        "hidden as `different` is looked for again at once and is back in "
+        "`GET /duplicates` when its images still match above the floor."
+    ),
+    responses=error_responses(401, 404, 422),
+)
+async def undo_decision(
+    duplicates: DuplicatesDep,
+    _key: WriteKeyDep,
+    a: Annotated[str, Query(min_length=1, max_length=256, description="One product id.")],
+    b: Annotated[str, Query(min_length=1, max_length=256, description="The other.")],
+) -> Response:
+    await asyncio.to_thread(duplicates.undo, a, b)
+    return Response(status_code=204)
