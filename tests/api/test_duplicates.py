@@ -288,6 +288,36 @@ class TestGroups:
         groups = bounded_groups(pairs_)
         assert [sorted(g.members) for g in groups] == [["A", "B", "C"], ["D", "E"]]
 
+    async def test_groups_page_by_key_and_skip_nothing_when_the_catalogue_changes(
+        self, db_client: httpx.AsyncClient
+    ) -> None:
+        await ingest(db_client, variants())
+        twin = pattern(200, 160, seed=7)
+        await ingest(
+            db_client, {"twin-a": encode(twin, "PNG"), "twin-b": encode(twin, "JPEG", quality=90)}
+        )
+        first = (
+            await db_client.get("/duplicates/groups", params={"min_score": 0.8, "limit": 1})
+        ).json()
+        assert set(first["groups"][0]["members"]) == SAME  # the biggest group first
+        assert first["next_cursor"]
+        # A new pair appears between the pages; it sorts before the cursor's group and
+        # must not push an unseen group out of the next page.
+        await ingest(
+            db_client,
+            {
+                "new-a": encode(SOURCE.rotate(180), "PNG"),
+                "new-b": encode(SOURCE.rotate(180), "JPEG"),
+            },
+        )
+        second = (
+            await db_client.get(
+                "/duplicates/groups",
+                params={"min_score": 0.8, "limit": 1, "cursor": first["next_cursor"]},
+            )
+        ).json()
+        assert set(second["groups"][0]["members"]) == {"twin-a", "twin-b"}
+
     async def test_groups_endpoint(self, db_client: httpx.AsyncClient) -> None:
         await ingest(db_client, variants())
         body = (await db_client.get("/duplicates/groups", params={"min_score": 0.8})).json()

@@ -111,9 +111,18 @@ async def groups(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
 ) -> DuplicateGroupsRead:
     found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
-    start = int(decode_cursor(cursor, "groups", (int,))[0]) if cursor else 0
-    page = found[start : start + limit]
-    next_cursor = encode_cursor("groups", (start + limit,)) if start + limit < len(found) else None
+    if cursor:
+        # Keyset paging on the groups' order (size, weakest score, centre): a catalogue
+        # change between pages shifts no group the client has not seen past the cursor.
+        size, score, centre = decode_cursor(cursor, "groups", (int, float, str))
+        after = (-int(size), -float(score), str(centre))
+        found = [g for g in found if (-len(g.members), -g.min_score, g.centre) > after]
+    page = found[:limit]
+    next_cursor = (
+        encode_cursor("groups", (len(page[-1].members), page[-1].min_score, page[-1].centre))
+        if len(found) > limit
+        else None
+    )
     return DuplicateGroupsRead(
         groups=[
             DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
