@@ -165,7 +165,7 @@ class SearchService:
             hits.append(
                 SearchHit(
                     owner.external_id,
-                    float(score),
+                    min(float(score), 1.0),  # float rounding can pass 1 a hair
                     owner.title,
                     owner.category,
                     owner.image_id,

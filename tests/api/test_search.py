@@ -209,3 +209,12 @@ class TestSearchErrors:
             metrics = (await c.get("/metrics")).text
             assert "vsearch_admission_rejected_requests_total 1.0" in metrics
             assert "vsearch_admission_in_flight_images 0.0" in metrics
+
+
+async def test_scores_stay_within_minus_one_and_one(client: httpx.AsyncClient) -> None:
+    await index(client, catalogue(4))
+    for seed in range(4):
+        response = await search_json(client, image=b64(jpeg(seed)), k=4)
+        scores = [hit["score"] for hit in response.json()["results"]]
+        assert scores[0] >= 0.99  # the same image first
+        assert all(-1.0 <= s <= 1.0 for s in scores), scores
