@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
 from app.catalogue.models import utcnow
@@ -154,14 +155,8 @@ class DuplicatesService:
         if a == b:
             raise InvalidRequest("A decision needs two different products.")
         with self.db.write() as session:
-            pa = repo.get_product(session, a)
-            pb = repo.get_product(session, b)
-            missing = [x for x, p in ((a, pa), (b, pb)) if p is None]
-            if missing:
-                raise ProductNotFound(f"No product with id {missing[0]!r}.")
-            assert pa is not None
-            assert pb is not None
-            repo.set_decision(session, pa.pk, pb.pk, decision, key_fingerprint(api_key))
+            a_pk, b_pk = _pair_pks(session, a, b)
+            repo.set_decision(session, a_pk, b_pk, decision, key_fingerprint(api_key))
         return a, b
 
     def list_decisions(
@@ -186,17 +181,10 @@ class DuplicatesService:
         """Forget the decision on a pair; a pair hidden as `different` is looked for again
         at once, so it is back in the queue when the images still match."""
         with self.db.write() as session:
-            pa = repo.get_product(session, a)
-            pb = repo.get_product(session, b)
-            missing = [x for x, p in ((a, pa), (b, pb)) if p is None]
-            if missing:
-                raise ProductNotFound(f"No product with id {missing[0]!r}.")
-            assert pa is not None
-            assert pb is not None
-            if not repo.delete_decision(session, pa.pk, pb.pk):
+            a_pk, b_pk = _pair_pks(session, a, b)
+            if not repo.delete_decision(session, a_pk, b_pk):
                 raise DecisionNotFound(f"No decision on the pair {a!r}, {b!r}.")
-            product_pk = pa.pk
-        self.refresh_product(product_pk)
+        self.refresh_product(a_pk)
 
     # full scans -------------------------------------------------------------------------
     def scan(
@@ -285,6 +273,15 @@ class DuplicatesService:
                         "found_at": now,
                     }
         return list(best.values())
+
+
+def _pair_pks(session: Session, a: str, b: str) -> tuple[int, int]:
+    """The row ids of products `a` and `b`; 404 naming the first one that does not exist."""
+    found = {x: repo.get_product(session, x) for x in (a, b)}
+    for external_id, product in found.items():
+        if product is None:
+            raise ProductNotFound(f"No product with id {external_id!r}.")
+    return found[a].pk, found[b].pk  # type: ignore[union-attr]
 
 
 def bounded_groups(pairs: list[repo.PairRow]) -> list[DuplicateGroup]:
