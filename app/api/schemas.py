@@ -21,6 +21,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import (
     AfterValidator,
     BaseModel,
+    ConfigDict,
     Field,
     ValidationInfo,
     field_validator,
@@ -113,6 +114,13 @@ def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> Non
         raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
 
 
+class RequestModel(BaseModel):
+    """Base of every JSON request body: an unknown field is a 422 naming it, never
+    silently ignored (a misspelt `min_scor` or `titel` must not return wrong results)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class ErrorBody(BaseModel):
     code: str = Field(
         description="Stable machine-readable error code.", examples=["image_undecodable"]
@@ -160,7 +168,7 @@ class ReadyRead(BaseModel):
 
 
 # products -------------------------------------------------------------------------------
-class BoxIn(BaseModel):
+class BoxIn(RequestModel):
     """A box in pixels of the upright image (Products-10K convention)."""
 
     x: float = Field(ge=0, description="Left edge.", examples=[0])
@@ -172,7 +180,7 @@ class BoxIn(BaseModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
-class ImageIn(BaseModel):
+class ImageIn(RequestModel):
     """One product image: exactly one of `url` or `data`."""
 
     url: Name | None = Field(
@@ -193,7 +201,7 @@ class ImageIn(BaseModel):
         return self
 
 
-class ProductIn(BaseModel):
+class ProductIn(RequestModel):
     id: Name = Field(
         min_length=1,
         max_length=256,
@@ -218,11 +226,12 @@ class ProductIn(BaseModel):
         return value
 
 
-class ProductsCreate(BaseModel):
+class ProductsCreate(RequestModel):
     products: list[ProductIn] = Field(min_length=1, description="Products to index.")
 
-    model_config = {
-        "json_schema_extra": {
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
             "examples": [
                 {
                     "products": [
@@ -236,8 +245,8 @@ class ProductsCreate(BaseModel):
                     ]
                 }
             ]
-        }
-    }
+        },
+    )
 
 
 class ProductResultRead(BaseModel):
@@ -281,13 +290,13 @@ class ProductsRead(BaseModel):
 
 
 # search ---------------------------------------------------------------------------------
-class SearchFilters(BaseModel):
+class SearchFilters(RequestModel):
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
     )
 
 
-class SearchRequest(BaseModel):
+class SearchRequest(RequestModel):
     """Exactly one of `image_url` or `image`."""
 
     image_url: Name | None = Field(
@@ -307,8 +316,9 @@ class SearchRequest(BaseModel):
             raise ValueError("give exactly one of `image_url` or `image`")
         return self
 
-    model_config = {
-        "json_schema_extra": {
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
             "examples": [
                 {
                     "image_url": "https://cdn.example.com/shopper-photo.jpg",
@@ -318,8 +328,8 @@ class SearchRequest(BaseModel):
                     "min_score": 0.3,
                 }
             ]
-        }
-    }
+        },
+    )
 
 
 class SearchHitRead(BaseModel):
@@ -366,7 +376,7 @@ class DuplicateGroupsRead(BaseModel):
     next_cursor: str | None = None
 
 
-class DecisionCreate(BaseModel):
+class DecisionCreate(RequestModel):
     a: Name = Field(min_length=1, max_length=256, examples=["sku-1"])
     b: Name = Field(min_length=1, max_length=256, examples=["sku-2"])
     decision: Literal["same", "different"]
