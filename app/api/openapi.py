@@ -146,7 +146,9 @@ def document_operations(app: FastAPI, schema: dict[str, Any], state: ApiState) -
                     if parameter["name"] == "min_score":
                         parameter["schema"]["minimum"] = state.settings.duplicates.floor
     for code in sorted(used_codes):
-        components[_schema_name(code)] = _error_schema(code)
+        components.update(_error_schemas(code))
+    if used_codes:
+        components["ErrorDetail"] = ERROR_DETAIL
     for unused in ("HTTPValidationError", "ValidationError", "ErrorResponse"):
         components.pop(unused, None)
     schemes = schema["components"].setdefault("securitySchemes", {})
@@ -191,37 +193,46 @@ def _error_response(status: int, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _error_schema(code: str) -> dict[str, Any]:
+def _error_schemas(code: str) -> dict[str, dict[str, Any]]:
+    """`<Code>Error` (the envelope) and `<Code>ErrorBody` (its `error`, the code an enum
+    of one), as named components so generated clients get readable class names."""
     name = _schema_name(code)
     return {
-        "title": name,
-        "description": CODES[code],
-        "type": "object",
-        "required": ["error"],
-        "properties": {
-            "error": {
-                "title": f"{name}Body",
-                "type": "object",
-                "required": ["code", "message"],
-                "properties": {
-                    "code": {"type": "string", "enum": [code]},
-                    "message": {"type": "string", "description": "What went wrong, for a human."},
-                    "details": {
-                        "type": "array",
-                        "description": "Per-field problems (request validation errors).",
-                        "items": {
-                            "type": "object",
-                            "properties": {
-                                "loc": {
-                                    "type": "array",
-                                    "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
-                                },
-                                "msg": {"type": "string"},
-                                "type": {"type": "string"},
-                            },
-                        },
-                    },
+        name: {
+            "title": name,
+            "description": CODES[code],
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"$ref": f"#/components/schemas/{name}Body"}},
+        },
+        f"{name}Body": {
+            "title": f"{name}Body",
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string", "enum": [code]},
+                "message": {"type": "string", "description": "What went wrong, for a human."},
+                "details": {
+                    "type": "array",
+                    "description": "Per-field problems (request validation errors).",
+                    "items": {"$ref": "#/components/schemas/ErrorDetail"},
                 },
-            }
+            },
         },
     }
+
+
+ERROR_DETAIL = {
+    "title": "ErrorDetail",
+    "type": "object",
+    "required": ["loc", "msg", "type"],
+    "properties": {
+        "loc": {
+            "type": "array",
+            "description": "Where: `body`, `query`, `path` or `header`, then the field's path.",
+            "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
+        },
+        "msg": {"type": "string"},
+        "type": {"type": "string"},
+    },
+}
