@@ -95,20 +95,35 @@ def tune(
     # (cost, recall, nprobe, refine, ms per query)
     passing: list[tuple[float, float, int, int, float]] = []
     best: tuple[float, float, int, int, float] | None = None  # highest recall seen
+
+    def measure(nprobe: int, refine: int) -> tuple[float, float, int, int, float]:
+        nonlocal best
+        t0 = time.perf_counter()
+        _, found = index.search(xq, k + 1, nprobe=nprobe, refine=refine)
+        ms = (time.perf_counter() - t0) * 1000 / len(xq)
+        recall = float(knn_intersection_measure(_drop_self(found, chosen, k), truth))
+        point = (cost(nprobe, refine), recall, nprobe, refine, ms)
+        if best is None or recall > best[1]:
+            best = point
+        return point
+
+    # Recall grows with both parameters, so the cheapest passing pairs lie on a staircase:
+    # walk nprobe up, and at each step lower refine while the target still holds. Each
+    # parameter is stepped through once: about len(nprobes) + len(refines) measurements.
+    r = len(refines) - 1
     for nprobe in nprobes:
-        for refine in refines:
-            t0 = time.perf_counter()
-            _, found = index.search(xq, k + 1, nprobe=nprobe, refine=refine)
-            ms = (time.perf_counter() - t0) * 1000 / len(xq)
-            recall = float(knn_intersection_measure(_drop_self(found, chosen, k), truth))
-            point = (cost(nprobe, refine), recall, nprobe, refine, ms)
-            if best is None or recall > best[1]:
-                best = point
-            if recall >= target:
-                passing.append(point)
-                break  # a deeper re-rank at this nprobe only costs more
-        if passing and nprobe >= 4 * passing[0][2]:
-            break  # far past the first passing nprobe: only slower from here
+        point = measure(nprobe, refines[r])
+        if point[1] < target:
+            continue  # even the deepest re-rank misses at this nprobe: probe more lists
+        passing.append(point)
+        while r > 0:
+            lower = measure(nprobe, refines[r - 1])
+            if lower[1] < target:
+                break
+            r -= 1
+            passing.append(lower)
+        if r == 0 or nprobe >= 4 * passing[0][2]:
+            break  # refine at its floor, or far past the first passing nprobe
     pick = min(passing) if passing else best
     assert pick is not None
     _, recall, nprobe, refine, ms = pick
