@@ -567,7 +567,9 @@ def bench_duplicates(
     n: Annotated[int, typer.Option(help="Synthetic images (one product each).")] = 100_000,
     dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
     floor: Annotated[float, typer.Option(help="Pair floor.")] = 0.9,
-    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 1024,
+    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 4096,
+    nprobe: Annotated[int, typer.Option(help="IVF lists probed (0: the tuned search's).")] = 0,
+    refine: Annotated[int, typer.Option(help="Re-ranking depth (0: the tuned search's).")] = 0,
     database_url: Annotated[
         str | None, typer.Option(help="Catalogue database (default: a temporary SQLite file).")
     ] = None,
@@ -582,6 +584,8 @@ def bench_duplicates(
         dim=dim,
         floor=floor,
         batch=batch,
+        nprobe=nprobe,
+        refine=refine,
         index_settings=settings.index,
         database_url=database_url,
         workdir=workdir,
@@ -718,7 +722,9 @@ def duplicates_scan(
     floor: Annotated[
         float | None, typer.Option(help="Lowest score stored (default VS_DUPLICATES__FLOOR).")
     ] = None,
-    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 512,
+    batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 4096,
+    nprobe: Annotated[int, typer.Option(help="IVF lists probed (0: the tuned search's).")] = 0,
+    refine: Annotated[int, typer.Option(help="Re-ranking depth (0: the tuned search's).")] = 0,
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an interrupted scan's progress.")
     ] = False,
@@ -735,6 +741,8 @@ def duplicates_scan(
                 state_path=settings.data_dir / "duplicates-scan.json",
                 floor=floor,
                 batch=batch,
+                nprobe=nprobe,
+                refine=refine,
                 resume=not restart,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )

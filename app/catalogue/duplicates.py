@@ -197,34 +197,46 @@ class DuplicatesService:
         *,
         state_path: Path,
         floor: float | None = None,
-        batch: int = 512,
+        batch: int = 4096,
         resume: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        nprobe: int = 0,
+        refine: int = 0,
     ) -> dict[str, Any]:
-        """Recompute every pair with batched kNN; resumable from `state_path`.
+        """Recompute every pair with batched kNN over the index; resumable from `state_path`.
 
-        Pairs found are upserted as the scan goes (GET /duplicates keeps serving the old
-        ones meanwhile); when it finishes, pairs the scan did not find again are removed.
+        A self-join in batches: each batch of the index's own vectors (read from its
+        exact-vector file, in image-id order) is searched at once, and the strong matches
+        are turned into pairs with array operations against one image -> product map read
+        at the start. `nprobe`/`refine` (0: the search's own, tuned values) trade speed
+        for recall. Pairs found are upserted as the scan goes (GET /duplicates keeps serving
+        the old ones meanwhile); when it finishes, pairs the scan did not find again are
+        removed.
         """
         floor = self.floor if floor is None else floor
         state = _read_state(state_path) if resume else None
         if state is None or state.get("floor") != floor:
             state = {"floor": floor, "started": utcnow().isoformat(), "after_id": 0, "done": 0}
         started_at = datetime.fromisoformat(state["started"])
-        with self.db.read() as session:
-            total = repo.count_images(session)
-            different = repo.different_pairs(session)
         t0 = time.perf_counter()
-        model_id = self.index.model_id
-        while True:
-            with self.db.read() as session:
-                page = repo.images_page(session, int(state["after_id"]), batch, model_id)
-            if not page:
-                break
-            rows = self._find_pairs(page, floor, different)
+        index = self.index.index
+        ids = np.sort(index.all_ids())
+        with self.db.read() as session:
+            owners = repo.image_product_arrays(session, self.index.model_id)
+            different = repo.different_pairs(session)
+        total = len(ids)
+        at = int(np.searchsorted(ids, int(state["after_id"]), side="right"))
+        while at < total:
+            chunk = ids[at : at + batch]
+            queries = index.vectors.get(chunk).astype(np.float32)
+            scores, found = index.search(
+                queries, self.neighbours, nprobe=nprobe or None, refine=refine or None
+            )
+            rows = _pairs_of(chunk, scores, found, floor, owners, different)
             with self.db.write() as session:
                 repo.upsert_pairs(session, rows)
-            state["after_id"], state["done"] = page[-1][0], int(state["done"]) + len(page)
+            at += len(chunk)
+            state["after_id"], state["done"] = int(chunk[-1]), int(state["done"]) + len(chunk)
             _write_state(state_path, state)
             if progress is not None:
                 progress(int(state["done"]), total)
@@ -278,6 +290,57 @@ class DuplicatesService:
                         "found_at": now,
                     }
         return list(best.values())
+
+
+def _pairs_of(
+    image_ids: np.ndarray,
+    scores: np.ndarray,
+    found: np.ndarray,
+    floor: float,
+    owners: tuple[np.ndarray, np.ndarray],
+    different: Container[tuple[int, int]],
+) -> list[dict[str, Any]]:
+    """Pair rows from a batch's kNN results (the same rule as `_find_pairs`: other
+    products only, the best image pair per product pair, `different` pairs skipped), with
+    array operations; only the few strong matches reach Python objects."""
+    owner_ids, owner_pks = owners
+    q, col = np.nonzero((scores >= floor) & (found >= 0))
+    if len(q) == 0:
+        return []
+    mine, theirs, score = image_ids[q], found[q, col], scores[q, col]
+
+    def owner(image: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(owner_ids, image), 0, max(len(owner_ids) - 1, 0))
+        known = (owner_ids[pos] == image) if len(owner_ids) else np.zeros(len(image), bool)
+        return np.where(known, owner_pks[pos], -1)
+
+    mine_pk, theirs_pk = owner(mine), owner(theirs)
+    keep = (mine_pk >= 0) & (theirs_pk >= 0) & (mine_pk != theirs_pk)
+    mine, theirs, score = mine[keep], theirs[keep], score[keep]
+    mine_pk, theirs_pk = mine_pk[keep], theirs_pk[keep]
+    a, b = np.minimum(mine_pk, theirs_pk), np.maximum(mine_pk, theirs_pk)
+    a_img = np.where(a == mine_pk, mine, theirs)
+    b_img = np.where(a == mine_pk, theirs, mine)
+    order = np.lexsort((-score, b, a))  # by pair, best score first
+    first = np.ones(len(order), bool)
+    first[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
+    now = utcnow()
+    rows = []
+    for i in order[first]:
+        pair = (int(a[i]), int(b[i]))
+        if pair in different:
+            continue
+        rows.append(
+            {
+                "a_pk": pair[0],
+                "b_pk": pair[1],
+                "score": min(float(score[i]), 1.0),
+                "a_image_id": int(a_img[i]),
+                "b_image_id": int(b_img[i]),
+                "found_at": now,
+            }
+        )
+    return rows
 
 
 def _pair_pks(session: Session, a: str, b: str) -> tuple[int, int]:

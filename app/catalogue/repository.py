@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
+import numpy as np
 from sqlalchemy import Select, Table, and_, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
@@ -742,6 +743,19 @@ def images_page(
         .limit(limit)
     )
     return [(int(i), int(p), e) for i, p, e in session.execute(stmt)]
+
+
+def image_product_arrays(session: Session, model_id: str) -> tuple[Any, Any]:
+    """Every image of `model_id` and its product, as two int64 arrays in image-id order
+    (a full duplicates scan maps millions of matches to products with one read)."""
+    stmt = (
+        select(ProductImage.id, ProductImage.product_pk)
+        .where(ProductImage.model_id == model_id)
+        .order_by(ProductImage.id)
+    )
+    rows = session.execute(stmt).all()
+    pairs = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 def image_products(session: Session, image_ids: Sequence[int]) -> dict[int, int]:
