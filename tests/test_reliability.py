@@ -85,6 +85,10 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(
                     str(REPO / "tests" / "schemathesis.toml"),
                     "run",
                     f"{server.url}/openapi.json",
+                    # Every check, the auth ones included; the config says which operations
+                    # skip which check, and why.
+                    "--checks",
+                    "all",
                     "--max-examples",
                     examples,
                     "--seed",
