@@ -81,6 +81,9 @@ def test_schemathesis_finds_no_server_errors_or_schema_violations(
                     sys.executable,
                     "-m",
                     "schemathesis.cli",
+                    # Every check runs (schemathesis' default; the auth checks included)
+                    # but where the config turns one off for an operation, saying why.
+                    # `--checks all` would override those per-operation settings.
                     "--config-file",
                     str(REPO / "tests" / "schemathesis.toml"),
                     "run",

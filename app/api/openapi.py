@@ -141,14 +141,21 @@ def document_operations(app: FastAPI, schema: dict[str, Any], state: ApiState) -
                 if status in ("429", "503"):
                     headers["Retry-After"] = _RETRY_AFTER
             operation["responses"] = dict(sorted(responses.items()))
+            for parameter in operation.get("parameters", []):
+                _refuse_controls(parameter["schema"])
             if (route.path_format or "").startswith("/duplicates"):
                 for parameter in operation.get("parameters", []):
                     if parameter["name"] == "min_score":
                         parameter["schema"]["minimum"] = state.settings.duplicates.floor
-    for code in sorted(used_codes):
-        components.update(_error_schemas(code))
+    for name in _form_schemas(schema):
+        _drop_null(components[name])
+    # Named components all the way down: generated clients name inline objects after
+    # their parents (`ProductNotFoundErrorProductNotFoundErrorBody`), components by name.
     if used_codes:
-        components["ErrorDetail"] = ERROR_DETAIL
+        components[_ERROR_DETAIL] = _ERROR_DETAIL_SCHEMA
+    for code in sorted(used_codes):
+        components[_schema_name(code)] = _error_schema(code)
+        components[_schema_name(code) + "Body"] = _error_body_schema(code)
     for unused in ("HTTPValidationError", "ValidationError", "ErrorResponse"):
         components.pop(unused, None)
     schemes = schema["components"].setdefault("securitySchemes", {})
@@ -166,6 +173,42 @@ def document_operations(app: FastAPI, schema: dict[str, Any], state: ApiState) -
         schemes[BEARER] = {"type": "http", "scheme": "bearer", "description": "A read key."}
     if not schemes:
         schema["components"].pop("securitySchemes")
+
+
+NO_CONTROLS = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+"""Every path and query parameter refuses control characters (a 422 naming it), as
+`refuse_control_characters` checks; the pattern says so, so a schema-valid value is one the
+service takes."""
+
+
+def _refuse_controls(schema: dict[str, Any]) -> None:
+    for branch in schema.get("anyOf", [schema]):
+        if branch.get("type") == "string" and "enum" not in branch:
+            branch.setdefault("pattern", NO_CONTROLS)
+
+
+def _form_schemas(schema: dict[str, Any]) -> set[str]:
+    """Components that are multipart request bodies."""
+    names = set()
+    for item in schema["paths"].values():
+        for operation in item.values():
+            content = operation.get("requestBody", {}).get("content", {})
+            ref = content.get("multipart/form-data", {}).get("schema", {}).get("$ref", "")
+            if ref:
+                names.add(ref.rsplit("/", 1)[-1])
+    return names
+
+
+def _drop_null(model: dict[str, Any]) -> None:
+    """A form field is text or absent, never null: an optional field's `null` branch would
+    make generated clients offer None and send it as the text "None"."""
+    for field in model.get("properties", {}).values():
+        branches = [b for b in field.get("anyOf", []) if b.get("type") != "null"]
+        if "anyOf" in field and len(branches) == 1:
+            del field["anyOf"]
+            field.update(branches[0])
+            if field.get("default", "") is None:
+                del field["default"]
 
 
 def _declared_codes(operation: dict[str, Any]) -> dict[int, list[str]]:
@@ -193,46 +236,49 @@ def _error_response(status: int, codes: list[str]) -> dict[str, Any]:
     }
 
 
-def _error_schemas(code: str) -> dict[str, dict[str, Any]]:
-    """`<Code>Error` (the envelope) and `<Code>ErrorBody` (its `error`, the code an enum
-    of one), as named components so generated clients get readable class names."""
-    name = _schema_name(code)
-    return {
-        name: {
-            "title": name,
-            "description": CODES[code],
-            "type": "object",
-            "required": ["error"],
-            "properties": {"error": {"$ref": f"#/components/schemas/{name}Body"}},
-        },
-        f"{name}Body": {
-            "title": f"{name}Body",
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {
-                "code": {"type": "string", "enum": [code]},
-                "message": {"type": "string", "description": "What went wrong, for a human."},
-                "details": {
-                    "type": "array",
-                    "description": "Per-field problems (request validation errors).",
-                    "items": {"$ref": "#/components/schemas/ErrorDetail"},
-                },
-            },
-        },
-    }
-
-
-ERROR_DETAIL = {
-    "title": "ErrorDetail",
+_ERROR_DETAIL = "ErrorDetail"
+_ERROR_DETAIL_SCHEMA: dict[str, Any] = {
+    "title": _ERROR_DETAIL,
+    "description": "One problem with one field of a request.",
     "type": "object",
     "required": ["loc", "msg", "type"],
     "properties": {
         "loc": {
             "type": "array",
-            "description": "Where: `body`, `query`, `path` or `header`, then the field's path.",
+            "description": "Where: `body`, `query` or `path`, then the field's path.",
             "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]},
         },
         "msg": {"type": "string"},
         "type": {"type": "string"},
     },
 }
+
+
+def _error_schema(code: str) -> dict[str, Any]:
+    name = _schema_name(code)
+    return {
+        "title": name,
+        "description": CODES[code],
+        "type": "object",
+        "required": ["error"],
+        "properties": {"error": {"$ref": f"#/components/schemas/{name}Body"}},
+    }
+
+
+def _error_body_schema(code: str) -> dict[str, Any]:
+    # `const` rather than a one-value `enum`: clients type it as the literal string
+    # instead of generating an enum class per error code.
+    return {
+        "title": f"{_schema_name(code)}Body",
+        "type": "object",
+        "required": ["code", "message"],
+        "properties": {
+            "code": {"type": "string", "const": code},
+            "message": {"type": "string", "description": "What went wrong, for a human."},
+            "details": {
+                "type": "array",
+                "description": "Per-field problems (request validation errors).",
+                "items": {"$ref": f"#/components/schemas/{_ERROR_DETAIL}"},
+            },
+        },
+    }
