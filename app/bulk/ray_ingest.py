@@ -89,9 +89,15 @@ class RayIngestSummary:
     images_reused: int = 0
     windows_skipped: int = 0
     seconds: float = 0.0
+    # Until the first embedded rows reached the driver (Ray, workers and models starting):
+    # the rest of `seconds` is the pipeline's steady state.
+    startup_seconds: float | None = None
+    steady_images: int = 0
+    started_at: float = field(default_factory=time.perf_counter)
     ray: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
+        steady = self.seconds - (self.startup_seconds or 0.0)
         return {
             "engine": "ray",
             "products": self.products,
@@ -105,6 +111,8 @@ class RayIngestSummary:
             "windows_skipped_on_resume": self.windows_skipped,
             "seconds": round(self.seconds, 2),
             "images_per_s": round(self.images / self.seconds, 2) if self.seconds else 0.0,
+            "startup_seconds": round(self.startup_seconds or 0.0, 2),
+            "steady_images_per_s": round(self.steady_images / steady, 2) if steady > 0 else 0.0,
             "ray": self.ray,
         }
 
@@ -142,6 +150,11 @@ def _read(image: dict[str, Any], fetch: Callable[[str], bytes], max_bytes: int) 
 
 def read_and_preprocess(batch: dict[str, np.ndarray], ctx: _ReadContext) -> dict[str, Any]:
     """A Ray Data batch of image rows -> hashed, looked-up, decoded, preprocessed rows."""
+    import torch
+
+    # The preprocessing's tensor ops are small: one thread, so that read tasks beside the
+    # model actors do not each start a thread per core.
+    torch.set_num_threads(1)
     settings = ctx.settings
     n = len(batch["p"])
     rows = [{k: batch[k][i] for k in batch} for i in range(n)]
@@ -313,7 +326,6 @@ def run_ray_ingest(
 
     options = options or RayOptions()
     summary = RayIngestSummary()
-    started = time.perf_counter()
     model_dir, _ = resolve_model_dir(settings.model)
     loaded = load_module(model_dir)
     config, model_id = loaded.config, loaded.model_id
@@ -356,7 +368,7 @@ def run_ray_ingest(
                 ray.shutdown()
     if state_path is not None:
         state_path.unlink(missing_ok=True)
-    summary.seconds = time.perf_counter() - started
+    summary.seconds = time.perf_counter() - summary.started_at
     return summary
 
 
@@ -432,6 +444,10 @@ def _run_window(
             on_products(summary.products, summary.images)
 
     for batch in ds.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
+        if summary.startup_seconds is None:
+            summary.startup_seconds = time.perf_counter() - summary.started_at
+        else:
+            summary.steady_images += len(batch["p"])
         for i in range(len(batch["p"])):
             p = int(batch["p"][i])
             parts.setdefault(p, {})[int(batch["pos"][i])] = {k: batch[k][i] for k in batch}
