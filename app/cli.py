@@ -268,7 +268,9 @@ def db_current() -> None:
 
 @cli.command()
 def ingest(
-    file: Annotated[Path, typer.Argument(help="CSV or JSONL file of products.", exists=True)],
+    file: Annotated[
+        Path, typer.Argument(help="CSV, JSONL or Parquet file of products.", exists=True)
+    ],
     images_root: Annotated[
         Path | None, typer.Option(help="Base of relative image paths (default: the file's dir).")
     ] = None,
