@@ -468,6 +468,8 @@ def _run_window(
                 continue
             summary.images_embedded += sum(bool(img["embedded"]) for img in images)
             summary.images_reused += sum(not img["embedded"] for img in images)
+            if any(other.id == product.id for other, _ in pending):
+                commit()  # a product listed twice: stored in order, as two upserts
             pending.append((product, [_prepared(img) for img in images]))
             if len(pending) >= options.products_per_commit:
                 commit()
