@@ -388,20 +388,12 @@ def _start_ray(ray: Any, options: RayOptions) -> bool:
     return True
 
 
-def _run_window(
-    ray: Any,
-    window: list[ProductInput],
-    ctx: _ReadContext,
-    options: RayOptions,
-    model_dir: Path,
-    storage: Any,
-    summary: RayIngestSummary,
-    failures: IO[str] | None,
-    on_products: Callable[[int, int], None] | None,
-) -> None:
+def _pipeline(
+    ray: Any, rows: list[dict[str, Any]], ctx: _ReadContext, options: RayOptions, model_dir: Path
+) -> Any:
+    """The window's image rows -> read tasks -> model actor pool (a lazy Ray Dataset)."""
     import ray.data
 
-    rows = _image_rows(window)
     parallelism = max(1, len(rows) // options.batch_size)
     ds = ray.data.from_items(rows, override_num_blocks=min(parallelism, 200))
     ds = ds.map_batches(
@@ -429,8 +421,33 @@ def _run_window(
         num_gpus=1 if gpu else 0,
         num_cpus=0 if gpu else max(2, options.actor_threads),
     )
+    return ds
+
+
+def _run_window(
+    ray: Any,
+    window: list[ProductInput],
+    ctx: _ReadContext,
+    options: RayOptions,
+    model_dir: Path,
+    storage: Any,
+    summary: RayIngestSummary,
+    failures: IO[str] | None,
+    on_products: Callable[[int, int], None] | None,
+) -> None:
+    rows = _image_rows(window)
+    batches = (
+        _pipeline(ray, rows, ctx, options, model_dir).iter_batches(
+            batch_size=options.batch_size, batch_format="numpy"
+        )
+        if rows
+        else iter(())
+    )
     parts: dict[int, dict[int, dict[str, Any]]] = {}
-    pending: list[tuple[ProductInput, list[PreparedImage]]] = []
+    # A product without images is stored as it is (as POST /products stores it).
+    pending: list[tuple[ProductInput, list[PreparedImage]]] = [
+        (product, []) for product in window if not product.images
+    ]
 
     def commit() -> None:
         outcomes = store_products(storage.db, storage.model_id, pending, match_vectors=False)
@@ -443,7 +460,7 @@ def _run_window(
         if on_products is not None:
             on_products(summary.products, summary.images)
 
-    for batch in ds.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
+    for batch in batches:
         if summary.startup_seconds is None:
             summary.startup_seconds = time.perf_counter() - summary.started_at
         else:
