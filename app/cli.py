@@ -268,7 +268,9 @@ def db_current() -> None:
 
 @cli.command()
 def ingest(
-    file: Annotated[Path, typer.Argument(help="CSV or JSONL file of products.", exists=True)],
+    file: Annotated[
+        Path, typer.Argument(help="CSV, JSONL or Parquet file of products.", exists=True)
+    ],
     images_root: Annotated[
         Path | None, typer.Option(help="Base of relative image paths (default: the file's dir).")
     ] = None,
@@ -284,12 +286,51 @@ def ingest(
         Path | None, typer.Option(help="Write failed products here (JSONL).")
     ] = Path("ingest-failures.jsonl"),
     json_output: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            help="local: this process; ray: Ray Data (read tasks + a model actor pool), "
+            "needs the `ray` extra."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray: a running cluster (e.g. auto); default: a local instance."),
+    ] = None,
+    ray_cpus: Annotated[int, typer.Option(help="Ray: logical CPU slots of a local instance.")] = 8,
+    ray_gpus: Annotated[float, typer.Option(help="Ray: GPUs (one per model actor).")] = 0,
+    ray_actors: Annotated[int, typer.Option(help="Ray: model actors.", min=1)] = 1,
+    ray_actor_threads: Annotated[
+        int, typer.Option(help="Ray: torch threads (and CPU slots) per CPU actor.", min=1)
+    ] = 2,
+    ray_batch_size: Annotated[int, typer.Option(help="Ray: images per batch.", min=1)] = 32,
+    ray_window: Annotated[
+        int, typer.Option(help="Ray: products per dataset (the resume step).", min=1)
+    ] = 20_000,
 ) -> None:
     """Index products from a file through the same service as POST /products.
 
     Re-running the same file resumes: unchanged products are skipped without embedding.
     """
     import asyncio
+
+    if engine == "ray":
+        from app.bulk.ray_ingest import RayOptions
+
+        options = RayOptions(
+            address=ray_address,
+            num_cpus=ray_cpus,
+            num_gpus=ray_gpus,
+            actors=ray_actors,
+            actor_threads=ray_actor_threads,
+            batch_size=ray_batch_size,
+            window=ray_window,
+        )
+        ray_columns = (id_column, image_column, title_column, category_column)
+        _ingest_ray(file, images_root, ray_columns, options, failures, json_output)
+        return
+    if engine != "local":
+        raise typer.BadParameter(f"--engine must be local or ray, not {engine!r}")
 
     from rich.progress import (
         BarColumn,
@@ -348,6 +389,57 @@ def ingest(
         return summary.as_dict()
 
     result = asyncio.run(main())
+    if failures is not None and result["failed"] == 0:
+        failures.unlink(missing_ok=True)
+    if json_output:
+        print(json.dumps(result, indent=2))
+    else:
+        err.print(result)
+    if result["failed"]:
+        err.print(f"[yellow]{result['failed']} product(s) failed; see {failures}[/yellow]")
+        raise typer.Exit(code=2)
+
+
+def _ingest_ray(
+    file: Path,
+    images_root: Path | None,
+    columns: tuple[str, str, str, str],
+    options: Any,
+    failures: Path | None,
+    json_output: bool,
+) -> None:
+    """`vsearch ingest --engine ray`: the same input, summary, failures file and exit codes."""
+    try:
+        import ray  # noqa: F401 - an absent extra is reported before any work
+    except ImportError:
+        err.print("error: --engine ray needs Ray: pip install 'vsearch[ray]'")
+        raise typer.Exit(code=1) from None
+    from app.bulk.ray_ingest import run_ray_ingest
+    from app.catalogue.ingest import CsvColumns, read_products
+
+    settings = _settings()
+    id_, image, title, category = columns
+    csv_columns = CsvColumns(id=id_, image=image, title=title, category=category)
+    total = sum(1 for _ in read_products(file, images_root=images_root, columns=csv_columns))
+    progress = _bar("ingest (ray)")
+    fh = failures.open("w") if failures else None
+    try:
+        with progress:
+            task = progress.add_task("ingest", total=total)
+            summary = run_ray_ingest(
+                settings,
+                file,
+                images_root=images_root,
+                columns=csv_columns,
+                options=options,
+                failures=fh,
+                state_path=settings.data_dir / "ray-ingest.json",
+                on_products=lambda done, _images: progress.update(task, completed=done),
+            )
+    finally:
+        if fh is not None:
+            fh.close()
+    result = summary.as_dict()
     if failures is not None and result["failed"] == 0:
         failures.unlink(missing_ok=True)
     if json_output:

@@ -3,6 +3,10 @@
 Pairs are maintained incrementally: whenever a product's images change, its pairs are
 recomputed by searching its images against the index; every other product whose best
 image pair scores at least the floor is stored (score, the two image ids, when found).
+Products written by other replicas are recomputed here as their changes arrive from the
+change log (`on_replay`): of two products written at the same moment on two replicas,
+each replica applies one of them second and finds the pair then, so no full scan is
+needed for it.
 Reviewers' decisions live in their own table: "different" pairs never come back, and no
 scan overwrites a decision. A full scan (`vsearch duplicates scan`) recomputes all pairs
 with batched kNN, resumably.
@@ -59,18 +63,48 @@ def key_fingerprint(api_key: str | None) -> str | None:
 
 class DuplicatesService:
     def __init__(
-        self, db: Database, index: IndexService, *, floor: float, neighbours: int = 20
+        self,
+        db: Database,
+        index: IndexService,
+        *,
+        floor: float,
+        neighbours: int = 20,
+        replay_limit: int = 1_000,
     ) -> None:
         self.db = db
         self.index = index
         self.floor = floor
         self.neighbours = neighbours
+        self.replay_limit = replay_limit
+        self.replayed_products = 0
 
     # incremental maintenance ------------------------------------------------------------
     def on_commit(self, outcome: StoreOutcome) -> None:
         """Recompute the pairs of a product whose images changed (after its commit)."""
         if outcome.product_pk >= 0 and (outcome.upserted or outcome.deleted):
             self.refresh_product(outcome.product_pk)
+
+    def on_replay(self, image_ids: list[int]) -> None:
+        """Recompute the pairs of products whose images arrived from the change log
+        (written by another replica, or by a bulk import), once they are in the index.
+
+        A catch-up that brings more than `replay_limit` images is a bulk load (an
+        embeddings import, a replica back after a long stop): its pairs are left to
+        `vsearch duplicates scan`, which finds them far faster than one refresh each.
+        """
+        if len(image_ids) > self.replay_limit:
+            LOG.warning(
+                "%d images arrived from the change log at once (more than %d): their duplicate "
+                "pairs are left to `vsearch duplicates scan`",
+                len(image_ids),
+                self.replay_limit,
+            )
+            return
+        with self.db.read() as session:
+            products = sorted(set(repo.image_products(session, image_ids).values()))
+        for product_pk in products:
+            self.refresh_product(product_pk)
+        self.replayed_products += len(products)
 
     def refresh_product(self, product_pk: int) -> int:
         """Drop the product's pairs that rest on images it no longer has, and add those

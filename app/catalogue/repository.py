@@ -330,13 +330,22 @@ def count_images(session: Session) -> int:
 
 # change log -----------------------------------------------------------------------------
 def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
-    """Record changes in the caller's transaction (with its transaction id on Postgres)."""
+    """Record changes in the caller's transaction (with its transaction id on Postgres).
+
+    On Postgres the transaction also notifies `CHANGE_CHANNEL` with the writer's
+    application name: the notification is delivered when (and only if) it commits, so a
+    replica listening there catches up at once instead of at its next poll.
+    """
     if not image_ids:
         return
     now = utcnow()
     rows = [{"image_id": i, "op": op, "created_at": now} for i in image_ids]
     if session.get_bind().dialect.name == "postgresql":
         txid = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        session.execute(
+            text("SELECT pg_notify(:channel, current_setting('application_name'))"),
+            {"channel": CHANGE_CHANNEL},
+        )
         if len(rows) >= _COPY_FROM:
             with _copy(session, "COPY change_log (image_id, op, txid, created_at) FROM STDIN") as c:
                 for i in image_ids:
@@ -349,6 +358,15 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
 
 # From this many change-log rows on, Postgres gets them by COPY (bulk imports).
 _COPY_FROM = 256
+
+# The channel a committed change-log write notifies on Postgres (one notification per
+# transaction: Postgres folds identical ones).
+CHANGE_CHANNEL = "vsearch_change_log"
+
+
+def listen_for_changes(connection: Any) -> None:
+    """Subscribe a dedicated autocommit psycopg connection to `CHANGE_CHANNEL`."""
+    connection.execute(f"LISTEN {CHANGE_CHANNEL}")
 
 
 # the index's change feed (app/catalogue/feed.py) ---------------------------------------

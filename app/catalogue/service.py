@@ -424,7 +424,11 @@ def _status(row: Product, created: bool, changed: bool) -> Status:
 
 
 def store_products(
-    db: Database, model_id: str, items: Sequence[tuple[ProductInput, list[PreparedImage]]]
+    db: Database,
+    model_id: str,
+    items: Sequence[tuple[ProductInput, list[PreparedImage]]],
+    *,
+    match_vectors: bool = True,
 ) -> list[StoreOutcome]:
     """Store many products with precomputed embeddings in one transaction (bulk imports).
 
@@ -432,7 +436,9 @@ def store_products(
     images, positions, statuses and change-log rows), with bulk statements: one insert
     of the products, one of the images, one of the change-log rows. A product's pairs
     that rest on images it no longer has are dropped in the same transaction. Each
-    product must appear once in `items`.
+    product must appear once in `items`. `match_vectors` as in `plan_images`: on for
+    vectors made elsewhere (imports), off for the service's own embeddings (bulk ingest),
+    where the content decides, as in `_store`.
     """
     with db.write() as session:
         fields = [
@@ -454,7 +460,7 @@ def store_products(
             pk = pks[product.id]
             row = locked.get(product.id)
             fields_changed = False if row is None else _set_fields(row, product, False)
-            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=True)
+            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=match_vectors)
             plans.append((plan, fields_changed))
             for position in plan.added:
                 image = images[position]

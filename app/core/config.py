@@ -133,6 +133,11 @@ class IndexSettings(BaseModel):
     catchup_interval_s: float = Field(
         1.0, gt=0, description="How often the change log is tailed (replicas converge)."
     )
+    notify: bool = Field(
+        True,
+        description="On PostgreSQL, catch up as soon as any replica commits a change "
+        "(LISTEN/NOTIFY); the periodic tail stays as the safety net.",
+    )
     save_interval_s: float = Field(
         300.0, gt=0, description="Checkpoint the index files at most this often when changed."
     )
@@ -146,6 +151,17 @@ class DuplicatesSettings(BaseModel):
     )
     neighbours: int = Field(
         20, ge=1, le=1000, description="Nearest images checked per image for pairs."
+    )
+    on_replay: bool = Field(
+        True,
+        description="Recompute the pairs of products other replicas wrote as their changes "
+        "arrive here; off on all replicas but one makes that one the duplicates worker.",
+    )
+    replay_limit: int = Field(
+        1_000,
+        ge=0,
+        description="Most images one catch-up refreshes pairs for; beyond it (a bulk load) "
+        "pairs are left to `vsearch duplicates scan`.",
     )
 
 

@@ -140,3 +140,39 @@ class TestIngestJsonl:
         result = runner.invoke(cli, ["ingest", str(listing), "--json"], env=env)
         assert result.exit_code == 0, result.output
         assert _counts(database_url) == (2, 2)
+
+
+def test_parquet_reads_as_the_same_products_as_csv(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from app.catalogue.ingest import read_products
+
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text(
+        "id,image,title,category,bbox_x,bbox_y,bbox_w,bbox_h\n"
+        "a,a1.jpg,Apple,fruit,1,2,30,40\n"
+        "a,a2.jpg,Apple,fruit,,,,\n"
+        "b,https://example.com/b.jpg|b2.jpg,Bread,bakery,,,,\n"
+    )
+    table = pa.table(
+        {
+            "id": ["a", "a", "b"],
+            "image": [["a1.jpg"], ["a2.jpg"], ["https://example.com/b.jpg", "b2.jpg"]],
+            "title": ["Apple", "Apple", "Bread"],
+            "category": ["fruit", "fruit", "bakery"],
+            "bbox_x": [1.0, None, None],
+            "bbox_y": [2.0, None, None],
+            "bbox_w": [30.0, None, None],
+            "bbox_h": [40.0, None, None],
+        }
+    )
+    parquet_path = tmp_path / "products.parquet"
+    pq.write_table(table, parquet_path)
+
+    from_csv = list(read_products(csv_path))
+    from_parquet = list(read_products(parquet_path))
+
+    assert from_parquet == from_csv
+    assert [p.id for p in from_parquet] == ["a", "b"]
+    assert [len(p.images) for p in from_parquet] == [2, 2]
+    assert from_parquet[1].images[0].url == "https://example.com/b.jpg"
