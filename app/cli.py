@@ -612,25 +612,52 @@ def bench_import(
     print(json.dumps(result, indent=2))
 
 
+def _train_default(name: str) -> Any:
+    """The recipe's defaults live in one place, `TrainConfig`; the options show them."""
+    from app.training.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 @cli.command()
 def train(
     init: Annotated[str, typer.Option(help="Model directory to start from.")],
     data: Annotated[Path, typer.Option(help="CSV: path,label[,bbox_x..bbox_h].", exists=True)],
     out: Annotated[Path, typer.Option(help="Output model directory (also checkpoints).")],
     images_root: Annotated[Path | None, typer.Option(help="Base of the CSV's paths.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
-    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone lr = lr x this.")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = _train_default("epochs"),
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = _train_default(
+        "batch_size"
+    ),
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = _train_default(
+        "lr"
+    ),
+    backbone_lr_scale: Annotated[
+        float, typer.Option(help="Backbone lr = lr x this.")
+    ] = _train_default("backbone_lr_scale"),
     input_size: Annotated[int | None, typer.Option(help="Training/inference side (px).")] = None,
-    embedding_dim: Annotated[int, typer.Option(help="Head size for pooled backbones.")] = 512,
-    scale: Annotated[float, typer.Option(help="ArcFace scale s (Trendyol: 128).")] = 30.0,
-    margin: Annotated[float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")] = 0.3,
-    xbm_size: Annotated[int, typer.Option(help="Cross-batch memory size (0: off).")] = 0,
-    xbm_weight: Annotated[float, typer.Option(help="Weight of the XBM term.")] = 1.0,
-    freeze_epochs: Annotated[int, typer.Option(help="Epochs with a frozen backbone.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 1,
+    embedding_dim: Annotated[
+        int, typer.Option(help="Head size for pooled backbones.")
+    ] = _train_default("embedding_dim"),
+    scale: Annotated[float, typer.Option(help="ArcFace scale s (Trendyol: 128).")] = _train_default(
+        "scale"
+    ),
+    margin: Annotated[
+        float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")
+    ] = _train_default("margin"),
+    xbm_size: Annotated[
+        int, typer.Option(help="Cross-batch memory size (0: off).")
+    ] = _train_default("xbm_size"),
+    xbm_weight: Annotated[float, typer.Option(help="Weight of the XBM term.")] = _train_default(
+        "xbm_weight"
+    ),
+    freeze_epochs: Annotated[
+        int, typer.Option(help="Epochs with a frozen backbone.")
+    ] = _train_default("freeze_epochs"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(
+        "workers"
+    ),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mixed_precision: Annotated[
         bool, typer.Option("--amp/--no-amp", help="bf16/fp16 autocast where supported.")
@@ -641,8 +668,20 @@ def train(
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an existing checkpoint in OUT.")
     ] = False,
+    log_interval: Annotated[
+        float,
+        typer.Option(help="Seconds between progress lines when stderr is not a terminal."),
+    ] = 30.0,
 ) -> None:
-    """Fine-tune a model with ArcFace (+ cross-batch memory); writes the service's layout."""
+    """Fine-tune a model with ArcFace (+ cross-batch memory); writes the service's layout.
+
+    Prints JSON lines, each flushed at once: one per epoch on stdout (loss, seconds,
+    validation mAP@1000 and top-1) and a final `done` line with the summary; on stderr a
+    progress bar on a terminal, else a `start` line and a `progress` line every
+    `--log-interval` seconds, so a log file shows the run moving.
+    """
+    import sys
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -651,6 +690,7 @@ def train(
         TimeRemainingColumn,
     )
 
+    from app.training.report import TrainingLog
     from app.training.train import TrainConfig
     from app.training.train import train as run_training
 
@@ -680,6 +720,8 @@ def train(
         val_images_root=val_images_root,
         resume=not restart,
     )
+    terminal = err.is_terminal
+    log = TrainingLog(sys.stdout, None if terminal else sys.stderr, interval_s=log_interval)
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -687,6 +729,7 @@ def train(
         TextColumn("loss {task.fields[loss]}  {task.fields[val]}"),
         TimeRemainingColumn(),
         console=err,
+        disable=not terminal,
     )
     task = progress.add_task("train", total=None, epoch="-", loss="-", val="")
 
@@ -694,15 +737,16 @@ def train(
         progress.update(
             task, completed=step, total=steps, epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.3f}"
         )
+        log.step(epoch, step, steps, loss)
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         val = f"val mAP {record['val_map_at_1000']:.3f}" if "val_map_at_1000" in record else ""
         progress.update(task, val=val)
-        progress.console.print(record)
+        log.epoch(epoch, record)
 
     with progress:
-        summary = run_training(config, on_step=on_step, on_epoch=on_epoch)
-    print(json.dumps(summary, indent=2))
+        summary = run_training(config, on_start=log.start, on_step=on_step, on_epoch=on_epoch)
+    log.done(summary)
 
 
 @duplicates_cli.command("scan")

@@ -63,7 +63,7 @@ class TrainConfig:
     data: Path
     out: Path
     images_root: Path | None = None
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
     backbone_lr_scale: float = 0.25
@@ -72,7 +72,7 @@ class TrainConfig:
     embedding_dim: int = 512
     scale: float = 30.0
     margin: float = 0.3
-    xbm_size: int = 0
+    xbm_size: int = 2048
     xbm_weight: float = 1.0
     xbm_start_epoch: int = 1
     freeze_epochs: int = 1
@@ -217,9 +217,30 @@ def validate(
     return metrics
 
 
+def check_validation_split(config: TrainConfig, samples: list[Sample]) -> None:
+    """Refuse validation queries that are also training images.
+
+    The validation score is what epochs and hyperparameters are chosen by; a query the
+    model was trained on makes that score a measure of memory, not of retrieval. (The
+    validation *gallery* may be training material: catalogue images usually are.)
+    """
+    if config.val_gallery is None or config.val_queries is None:
+        return
+    root = config.val_images_root or config.val_gallery.parent
+    protocol = load_protocol(config.val_gallery, config.val_queries, root)
+    trained = {s.path.resolve() for s in samples}
+    leaked = [q.path for q in protocol.queries if q.path.resolve() in trained]
+    if leaked:
+        raise InvalidRequest(
+            f"{len(leaked)} validation queries are also training images (first: {leaked[0]}); "
+            "validate on images the model does not train on"
+        )
+
+
 def train(
     config: TrainConfig,
     *,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -228,6 +249,7 @@ def train(
     device = resolve_device(config.device)
     root = config.images_root or config.data.parent
     samples, names = read_samples(config.data, root)
+    check_validation_split(config, samples)
     module = prepare_module(config.init, config.embedding_dim, config.input_size)
     model_config = module.config
     size = model_config.input_size
@@ -292,6 +314,18 @@ def train(
         start_epoch, history = state["epoch"] + 1, state["history"]
         LOG.info("resuming from epoch %d", start_epoch + 1)
 
+    if on_start is not None:
+        on_start(
+            {
+                "classes": len(names),
+                "images": len(samples),
+                "steps_per_epoch": len(loader),
+                "epochs": config.epochs,
+                "first_epoch": start_epoch + 1,
+                "device": str(device),
+                "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            }
+        )
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         frozen = epoch < config.freeze_epochs
