@@ -498,12 +498,23 @@ def evaluate(
     submission: Annotated[
         Path | None, typer.Option(help="Write the top-1000 gallery ids per query (JSON).")
     ] = None,
+    per_query: Annotated[
+        Path | None,
+        typer.Option(help="Write every query's result: .jsonl (JSON lines) or .csv."),
+    ] = None,
+    hardest: Annotated[
+        Path | None,
+        typer.Option(help="Save a PNG of the hardest queries beside their top results."),
+    ] = None,
+    hardest_count: Annotated[int, typer.Option(help="Queries in the PNG.")] = 12,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON object.")] = False,
 ) -> None:
-    """Retrieval quality of a model on a gallery/queries protocol (mAP@1000, top-k, delta)."""
+    """Retrieval quality of a model on a gallery/queries protocol (mAP@1000, top-k, delta),
+    the product pairs it confuses most, and optionally every query's result and a picture
+    of the hardest queries."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
@@ -531,6 +542,9 @@ def evaluate(
             through_index=index,
             index_settings=settings.index,
             submission=submission,
+            per_query=per_query,
+            hardest_sheet=hardest,
+            hardest_count=hardest_count,
             batch_size=batch_size,
             progress=advance,
         )
@@ -549,6 +563,18 @@ def evaluate(
     if "index" in result:
         add("all (index)", result["index"])
     err.print(table)
+    if result["confusions"]:
+        confused = Table(title="most-confused products (top-1 errors)")
+        for column in ("product", "answered as", "queries", "share of product"):
+            confused.add_column(column)
+        for c in result["confusions"]:
+            confused.add_row(
+                c["product_id"],
+                c["confused_with"],
+                str(c["queries"]),
+                f"{c['share_of_product']:.1%}",
+            )
+        err.print(confused)
     err.print(f"{result['images_per_s']} images/s")
     if json_output:
         print(json.dumps(result))
