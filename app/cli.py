@@ -608,6 +608,81 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("search-quality")
+def bench_search_quality(
+    model: Annotated[str, typer.Option(help="Model directory (or hub id).")],
+    gallery: Annotated[Path, typer.Option(help="gallery.csv (Products-10K format).", exists=True)],
+    queries: Annotated[Path, typer.Option(help="queries.csv (Products-10K format).", exists=True)],
+    images_root: Annotated[Path, typer.Option(help="Base of img_path.", exists=True)],
+    k: Annotated[int, typer.Option(help="Products per search (MRR depth).")] = 20,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    workdir: Annotated[Path | None, typer.Option(help="Where the catalogue goes.")] = None,
+) -> None:
+    """Flip TTA, query expansion and product-level scoring through the service's search
+    path on a protocol (product-level top-k, MRR, search ms; prints JSON)."""
+    import asyncio
+    import tempfile
+
+    from app.benchmarks.search_quality import run_search_quality
+    from app.services import open_services
+
+    base = _settings()
+
+    async def run(data_dir: Path) -> dict[str, Any]:
+        settings = base.model_copy(
+            update={
+                "model": model,
+                "data_dir": data_dir,
+                "database_url": None,
+                "precision": precision,
+                # one product can hold hundreds of images: a bulk load, not a web client
+                "batch": base.batch.model_copy(update={"queue_size": 4096}),
+                "duplicates": base.duplicates.model_copy(update={"neighbours": 1}),
+            }
+        )
+        async with open_services(settings, tail=False) as services:
+            return await run_search_quality(
+                services.catalogue,
+                services.search,
+                gallery,
+                queries,
+                images_root,
+                k=k,
+                say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
+            )
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        result = asyncio.run(run(Path(tmp)))
+    print(json.dumps(result, indent=2))
+
+
+@bench_cli.command("search-latency")
+def bench_search_latency(
+    n: Annotated[int, typer.Option(help="Synthetic vectors in the index.")] = 1_000_000,
+    queries: Annotated[int, typer.Option(help="Queries timed one at a time.")] = 500,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Also time flip TTA's forward pass on this model.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
+) -> None:
+    """Added p50/p99 of query expansion and product scoring at N vectors, and of flip TTA
+    on the model (prints JSON)."""
+    from app.benchmarks.search_quality import run_flip_latency, run_search_latency
+
+    settings = _settings()
+    result: dict[str, Any] = {}
+    for name in model or []:
+        result.setdefault("flip", []).append(run_flip_latency(name))
+    result["index"] = run_search_latency(
+        n=n,
+        queries=queries,
+        shards=settings.index.shards,
+        workdir=workdir,
+        say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @bench_cli.command("import")
 def bench_import(
     n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,

@@ -26,6 +26,7 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
+from app.catalogue.rerank import SearchQuality
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
@@ -332,6 +333,7 @@ async def open_services(
             max_pixels=settings.image.max_pixels,
             max_bytes=settings.image.max_bytes,
             decoder=embedding.decoder,
+            quality=SearchQuality(**settings.search.model_dump()),
         )
         LOG.info("ready: %s", model.describe())
         yield Services(

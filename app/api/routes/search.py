@@ -21,9 +21,14 @@ Find the catalogue products that look most like an image.
 
 * **Multipart** (`multipart/form-data`): an `image` file, optional `bbox` as `x,y,w,h`
   (or `bbox_x`, `bbox_y`, `bbox_w`, `bbox_h`, the Products-10K names), `k`, `category`,
-  `min_score`.
+  `min_score`, `flip`, `expand`.
 * **JSON** (`application/json`): `image_url` or `image` (base64), optional `bbox`,
-  `k`, `filters.category`, `min_score`.
+  `k`, `filters.category`, `min_score`, `flip`, `expand`.
+
+`flip` (mirrored second view of the query) and `expand` (query expansion) switch the
+search-time quality features for this request; left out, the service's settings decide
+(`VS_SEARCH__*`). With product-level scoring on (`VS_SEARCH__PRODUCT_IMAGES` > 1), a
+product's score blends its best image's cosine with the mean of its best images.
 
 The box is in pixels of the upright image (EXIF orientation applied) and must lie inside
 it. Results hold one entry per product (its best matching image), ordered by score; the
@@ -50,6 +55,8 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "k": body.k,
             "category": body.category or None,
             "min_score": body.min_score,
+            "flip": body.flip,
+            "expand": body.expand,
         }
     else:
         query = {
@@ -59,6 +66,8 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "k": body.k,
             "category": body.filters.category if body.filters else None,
             "min_score": body.min_score,
+            "flip": body.flip,
+            "expand": body.expand,
         }
     outcome = await search.search_image(**query)
     return SearchRead(
