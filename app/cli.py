@@ -755,6 +755,10 @@ def train(
     freeze_epochs: Annotated[
         int, typer.Option(help="Epochs with a frozen backbone.")
     ] = _train_default("freeze_epochs"),
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Keep an average of the weights with this decay (0: off); saved."),
+    ] = _train_default("ema_decay"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(
         "workers"
@@ -812,6 +816,7 @@ def train(
         xbm_size=xbm_size,
         xbm_weight=xbm_weight,
         freeze_epochs=freeze_epochs,
+        ema_decay=ema_decay,
         seed=seed,
         workers=workers,
         device=device,

@@ -8,9 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from app.cli import cli
+from app.inference.runtime import load_model
 from app.training.report import TrainingLog
 from app.training.train import TrainConfig
 
@@ -87,6 +90,30 @@ def _args(model: Path, material: dict[str, Path], out: Path, queries: Path) -> l
         "--log-interval",
         "0",
     ]
+
+
+@pytest.mark.slow
+def test_weight_average_is_validated_beside_the_trained_weights_and_saved(
+    tiny_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ema"
+    args = _args(tiny_model_dir, material, out, material["queries"]) + ["--ema-decay", "0.9"]
+
+    result = runner.invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line) for line in result.stdout.splitlines()][:2]
+    for line in epochs:
+        assert 0.0 <= line["ema_val_map_at_1000"] <= 1.0
+        assert 0.0 <= line["val_map_at_1000"] <= 1.0
+    trained = load_model(out, device="cpu", precision="fp32")
+    assert trained.embedding_dim == 512
+    # the saved weights are the average's, not the last step's
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = load_file(str(out / "model.safetensors"))
+    name = next(n for n in saved if n.startswith("backbone.") and saved[n].ndim == 4)
+    assert torch.equal(saved[name], checkpoint["ema"]["module"][name])
+    assert not torch.equal(saved[name], checkpoint["module"][name])
 
 
 @pytest.mark.slow
