@@ -598,12 +598,23 @@ def evaluate(
     submission: Annotated[
         Path | None, typer.Option(help="Write the top-1000 gallery ids per query (JSON).")
     ] = None,
+    per_query: Annotated[
+        Path | None,
+        typer.Option(help="Write every query's result: .jsonl (JSON lines) or .csv."),
+    ] = None,
+    hardest: Annotated[
+        Path | None,
+        typer.Option(help="Save a PNG of the hardest queries beside their top results."),
+    ] = None,
+    hardest_count: Annotated[int, typer.Option(help="Queries in the PNG.")] = 12,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     json_output: Annotated[bool, typer.Option("--json", help="End with one JSON object.")] = False,
 ) -> None:
-    """Retrieval quality of a model on a gallery/queries protocol (mAP@1000, top-k, delta)."""
+    """Retrieval quality of a model on a gallery/queries protocol (mAP@1000, top-k, delta),
+    the product pairs it confuses most, and optionally every query's result and a picture
+    of the hardest queries."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
@@ -631,6 +642,9 @@ def evaluate(
             through_index=index,
             index_settings=settings.index,
             submission=submission,
+            per_query=per_query,
+            hardest_sheet=hardest,
+            hardest_count=hardest_count,
             batch_size=batch_size,
             progress=advance,
         )
@@ -649,6 +663,18 @@ def evaluate(
     if "index" in result:
         add("all (index)", result["index"])
     err.print(table)
+    if result["confusions"]:
+        confused = Table(title="most-confused products (top-1 errors)")
+        for column in ("product", "answered as", "queries", "share of product"):
+            confused.add_column(column)
+        for c in result["confusions"]:
+            confused.add_row(
+                c["product_id"],
+                c["confused_with"],
+                str(c["queries"]),
+                f"{c['share_of_product']:.1%}",
+            )
+        err.print(confused)
     err.print(f"{result['images_per_s']} images/s")
     if json_output:
         print(json.dumps(result))
@@ -686,6 +712,81 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("search-quality")
+def bench_search_quality(
+    model: Annotated[str, typer.Option(help="Model directory (or hub id).")],
+    gallery: Annotated[Path, typer.Option(help="gallery.csv (Products-10K format).", exists=True)],
+    queries: Annotated[Path, typer.Option(help="queries.csv (Products-10K format).", exists=True)],
+    images_root: Annotated[Path, typer.Option(help="Base of img_path.", exists=True)],
+    k: Annotated[int, typer.Option(help="Products per search (MRR depth).")] = 20,
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+    workdir: Annotated[Path | None, typer.Option(help="Where the catalogue goes.")] = None,
+) -> None:
+    """Flip TTA, query expansion and product-level scoring through the service's search
+    path on a protocol (product-level top-k, MRR, search ms; prints JSON)."""
+    import asyncio
+    import tempfile
+
+    from app.benchmarks.search_quality import run_search_quality
+    from app.services import open_services
+
+    base = _settings()
+
+    async def run(data_dir: Path) -> dict[str, Any]:
+        settings = base.model_copy(
+            update={
+                "model": model,
+                "data_dir": data_dir,
+                "database_url": None,
+                "precision": precision,
+                # one product can hold hundreds of images: a bulk load, not a web client
+                "batch": base.batch.model_copy(update={"queue_size": 4096}),
+                "duplicates": base.duplicates.model_copy(update={"neighbours": 1}),
+            }
+        )
+        async with open_services(settings, tail=False) as services:
+            return await run_search_quality(
+                services.catalogue,
+                services.search,
+                gallery,
+                queries,
+                images_root,
+                k=k,
+                say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
+            )
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        result = asyncio.run(run(Path(tmp)))
+    print(json.dumps(result, indent=2))
+
+
+@bench_cli.command("search-latency")
+def bench_search_latency(
+    n: Annotated[int, typer.Option(help="Synthetic vectors in the index.")] = 1_000_000,
+    queries: Annotated[int, typer.Option(help="Queries timed one at a time.")] = 500,
+    model: Annotated[
+        list[str] | None, typer.Option(help="Also time flip TTA's forward pass on this model.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
+) -> None:
+    """Added p50/p99 of query expansion and product scoring at N vectors, and of flip TTA
+    on the model (prints JSON)."""
+    from app.benchmarks.search_quality import run_flip_latency, run_search_latency
+
+    settings = _settings()
+    result: dict[str, Any] = {}
+    for name in model or []:
+        result.setdefault("flip", []).append(run_flip_latency(name))
+    result["index"] = run_search_latency(
+        n=n,
+        queries=queries,
+        shards=settings.index.shards,
+        workdir=workdir,
+        say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @bench_cli.command("import")
 def bench_import(
     n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,
@@ -716,25 +817,56 @@ def bench_import(
     print(json.dumps(result, indent=2))
 
 
+def _train_default(name: str) -> Any:
+    """The recipe's defaults live in one place, `TrainConfig`; the options show them."""
+    from app.training.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 @cli.command()
 def train(
     init: Annotated[str, typer.Option(help="Model directory to start from.")],
     data: Annotated[Path, typer.Option(help="CSV: path,label[,bbox_x..bbox_h].", exists=True)],
     out: Annotated[Path, typer.Option(help="Output model directory (also checkpoints).")],
     images_root: Annotated[Path | None, typer.Option(help="Base of the CSV's paths.")] = None,
-    epochs: Annotated[int, typer.Option(help="Epochs.")] = 8,
-    batch_size: Annotated[int, typer.Option(help="Images per step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = 2e-3,
-    backbone_lr_scale: Annotated[float, typer.Option(help="Backbone lr = lr x this.")] = 0.25,
+    epochs: Annotated[int, typer.Option(help="Epochs.")] = _train_default("epochs"),
+    batch_size: Annotated[int, typer.Option(help="Images per step.")] = _train_default(
+        "batch_size"
+    ),
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the head.")] = _train_default(
+        "lr"
+    ),
+    backbone_lr_scale: Annotated[
+        float, typer.Option(help="Backbone lr = lr x this.")
+    ] = _train_default("backbone_lr_scale"),
     input_size: Annotated[int | None, typer.Option(help="Training/inference side (px).")] = None,
-    embedding_dim: Annotated[int, typer.Option(help="Head size for pooled backbones.")] = 512,
-    scale: Annotated[float, typer.Option(help="ArcFace scale s (Trendyol: 128).")] = 30.0,
-    margin: Annotated[float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")] = 0.3,
-    xbm_size: Annotated[int, typer.Option(help="Cross-batch memory size (0: off).")] = 0,
-    xbm_weight: Annotated[float, typer.Option(help="Weight of the XBM term.")] = 1.0,
-    freeze_epochs: Annotated[int, typer.Option(help="Epochs with a frozen backbone.")] = 1,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 1,
+    embedding_dim: Annotated[
+        int, typer.Option(help="Head size for pooled backbones.")
+    ] = _train_default("embedding_dim"),
+    scale: Annotated[float, typer.Option(help="ArcFace scale s (Trendyol: 128).")] = _train_default(
+        "scale"
+    ),
+    margin: Annotated[
+        float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")
+    ] = _train_default("margin"),
+    xbm_size: Annotated[
+        int, typer.Option(help="Cross-batch memory size (0: off).")
+    ] = _train_default("xbm_size"),
+    xbm_weight: Annotated[float, typer.Option(help="Weight of the XBM term.")] = _train_default(
+        "xbm_weight"
+    ),
+    freeze_epochs: Annotated[
+        int, typer.Option(help="Epochs with a frozen backbone.")
+    ] = _train_default("freeze_epochs"),
+    ema_decay: Annotated[
+        float,
+        typer.Option(help="Keep an average of the weights with this decay (0: off); saved."),
+    ] = _train_default("ema_decay"),
+    seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
+    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(
+        "workers"
+    ),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mixed_precision: Annotated[
         bool, typer.Option("--amp/--no-amp", help="bf16/fp16 autocast where supported.")
@@ -745,8 +877,20 @@ def train(
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an existing checkpoint in OUT.")
     ] = False,
+    log_interval: Annotated[
+        float,
+        typer.Option(help="Seconds between progress lines when stderr is not a terminal."),
+    ] = 30.0,
 ) -> None:
-    """Fine-tune a model with ArcFace (+ cross-batch memory); writes the service's layout."""
+    """Fine-tune a model with ArcFace (+ cross-batch memory); writes the service's layout.
+
+    Prints JSON lines, each flushed at once: one per epoch on stdout (loss, seconds,
+    validation mAP@1000 and top-1) and a final `done` line with the summary; on stderr a
+    progress bar on a terminal, else a `start` line and a `progress` line every
+    `--log-interval` seconds, so a log file shows the run moving.
+    """
+    import sys
+
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -755,6 +899,7 @@ def train(
         TimeRemainingColumn,
     )
 
+    from app.training.report import TrainingLog
     from app.training.train import TrainConfig
     from app.training.train import train as run_training
 
@@ -775,6 +920,7 @@ def train(
         xbm_size=xbm_size,
         xbm_weight=xbm_weight,
         freeze_epochs=freeze_epochs,
+        ema_decay=ema_decay,
         seed=seed,
         workers=workers,
         device=device,
@@ -784,6 +930,8 @@ def train(
         val_images_root=val_images_root,
         resume=not restart,
     )
+    terminal = err.is_terminal
+    log = TrainingLog(sys.stdout, None if terminal else sys.stderr, interval_s=log_interval)
     progress = Progress(
         TextColumn("epoch {task.fields[epoch]}"),
         BarColumn(),
@@ -791,6 +939,7 @@ def train(
         TextColumn("loss {task.fields[loss]}  {task.fields[val]}"),
         TimeRemainingColumn(),
         console=err,
+        disable=not terminal,
     )
     task = progress.add_task("train", total=None, epoch="-", loss="-", val="")
 
@@ -798,15 +947,16 @@ def train(
         progress.update(
             task, completed=step, total=steps, epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.3f}"
         )
+        log.step(epoch, step, steps, loss)
 
     def on_epoch(epoch: int, record: dict[str, Any]) -> None:
         val = f"val mAP {record['val_map_at_1000']:.3f}" if "val_map_at_1000" in record else ""
         progress.update(task, val=val)
-        progress.console.print(record)
+        log.epoch(epoch, record)
 
     with progress:
-        summary = run_training(config, on_step=on_step, on_epoch=on_epoch)
-    print(json.dumps(summary, indent=2))
+        summary = run_training(config, on_start=log.start, on_step=on_step, on_epoch=on_epoch)
+    log.done(summary)
 
 
 @duplicates_cli.command("scan")

@@ -27,6 +27,7 @@ from app.catalogue import repository as repo
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.notify import ChangeListener
+from app.catalogue.rerank import SearchQuality
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.config import DEFAULT_MODEL, Settings
@@ -364,6 +365,7 @@ async def open_services(
             max_pixels=settings.image.max_pixels,
             max_bytes=settings.image.max_bytes,
             decoder=embedding.decoder,
+            quality=SearchQuality(**settings.search.model_dump()),
         )
         LOG.info("ready: %s", model.describe())
         yield Services(

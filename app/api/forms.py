@@ -66,6 +66,8 @@ class SearchUpload(BaseModel):
     k: int = _search["k"]  # type: ignore[assignment]
     category: Name | None = SearchFilters.model_fields["category"]  # type: ignore[assignment]
     min_score: float | None = _search["min_score"]  # type: ignore[assignment]
+    flip: bool | None = _search["flip"]  # type: ignore[assignment]
+    expand: bool | None = _search["expand"]  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _one_box_spelling(self) -> SearchUpload:

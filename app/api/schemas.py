@@ -343,6 +343,17 @@ class SearchRequest(RequestModel):
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
     )
+    flip: bool | None = Field(
+        None,
+        description="Also embed the query mirrored and average the two (more robust, one "
+        "more image of model time); default: `VS_SEARCH__FLIP`.",
+    )
+    expand: bool | None = Field(
+        None,
+        description="Query expansion: search again with the query averaged with its nearest "
+        "catalogue images (a second index search); default: on when "
+        "`VS_SEARCH__EXPANSION` > 0.",
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:

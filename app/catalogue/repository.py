@@ -494,6 +494,24 @@ def category_image_ids(session: Session, category: str, model_id: str, limit: in
     return [int(i) for i in session.scalars(stmt)]
 
 
+def sibling_image_ids(session: Session, image_ids: Sequence[int]) -> dict[int, list[int]]:
+    """For each image id, the ids of every image of its product, itself included
+    (product-level scoring). Looked up through the product key's index only: a filter on
+    the model id here made SQLite scan the model id's index, i.e. every image."""
+    if not image_ids:
+        return {}
+    owner = aliased(ProductImage)
+    stmt = (
+        select(owner.id, ProductImage.id)
+        .join(ProductImage, ProductImage.product_pk == owner.product_pk)
+        .where(owner.id.in_(list(set(image_ids))))
+    )
+    out: dict[int, list[int]] = {}
+    for hit, sibling in session.execute(stmt):
+        out.setdefault(int(hit), []).append(int(sibling))
+    return out
+
+
 def product_image_vectors(session: Session, product_pk: int) -> list[tuple[int, bytes]]:
     stmt = select(ProductImage.id, ProductImage.embedding).where(
         ProductImage.product_pk == product_pk

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from app.catalogue import repository as repo
+from app.catalogue.rerank import (
+    SearchQuality,
+    combine_views,
+    expand_query,
+    mirrored,
+    product_scores,
+)
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, NotReady
 from app.imaging.crop import Box
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
 from app.index.lifecycle import IndexService
+from app.index.sharded import ShardedIndex
 from app.inference.worker import BatchWorker
 
 # Categories with at most this many images are searched exactly over their own images.
@@ -56,7 +64,9 @@ class SearchService:
         max_pixels: int,
         max_bytes: int,
         decoder: ImageDecoder | None = None,
+        quality: SearchQuality | None = None,
     ) -> None:
+        self.quality = quality or SearchQuality()
         self.db = db
         self.decoder = decoder or ImageDecoder(DecodeLimits(max_pixels=max_pixels))
         self.worker = worker
@@ -78,9 +88,15 @@ class SearchService:
         k: int = 10,
         category: str | None = None,
         min_score: float | None = None,
+        flip: bool | None = None,
+        expand: bool | None = None,
     ) -> SearchOutcome:
+        """Search with the image; `flip` and `expand` switch those features for this
+        request (None: the settings' choice)."""
         started = time.perf_counter()
-        with self.worker.admission.admit(1) as ticket:  # before any fetch or decode
+        quality = self.quality.with_request(flip=flip, expand=expand)
+        views = 2 if quality.flip else 1
+        with self.worker.admission.admit(views) as ticket:  # before any fetch or decode
             if data is None:
                 if url is None:
                     raise ValueError("give data or url")
@@ -88,9 +104,14 @@ class SearchService:
             if len(data) > self.max_bytes:
                 raise ImageTooLarge(f"The image is larger than {self.max_bytes} bytes.")
             image = await self.decoder.decode(data)
-            vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
+            images, boxes = [image], [box]
+            if quality.flip:
+                flipped, flipped_box = mirrored(image, box)
+                images.append(flipped)
+                boxes.append(flipped_box)
+            vector = combine_views(await self.worker.embed(images, boxes, ticket=ticket))
         hits = await asyncio.to_thread(
-            self.search_vector, vector, k, category=category, min_score=min_score
+            self.search_vector, vector, k, category=category, min_score=min_score, quality=quality
         )
         took = (time.perf_counter() - started) * 1000
         return SearchOutcome(hits, self.model_id, round(took, 2))
@@ -103,13 +124,72 @@ class SearchService:
         category: str | None = None,
         min_score: float | None = None,
         exclude_product: int | None = None,
+        quality: SearchQuality | None = None,
     ) -> list[SearchHit]:
-        """The top-k products for an embedding (one entry per product, best image wins)."""
+        """The top-k products for an embedding (one entry per product), with the
+        search-time features of `quality` (default: the settings')."""
         try:
             index = self.index.index
         except RuntimeError:
             raise NotReady("The index is not open yet.") from None
+        quality = quality or self.quality
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
+        if quality.expansion > 0 and index.ntotal:
+            scores, found = index.search(query, quality.expansion)
+            query = expand_query(
+                query,
+                scores[0],
+                found[0],
+                index.vectors,
+                neighbours=quality.expansion,
+                alpha=quality.expansion_alpha,
+            ).reshape(1, -1)
+        if not quality.product_scoring:
+            return self._best_images(index, query, k, category, min_score, exclude_product)
+        candidates = self._best_images(
+            index, query, max(k, quality.product_candidates), category, min_score, exclude_product
+        )
+        return self._score_products(index, query, candidates, k, min_score, quality)
+
+    def _score_products(
+        self,
+        index: ShardedIndex,
+        query: np.ndarray,
+        candidates: list[SearchHit],
+        k: int,
+        min_score: float | None,
+        quality: SearchQuality,
+    ) -> list[SearchHit]:
+        """Re-order candidate products by all of their images (app.catalogue.rerank)."""
+        with self.db.read() as session:
+            # Images of another model are not in this index: their vectors read as zeros
+            # and product_scores leaves them out.
+            siblings = repo.sibling_image_ids(session, [hit.image_id for hit in candidates])
+        scores = product_scores(
+            query,
+            siblings,
+            index.vectors,
+            images=quality.product_images,
+            weight=quality.product_weight,
+        )
+        rescored = [
+            replace(hit, score=min(scores.get(hit.image_id, hit.score), 1.0)) for hit in candidates
+        ]
+        rescored.sort(key=lambda hit: -hit.score)
+        if min_score is not None:
+            rescored = [hit for hit in rescored if hit.score >= min_score]
+        return rescored[:k]
+
+    def _best_images(
+        self,
+        index: ShardedIndex,
+        query: np.ndarray,
+        k: int,
+        category: str | None,
+        min_score: float | None,
+        exclude_product: int | None,
+    ) -> list[SearchHit]:
+        """The top-k products by their best image, searching deeper until k are found."""
         if category is not None:
             with self.db.read() as session:
                 ids = repo.category_image_ids(

@@ -165,6 +165,39 @@ class DuplicatesSettings(BaseModel):
     )
 
 
+class SearchSettings(BaseModel):
+    """Search-time quality features (app/catalogue/rerank.py; measured in docs/benchmarks.md)."""
+
+    flip: bool = Field(
+        False,
+        description="Embed each query also mirrored and average the two (a second image in "
+        "the forward pass); per request: `flip`.",
+    )
+    expansion: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description="Alpha query expansion over this many nearest images, then search again "
+        "(0: off); per request: `expand`.",
+    )
+    expansion_alpha: float = Field(
+        3.0, ge=0.0, le=20.0, description="Exponent on the neighbours' scores in the expansion."
+    )
+    product_images: int = Field(
+        1,
+        ge=1,
+        le=100,
+        description="Score each product by its best image and the mean of its best this many "
+        "images (1: best image only).",
+    )
+    product_weight: float = Field(
+        0.0, ge=0.0, le=1.0, description="Share of that mean in a product's score."
+    )
+    product_candidates: int = Field(
+        20, ge=1, le=1000, description="Products re-scored from all their images per search."
+    )
+
+
 class RateLimitSettings(BaseModel):
     """Token-bucket limits per valid API key, else per client address (IPv6: per /64)."""
 
@@ -241,6 +274,7 @@ class Settings(BaseSettings):
     image: ImageSettings = Field(default_factory=ImageSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     duplicates: DuplicatesSettings = Field(default_factory=DuplicatesSettings)
+    search: SearchSettings = Field(default_factory=SearchSettings)
     api_keys: str = Field(
         "", description="Comma-separated API keys allowed to write (empty: writes are open)."
     )

@@ -23,6 +23,12 @@ from app.evaluation.metrics import (
     group_breakdown,
 )
 from app.evaluation.protocols import Item, load_protocol
+from app.evaluation.report import (
+    confusion_summary,
+    hardest_queries_sheet,
+    query_results,
+    write_query_results,
+)
 from app.imaging.decode import decode_image
 from app.index.build import ivfpq_factory, train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
@@ -103,9 +109,15 @@ def run_evaluation(
     exact: bool = True,
     index_settings: IndexSettings | None = None,
     submission: Path | None = None,
+    per_query: Path | None = None,
+    hardest_sheet: Path | None = None,
+    hardest_count: int = 12,
     batch_size: int = 32,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
+    """Embed, rank and score a protocol; optionally write what `app.evaluation.report`
+    makes of the exact ranking (per-query rows, a sheet of the hardest queries). The
+    confusion summary is always in the result."""
     protocol = load_protocol(gallery_csv, queries_csv, images_root)
     embedder = load_model(model, device=device, precision=precision)
     started = time.perf_counter()
@@ -145,6 +157,16 @@ def run_evaluation(
         }
         if not exact:
             result.update(approx)
+    results = query_results(scores, protocol.queries, protocol.gallery)
+    result["confusions"] = confusion_summary(results, protocol.gallery)
+    if per_query is not None:
+        write_query_results(results, per_query)
+        result["per_query"] = str(per_query)
+    if hardest_sheet is not None:
+        drawn = hardest_queries_sheet(
+            results, protocol.queries, protocol.gallery, hardest_sheet, count=hardest_count
+        )
+        result["hardest_sheet"] = {"path": str(hardest_sheet), "queries": drawn}
     if submission is not None:
         order = np.argsort(-scores, axis=1, kind="stable")[:, :MAP_DEPTH]
         gallery_ids = [item.id for item in protocol.gallery]

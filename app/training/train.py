@@ -16,6 +16,7 @@ is given, its mAP@1000.
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -63,7 +64,7 @@ class TrainConfig:
     data: Path
     out: Path
     images_root: Path | None = None
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
     backbone_lr_scale: float = 0.25
@@ -72,10 +73,11 @@ class TrainConfig:
     embedding_dim: int = 512
     scale: float = 30.0
     margin: float = 0.3
-    xbm_size: int = 0
+    xbm_size: int = 2048
     xbm_weight: float = 1.0
     xbm_start_epoch: int = 1
     freeze_epochs: int = 1
+    ema_decay: float = 0.0
     seed: int = 0
     workers: int = 1
     device: str = "auto"
@@ -141,6 +143,40 @@ class LabelledImages(Dataset[tuple[torch.Tensor, int]]):
         sample = self.samples[i]
         image = decode_image(sample.path.read_bytes(), max_pixels=10**9)
         return self.transform(crop(image, sample.box)), sample.label
+
+
+class WeightAverage:
+    """An exponential moving average of the model's weights (Polyak averaging).
+
+    The averaged weights are validated beside the trained ones every epoch and, when
+    enabled, are what the output model holds. The decay warms up as (1 + t) / (10 + t), so
+    the first steps, taken from pretrained weights, do not linger in the average.
+    BatchNorm statistics are copied, not averaged.
+    """
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.steps = 0
+        self.module = copy.deepcopy(module).eval()
+        self.module.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        averaged = self.module.state_dict()
+        for name, value in module.state_dict().items():
+            if value.dtype.is_floating_point and "running_" not in name:
+                averaged[name].mul_(decay).add_(value.detach(), alpha=1 - decay)
+            else:
+                averaged[name].copy_(value)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.steps = int(state["steps"])
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -217,9 +253,30 @@ def validate(
     return metrics
 
 
+def check_validation_split(config: TrainConfig, samples: list[Sample]) -> None:
+    """Refuse validation queries that are also training images.
+
+    The validation score is what epochs and hyperparameters are chosen by; a query the
+    model was trained on makes that score a measure of memory, not of retrieval. (The
+    validation *gallery* may be training material: catalogue images usually are.)
+    """
+    if config.val_gallery is None or config.val_queries is None:
+        return
+    root = config.val_images_root or config.val_gallery.parent
+    protocol = load_protocol(config.val_gallery, config.val_queries, root)
+    trained = {s.path.resolve() for s in samples}
+    leaked = [q.path for q in protocol.queries if q.path.resolve() in trained]
+    if leaked:
+        raise InvalidRequest(
+            f"{len(leaked)} validation queries are also training images (first: {leaked[0]}); "
+            "validate on images the model does not train on"
+        )
+
+
 def train(
     config: TrainConfig,
     *,
+    on_start: Callable[[dict[str, Any]], None] | None = None,
     on_step: Callable[[int, int, int, float], None] | None = None,
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -228,6 +285,7 @@ def train(
     device = resolve_device(config.device)
     root = config.images_root or config.data.parent
     samples, names = read_samples(config.data, root)
+    check_validation_split(config, samples)
     module = prepare_module(config.init, config.embedding_dim, config.input_size)
     model_config = module.config
     size = model_config.input_size
@@ -274,6 +332,7 @@ def train(
             amp_dtype = torch.bfloat16
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
+    average = WeightAverage(module, config.ema_decay) if config.ema_decay > 0 else None
     config.out.mkdir(parents=True, exist_ok=True)
     checkpoint_path = config.out / CHECKPOINT
     start_epoch, history = 0, []
@@ -285,6 +344,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         if xbm is not None and state.get("xbm"):
             xbm.load_state_dict(state["xbm"])
+        if average is not None and state.get("ema"):
+            average.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["loader_rng"])
         random.setstate(state["python_rng"])
@@ -292,6 +353,18 @@ def train(
         start_epoch, history = state["epoch"] + 1, state["history"]
         LOG.info("resuming from epoch %d", start_epoch + 1)
 
+    if on_start is not None:
+        on_start(
+            {
+                "classes": len(names),
+                "images": len(samples),
+                "steps_per_epoch": len(loader),
+                "epochs": config.epochs,
+                "first_epoch": start_epoch + 1,
+                "device": str(device),
+                "mixed_precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
+            }
+        )
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         frozen = epoch < config.freeze_epochs
@@ -318,6 +391,8 @@ def train(
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
+            if average is not None:
+                average.update(module)
             if xbm is not None:
                 xbm.enqueue(embeddings, labels)
             losses.append(float(loss.detach()))
@@ -333,14 +408,29 @@ def train(
         if val is not None:
             record["val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
             record["val_top1"] = round(float(val["top1"]), 4)
+        if average is not None:
+            val = validate(average.module, config, device)  # type: ignore[arg-type]
+            if val is not None:
+                record["ema_val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
+                record["ema_val_top1"] = round(float(val["top1"]), 4)
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
         _save_checkpoint(
-            checkpoint_path, module, arcface, optimizer, scheduler, xbm, generator, epoch, history
+            checkpoint_path,
+            module,
+            arcface,
+            optimizer,
+            scheduler,
+            xbm,
+            generator,
+            epoch,
+            history,
+            average,
         )
 
-    state_dict = dict(module.state_dict())
+    final = average.module if average is not None else module
+    state_dict = dict(final.state_dict())
     state_dict["arcface.weight"] = arcface.weight.detach()
     write_model_dir(
         config.out,
@@ -372,8 +462,10 @@ def _save_checkpoint(
     generator: torch.Generator,
     epoch: int,
     history: list[dict[str, Any]],
+    average: WeightAverage | None = None,
 ) -> None:
     state = {
+        "ema": average.state_dict() if average is not None else None,
         "module": module.state_dict(),
         "arcface": arcface.state_dict(),
         "optimizer": optimizer.state_dict(),

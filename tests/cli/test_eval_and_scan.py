@@ -3,7 +3,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from app.cli import cli
@@ -37,6 +39,12 @@ def test_eval_prints_the_metrics_as_json(
             "--index",
             "--submission",
             str(submission),
+            "--per-query",
+            str(tmp_path / "per-query.jsonl"),
+            "--hardest",
+            str(tmp_path / "hardest.png"),
+            "--hardest-count",
+            "5",
             "--precision",
             "fp32",
             "--json",
@@ -55,6 +63,14 @@ def test_eval_prints_the_metrics_as_json(
     ranking = json.loads(submission.read_text())
     assert len(ranking) == 200
     assert all(len(row) == 81 for row in ranking.values())
+    rows = [json.loads(line) for line in (tmp_path / "per-query.jsonl").read_text().splitlines()]
+    assert len(rows) == 200
+    assert np.mean([r["correct"] for r in rows]) == pytest.approx(metrics["top1"])
+    wrong = sum(not r["correct"] for r in rows)
+    assert sum(c["queries"] for c in metrics["confusions"]) <= wrong
+    assert metrics["confusions"] == sorted(metrics["confusions"], key=lambda c: -c["queries"])
+    assert metrics["hardest_sheet"]["queries"] == 5
+    assert Image.open(tmp_path / "hardest.png").format == "PNG"
 
 
 def test_duplicates_scan_cli(tiny_model_dir: Path, tmp_path: Path) -> None:

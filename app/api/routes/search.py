@@ -23,8 +23,13 @@ DESCRIPTION = """
 Find the catalogue products that look most like an image, sent as JSON: exactly one of
 `image_url` (fetched by the service) or `image` (the file, base64: the standard alphabet
 with padding on one line; a `data:image/...;base64,` prefix is accepted; URL-safe and MIME
-line-wrapped base64 are refused), optionally `bbox`, `k`, `filters`, `min_score`. To
-upload the file instead, use `POST /search/upload` (multipart).
+line-wrapped base64 are refused), optionally `bbox`, `k`, `filters`, `min_score`, `flip`,
+`expand`. To upload the file instead, use `POST /search/upload` (multipart).
+
+`flip` (mirrored second view of the query) and `expand` (query expansion) switch the
+search-time quality features for this request; left out, the service's settings decide
+(`VS_SEARCH__*`). With product-level scoring on (`VS_SEARCH__PRODUCT_IMAGES` > 1), a
+product's score blends its best image's cosine with the mean of its best images.
 
 The box is in pixels of the upright image (EXIF orientation applied) and must lie inside
 it. Results hold one entry per product (its best matching image), ordered by score; the
@@ -36,7 +41,7 @@ searchable as soon as `POST /products` returned for them.
 UPLOAD_DESCRIPTION = """
 The same search with the query image uploaded as a multipart form: an `image` file,
 optional `bbox` as `x,y,w,h` (or `bbox_x`, `bbox_y`, `bbox_w`, `bbox_h`, the Products-10K
-names), `k`, `category`, `min_score`. Answers as `POST /search`.
+names), `k`, `category`, `min_score`, `flip`, `expand`. Answers as `POST /search`.
 """
 
 _ERRORS = (*IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady, Overloaded)
@@ -62,6 +67,8 @@ async def search_by_image(request: Request, search: SearchDep, _key: ReadKeyDep)
         k=body.k,
         category=body.filters.category if body.filters else None,
         min_score=body.min_score,
+        flip=body.flip,
+        expand=body.expand,
     )
     return _read(outcome)
 
@@ -92,6 +99,8 @@ async def _search_upload(search: SearchService, body: SearchUpload) -> SearchRea
         k=body.k,
         category=body.category or None,
         min_score=body.min_score,
+        flip=body.flip,
+        expand=body.expand,
     )
     return _read(outcome)
 

@@ -1,0 +1,175 @@
+"""`vsearch train` on a few real grocery photos: JSON lines, defaults, the validation guard."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from app.cli import cli
+from app.inference.runtime import load_model
+from app.training.report import TrainingLog
+from app.training.train import TrainConfig
+
+runner = CliRunner()
+PRODUCTS = ("Fruit/Banana", "Fruit/Kiwi", "Packages/Milk/Arla-Standard-Milk")
+
+
+def _files(dataset: Path, split: str, per_product: int) -> list[tuple[str, str]]:
+    rows = []
+    for product in PRODUCTS:
+        paths = sorted((dataset / "dataset" / split / product).rglob("*.jpg"))[:per_product]
+        rows += [(str(p.relative_to(dataset / "dataset")), product) for p in paths]
+    return rows
+
+
+def _write(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture
+def material(dataset: Path, tmp_path: Path) -> dict[str, Path]:
+    train = _files(dataset, "train", 6)
+    val = _files(dataset, "val", 2) or _files(dataset, "test", 2)
+    return {
+        "data": _write(tmp_path / "train.csv", ["path", "label"], [list(r) for r in train]),
+        "gallery": _write(
+            tmp_path / "gallery.csv",
+            ["seller_img_id", "img_path", "product_id"],
+            [[str(n), p, label] for n, (p, label) in enumerate(train[::3])],
+        ),
+        "queries": _write(
+            tmp_path / "queries.csv",
+            ["user_img_id", "img_path", "product_id"],
+            [[str(n), p, label] for n, (p, label) in enumerate(val)],
+        ),
+        "train_as_queries": _write(
+            tmp_path / "leak.csv",
+            ["user_img_id", "img_path", "product_id"],
+            [[str(n), p, label] for n, (p, label) in enumerate(train[:2])],
+        ),
+        "root": dataset / "dataset",
+    }
+
+
+def _args(model: Path, material: dict[str, Path], out: Path, queries: Path) -> list[str]:
+    return [
+        "train",
+        "--init",
+        str(model),
+        "--data",
+        str(material["data"]),
+        "--images-root",
+        str(material["root"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "6",
+        "--xbm-size",
+        "24",
+        "--workers",
+        "0",
+        "--val-gallery",
+        str(material["gallery"]),
+        "--val-queries",
+        str(queries),
+        "--val-images-root",
+        str(material["root"]),
+        "--log-interval",
+        "0",
+    ]
+
+
+@pytest.mark.slow
+def test_weight_average_is_validated_beside_the_trained_weights_and_saved(
+    tiny_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ema"
+    args = _args(tiny_model_dir, material, out, material["queries"]) + ["--ema-decay", "0.9"]
+
+    result = runner.invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line) for line in result.stdout.splitlines()][:2]
+    for line in epochs:
+        assert 0.0 <= line["ema_val_map_at_1000"] <= 1.0
+        assert 0.0 <= line["val_map_at_1000"] <= 1.0
+    trained = load_model(out, device="cpu", precision="fp32")
+    assert trained.embedding_dim == 512
+    # the saved weights are the average's, not the last step's
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
+    saved = load_file(str(out / "model.safetensors"))
+    name = next(n for n in saved if n.startswith("backbone.") and saved[n].ndim == 4)
+    assert torch.equal(saved[name], checkpoint["ema"]["module"][name])
+    assert not torch.equal(saved[name], checkpoint["module"][name])
+
+
+@pytest.mark.slow
+def test_train_prints_json_lines_an_unattended_log_can_follow(
+    tiny_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "trained"
+    result = runner.invoke(cli, _args(tiny_model_dir, material, out, material["queries"]))
+
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["event"] for line in lines] == ["epoch", "epoch", "done"]
+    assert [line["epoch"] for line in lines[:2]] == [1, 2]
+    assert all(0.0 <= line["val_map_at_1000"] <= 1.0 for line in lines[:2])
+    assert lines[-1]["history"] == [{k: v for k, v in x.items() if k != "event"} for x in lines[:2]]
+    progress = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert progress[0]["event"] == "start"
+    assert progress[0]["images"] == 18
+    assert progress[0]["steps_per_epoch"] == 3
+    steps = [p for p in progress if p["event"] == "progress"]
+    assert {p["epoch"] for p in steps} == {1, 2}
+    assert (out / "model.safetensors").exists()
+
+
+def test_validation_queries_that_are_training_images_are_refused(
+    tiny_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    result = runner.invoke(
+        cli, _args(tiny_model_dir, material, tmp_path / "o", material["train_as_queries"])
+    )
+
+    assert result.exit_code == 1
+    assert "2 validation queries are also training images" in result.stderr
+
+
+def test_the_documented_recipe_is_the_default() -> None:
+    config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"))
+    assert config.epochs == 10
+    assert config.xbm_size == 2048
+    result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "[default: 10]" in result.stdout
+    assert "[default: 2048]" in result.stdout
+
+
+def test_progress_lines_are_spaced_by_the_interval() -> None:
+    now = [0.0]
+    out, err = io.StringIO(), io.StringIO()
+    log = TrainingLog(out, err, interval_s=30.0, clock=lambda: now[0])
+    log.start({"images": 10})
+    for step in range(1, 101):
+        now[0] += 1.0
+        log.step(0, step, 100, 2.5)
+    log.epoch(0, {"epoch": 1, "loss": 2.5})
+
+    progress = [json.loads(line) for line in err.getvalue().splitlines()]
+    assert [p["event"] for p in progress] == ["start", "progress", "progress", "progress"]
+    assert [p["step"] for p in progress[1:]] == [30, 60, 90]
+    assert progress[1]["epoch_eta_seconds"] == pytest.approx(70.0)
+    assert json.loads(out.getvalue()) == {"event": "epoch", "epoch": 1, "loss": 2.5}
