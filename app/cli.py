@@ -839,6 +839,58 @@ def embeddings_import(
     failures.unlink(missing_ok=True)
 
 
+thumbnails_cli = typer.Typer(help="Image thumbnails for the review pages.", no_args_is_help=True)
+cli.add_typer(thumbnails_cli, name="thumbnails")
+
+
+@thumbnails_cli.command("backfill")
+def thumbnails_backfill(
+    batch: Annotated[int, typer.Option(help="Images read at once.")] = 32,
+) -> None:
+    """Make the thumbnails of images ingested before thumbnails were made at ingest.
+
+    Images are re-read from their URL or local path; the model is not loaded.
+    """
+    import asyncio
+
+    from app.catalogue.thumbnails import backfill_thumbnails
+    from app.imaging.decode import DecodeLimits, ImageDecoder
+    from app.services import make_fetcher, open_database
+
+    settings = _settings()
+
+    async def run() -> dict[str, object]:
+        db = open_database(settings)
+        fetcher = make_fetcher(settings)
+        decoder = ImageDecoder(DecodeLimits.from_settings(settings.image))
+        try:
+            progress = _bar("thumbnails")
+            task = progress.add_task("thumbnails", total=None)
+            with progress:
+                report = await backfill_thumbnails(
+                    db,
+                    fetcher,
+                    decoder,
+                    max_bytes=settings.image.max_bytes,
+                    batch=batch,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+        finally:
+            decoder.shutdown()
+            await fetcher.aclose()
+            db.dispose()
+        return report.as_dict()
+
+    result = asyncio.run(run())
+    print(json.dumps(result, indent=2))
+    if result["unrecoverable_images"] or result["failed_images"]:
+        err.print(
+            "[yellow]some images have no thumbnail: uploaded bytes are not kept, so post "
+            "those products again[/yellow]"
+        )
+        raise typer.Exit(code=2)
+
+
 def main() -> None:
     cli()
 

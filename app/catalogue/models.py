@@ -155,3 +155,16 @@ class DuplicateDecision(Base):
     decision: Mapped[str] = mapped_column(String(16))
     decided_by: Mapped[str | None] = mapped_column(String(256))
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ImageThumbnail(Base):
+    """A small WebP copy of an image, keyed by the original bytes' sha256: identical
+    uploads share one thumbnail, and a re-post of known bytes needs no decode."""
+
+    __tablename__ = "image_thumbnails"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    webp: Mapped[bytes] = mapped_column(LargeBinary)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
