@@ -20,6 +20,7 @@ from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
 from app.api.routes import duplicates, health, images, metrics, products, search
+from app.api.routes.pages import install_pages
 from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
 from app.api.state import ApiState
 from app.api.strict import reject_unknown_query
@@ -116,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    install_pages(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestPixelBudget, max_pixels=settings.image.max_request_pixels)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
