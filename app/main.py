@@ -19,7 +19,7 @@ from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
-from app.api.routes import duplicates, health, images, metrics, products, search
+from app.api.routes import calibration, duplicates, health, images, metrics, products, search
 from app.api.routes.pages import install_pages
 from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
 from app.api.state import ApiState
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search.router)
     app.include_router(products.router)
     app.include_router(duplicates.router)
+    app.include_router(calibration.router)
     app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(metrics.router)

@@ -16,6 +16,7 @@ _DESCRIPTIONS = {
     400: "Malformed request.",
     401: "Missing or invalid API key.",
     404: "Not found.",
+    409: "Not possible in the current state (e.g. no calibration yet).",
     413: "Image or request body too large.",
     422: "Invalid input (validation error, undecodable image, bad box, URL not allowed).",
     429: "Rate limit exceeded; see Retry-After.",

@@ -39,6 +39,17 @@ MinScore = Annotated[
     ),
 ]
 
+MinProbability = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="Only pairs whose calibrated P(same) is at least this (409 "
+        "`not_calibrated` until enough review decisions exist). `min_score` still applies; "
+        "a page may then hold fewer than `limit` pairs (follow `next_cursor`).",
+    ),
+]
+
 
 @router.get(
     "",
@@ -50,9 +61,10 @@ MinScore = Annotated[
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
         "products must be in it. A `min_score` below the floor is a 422: such pairs are "
-        "not stored."
+        "not stored. Each pair carries its calibrated `probability` and `tier` "
+        "(see `GET /duplicates/calibration`)."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(401, 409, 422),
 )
 async def list_pairs(
     duplicates: DuplicatesDep,
@@ -62,7 +74,13 @@ async def list_pairs(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
+    min_probability: MinProbability = None,
 ) -> DuplicatePairsRead:
+    if min_probability is not None:
+        lowest = await asyncio.to_thread(duplicates.score_for_probability, min_probability)
+        if lowest is None:  # no score reaches that probability
+            return DuplicatePairsRead(pairs=[], next_cursor=None, calibrated=True)
+        min_score = max(min_score, lowest)
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
         min_score=min_score,
@@ -71,6 +89,7 @@ async def list_pairs(
         category=category,
         undecided=undecided,
     )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[
             DuplicatePairRead(
@@ -81,10 +100,14 @@ async def list_pairs(
                 b_image_id=r.b_image_id,
                 found_at=r.found_at,
                 decision=r.decision,
+                probability=probability,
+                tier=tier,
             )
-            for r in rows
+            for r, (probability, tier) in zip(rows, assessed, strict=True)
+            if min_probability is None or (probability or 0.0) >= min_probability
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
     )
 
 
@@ -123,12 +146,20 @@ async def groups(
         if len(found) > limit
         else None
     )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_groups, page)
     return DuplicateGroupsRead(
         groups=[
-            DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
-            for g in page
+            DuplicateGroupRead(
+                centre=g.centre,
+                members=g.members,
+                min_score=g.min_score,
+                probability=probability,
+                tier=tier,
+            )
+            for g, (probability, tier) in zip(page, assessed, strict=True)
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
     )
 
 
