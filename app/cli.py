@@ -582,6 +582,36 @@ def bench_duplicates(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("calibration")
+def bench_calibration(
+    dataset: Annotated[Path, typer.Argument(help="The grocery-store dataset directory.")],
+    model: Annotated[
+        Path, typer.Option(help="Model directory (`vsearch model init-pretrained` writes one).")
+    ],
+    per_class: Annotated[int, typer.Option(help="Photos per product.")] = 15,
+    floor: Annotated[float, typer.Option(help="Pair floor.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Which products go to the fitting half.")] = 0,
+    plot: Annotated[
+        Path | None, typer.Option(help="Where to write the reliability diagram (PNG).")
+    ] = None,
+) -> None:
+    """Calibration of duplicate probabilities on held-out products (prints JSON)."""
+    from app.benchmarks.calibration import run_calibration_benchmark
+
+    settings = _settings()
+    result = run_calibration_benchmark(
+        dataset=dataset,
+        model=model,
+        per_class=per_class,
+        floor=floor,
+        seed=seed,
+        plot=plot,
+        base=settings,
+        say=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @bench_cli.command("import")
 def bench_import(
     n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,

@@ -659,14 +659,18 @@ async function runSearch() {
   if (category) form.append("category", category);
   const minScore = document.getElementById("min-score").value;
   if (minScore !== "") form.append("min_score", minScore);
+  let boxText = "";
   if (search.box) {
     const b = search.box;
-    form.append("bbox", [b.x, b.y, b.w, b.h].map((v) => Math.round(v)).join(","));
+    boxText = [b.x, b.y, b.w, b.h].map((v) => Math.round(v)).join(",");
+    form.append("bbox", boxText);
   }
   state.textContent = "searching…";
+  state.dataset.box = boxText;
   try {
     const found = await api("POST", "/search", { body: form });
-    state.textContent = `${found.results.length} products in ${found.took_ms.toFixed(0)} ms (model ${found.model_id})`;
+    const where = boxText ? `, box ${boxText}` : "";
+    state.textContent = `${found.results.length} products in ${found.took_ms.toFixed(0)} ms${where} (model ${found.model_id})`;
     showResults(found.results);
   } catch (err) {
     state.textContent = err.message;
