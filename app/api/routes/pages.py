@@ -10,8 +10,9 @@ write key rules as any other client.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -34,15 +35,18 @@ CSP = (
 )
 
 
-def _page(request: Request, state: StateDep, page: str, title: str) -> HTMLResponse:
+def _page(
+    request: Request, state: StateDep, page: str, title: str, threshold: float | None = None
+) -> HTMLResponse:
     floor = state.settings.duplicates.floor
+    start = max(floor, 0.9 if threshold is None else min(threshold, 1.0))
     context = {
         "page": page,
         "title": title,
         "root": ROOT,
         "static": STATIC,
         "floor": f"{floor:g}",
-        "threshold": f"{max(floor, 0.9):g}",
+        "threshold": f"{start:g}",
     }
     response = templates.TemplateResponse(request, f"{page}.html", context)
     response.headers["Content-Security-Policy"] = CSP
@@ -56,8 +60,13 @@ async def workbench_home() -> RedirectResponse:
 
 
 @router.get("/review", response_class=HTMLResponse)
-async def review_page(request: Request, state: StateDep) -> HTMLResponse:
-    return _page(request, state, "review", "Review duplicates")
+async def review_page(
+    request: Request,
+    state: StateDep,
+    min_score: Annotated[float | None, Query(ge=-1.0, le=1.0)] = None,
+) -> HTMLResponse:
+    """The review page; `?min_score=` sets where the threshold slider starts."""
+    return _page(request, state, "review", "Review duplicates", min_score)
 
 
 @router.get("/search", response_class=HTMLResponse)

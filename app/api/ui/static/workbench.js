@@ -370,9 +370,10 @@ async function onKey(event) {
   if (event.target instanceof HTMLInputElement || event.target instanceof HTMLTextAreaElement) return;
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   const key = event.key.toLowerCase();
-  if (key === "g") {
+  if (key === "g" || key === "a") {
     event.preventDefault();
-    return switchView(review.view === "groups" ? "pairs" : "groups");
+    const view = key === "g" ? "groups" : "audit";
+    return switchView(review.view === view ? "pairs" : view);
   }
   if (!["s", "d", "k", " ", "u"].includes(key)) return;
   event.preventDefault();
