@@ -597,9 +597,11 @@ def bench_calibration(
 ) -> None:
     """Calibration of duplicate probabilities on held-out products (prints JSON)."""
     from app.benchmarks.calibration import run_calibration_benchmark
+    from app.services import open_services
 
     settings = _settings()
     result = run_calibration_benchmark(
+        open_services=open_services,
         dataset=dataset,
         model=model,
         per_class=per_class,

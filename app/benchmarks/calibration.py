@@ -17,6 +17,7 @@ import asyncio
 import csv
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ import numpy as np
 from app.catalogue.calibration import CalibrationPolicy, fit_calibrator
 from app.catalogue.service import ImageInput, ProductInput
 from app.core.config import Settings
-from app.services import open_services
 
 Say = Callable[[str], None]
+# `app.services.open_services`, passed in by the CLI (benchmarks sit beside the
+# composition root, not above it).
+OpenServices = Callable[..., AbstractAsyncContextManager[Any]]
 
 
 def expected_calibration_error(probability: np.ndarray, same: np.ndarray, bins: int = 10) -> float:
@@ -98,6 +101,7 @@ def read_gallery(dataset: Path, per_class: int) -> list[tuple[str, Path, str, st
 
 def run_calibration_benchmark(
     *,
+    open_services: OpenServices,
     dataset: Path,
     model: Path,
     per_class: int = 15,
@@ -130,10 +134,13 @@ def run_calibration_benchmark(
                 ),
             }
         )
-        return asyncio.run(_run(settings, gallery, label_of, fit_half, len(classes), plot, say))
+        return asyncio.run(
+            _run(open_services, settings, gallery, label_of, fit_half, len(classes), plot, say)
+        )
 
 
 async def _run(
+    open_services: OpenServices,
     settings: Settings,
     gallery: list[tuple[str, Path, str, str]],
     label_of: dict[str, str],
