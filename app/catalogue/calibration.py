@@ -150,6 +150,7 @@ class CalibrationService:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, Calibration]] = {}
         self._tried: dict[str, int] = {}  # label count at the last fit attempt
+        self._fitting = threading.Lock()
 
     # reading ----------------------------------------------------------------------------
     def current(self, model_id: str) -> Calibration:
@@ -245,7 +246,10 @@ class CalibrationService:
         return calibration
 
     def maybe_refit(self, model_id: str) -> None:
-        """Refit once enough new decisions came in since the last fit."""
+        """Refit once enough new decisions came in since the last fit: `refit_every`, or
+        5% of the decisions when that is more (a fit reads them all). One fit at a time
+        per process; a failed refit is logged and never fails the decision that asked
+        for it (another replica may be fitting the same rows)."""
         with self.db.read() as session:
             labels = review_repo.count_decisions(session)
         if labels < self.policy.min_labels:
@@ -254,9 +258,18 @@ class CalibrationService:
         if tried is None:
             current = self.current(model_id)
             tried = current.overall.labels if current.overall is not None else 0
-        if tried == 0 or abs(labels - tried) >= self.policy.refit_every:
+        due = max(self.policy.refit_every, labels // 20)
+        if tried and abs(labels - tried) < due:
+            return
+        if not self._fitting.acquire(blocking=False):
+            return  # a fit is running; it or the next decision will catch up
+        try:
             self._tried[model_id] = labels
             self.fit(model_id)
+        except Exception:  # noqa: BLE001 - the decision is stored; the fit can wait
+            LOG.exception("refitting the calibration of %s failed", model_id)
+        finally:
+            self._fitting.release()
 
 
 def pair_score(a: Sequence[bytes], b: Sequence[bytes]) -> float | None:

@@ -171,6 +171,13 @@ async function loadStats() {
   showStats();
 }
 
+// After decisions the summary is read again, at most once a second: it histograms every
+// open pair, which is cheap once but not on every key press of a fast reviewer.
+function scheduleStats() {
+  clearTimeout(scheduleStats.timer);
+  scheduleStats.timer = setTimeout(loadStats, 1000);
+}
+
 function showStats() {
   const remaining = document.getElementById("remaining");
   const precision = document.getElementById("precision");
@@ -358,7 +365,7 @@ async function undoFromHistory(entry) {
       renderPair(document.getElementById("pair"), review.current);
     }
     toast(`undone: ${entry.decision}`);
-    loadStats();
+    scheduleStats();
   } catch (err) {
     toast(err.message);
   }
@@ -387,7 +394,7 @@ async function onKey(event) {
     if (key === "s" || key === "d") {
       await decide(pair, key === "s" ? "same" : "different");
       toast(`${key === "s" ? "same" : "different"}: ${pair.a} ↔ ${pair.b}`);
-      loadStats();
+      scheduleStats();
     } else {
       review.seen.add(pairKey(pair.a, pair.b));
     }
@@ -502,7 +509,7 @@ function previewBulk(group, decision, preview) {
             el("p", {}, `Recorded ${entry.pairs.length} “${decision}” decisions. `,
               el("button", { class: "link", onclick: () => undoFromHistory(entry).then(() => preview.replaceChildren(el("p", {}, "Undone."))) }, "Undo"))
           );
-          loadStats();
+          scheduleStats();
         },
       },
       "Confirm"
