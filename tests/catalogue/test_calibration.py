@@ -63,3 +63,22 @@ def test_isotonic_past_the_documented_count() -> None:
         if (bins == b).any()
     )
     assert ece < 0.05
+
+
+def test_a_category_with_its_own_fit_uses_it() -> None:
+    """Scores mean more in one category than another: its pairs get its own curve."""
+    from app.catalogue.calibration import Calibration
+
+    scores, same, _ = labelled(400, seed=3)
+    overall = fit_calibrator(scores, same, POLICY)
+    # in "produce", photos of different products look alike: the same score is weaker
+    shifted = fit_calibrator(scores + 0.03, same, POLICY, category="produce")
+    assert overall is not None
+    assert shifted is not None
+    calibration = Calibration("m", overall, {"produce": shifted})
+
+    assert calibration.for_pair("produce", "produce") is shifted
+    assert calibration.for_pair("produce", "dairy") is overall
+    assert calibration.for_pair(None, None) is overall
+    assert calibration.for_pair("dairy", "dairy") is overall  # no fit of its own
+    assert shifted.probability(0.9) < overall.probability(0.9)
