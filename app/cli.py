@@ -455,6 +455,13 @@ def bench_index(
     train_n: Annotated[
         int | None, typer.Option(help="Training sample size (default: 40 per list).")
     ] = None,
+    shipped: Annotated[
+        float | None,
+        typer.Option(
+            help="Only the service's own index at its shipped defaults, tuned to this "
+            "recall@10 as at every rebuild, measured on queries the tuner never saw.",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON rows.")] = False,
 ) -> None:
     """Exact vs the sharded IVF-PQ index vs hnswlib on clustered synthetic vectors."""
@@ -482,6 +489,7 @@ def bench_index(
         workdir=workdir,
         train_n=train_n,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+        shipped=shipped,
     )
     print(json.dumps(result["rows"] if json_output else result, indent=2))
 

@@ -121,7 +121,7 @@ async def test_every_write_route_needs_a_key(settings: Settings) -> None:
             (method.upper(), path.replace("{product_id}", "x").replace("{product_id:path}", "x"))
             for path, item in spec["paths"].items()
             for method in item
-            if method in ("post", "delete", "put", "patch") and path != "/search"
+            if method in ("post", "delete", "put", "patch") and not path.startswith("/search")
         ]
         assert {w[0] for w in writes} == {"POST", "DELETE"}
         assert len(writes) >= 3

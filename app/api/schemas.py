@@ -27,6 +27,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 from app.core.config import AttributeSettings
 from app.imaging.crop import Box
@@ -180,19 +181,41 @@ class BoxIn(RequestModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _no_null(value: object) -> object:
+    if value is None:
+        raise ValueError("omit the field instead of sending null")
+    return value
+
+
 class ImageIn(RequestModel):
     """One product image: exactly one of `url` or `data`."""
 
-    url: Name | None = Field(
+    # "Exactly one of" is said in the descriptions, not as a `oneOf` of `required` lists:
+    # openapi-python-client turns a model with an object-level oneOf into `Any`, losing
+    # the typed model generated clients need. `| SkipJsonSchema[None]`: the field may be
+    # absent but not null, as the schema says.
+    url: Name | SkipJsonSchema[None] = Field(
         None,
         max_length=4096,
-        description="Public http(s) URL of the image (private addresses are refused).",
+        description="Exactly one of `url` or `data`. Public http(s) URL of the image "
+        "(private addresses are refused).",
+        json_schema_extra=_no_default,
         examples=["https://cdn.example.com/sku-1/front.jpg"],
     )
-    data: str | None = Field(
-        None, description="The image file, base64-encoded (JPEG, PNG, WebP or GIF)."
+    data: str | SkipJsonSchema[None] = Field(
+        None,
+        description="Exactly one of `url` or `data`. The image file (JPEG, PNG, WebP or "
+        "GIF), base64: the standard alphabet with padding, on one line; a "
+        "`data:image/...;base64,` prefix is accepted.",
+        json_schema_extra=_no_default,
     )
     box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
+
+    _present = field_validator("url", "data", mode="before")(_no_null)
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageIn:
@@ -299,10 +322,21 @@ class SearchFilters(RequestModel):
 class SearchRequest(RequestModel):
     """Exactly one of `image_url` or `image`."""
 
-    image_url: Name | None = Field(
-        None, max_length=4096, description="Public http(s) URL of the query image."
+    image_url: Name | SkipJsonSchema[None] = Field(
+        None,
+        max_length=4096,
+        description="Exactly one of `image_url` or `image`. Public http(s) URL of the query image.",
+        json_schema_extra=_no_default,
     )
-    image: str | None = Field(None, description="The query image file, base64-encoded.")
+    image: str | SkipJsonSchema[None] = Field(
+        None,
+        description="Exactly one of `image_url` or `image`. The query image file, base64: "
+        "the standard alphabet with padding, on one line; a `data:image/...;base64,` prefix "
+        "is accepted.",
+        json_schema_extra=_no_default,
+    )
+
+    _present = field_validator("image_url", "image", mode="before")(_no_null)
     bbox: BoxIn | None = Field(None, description="Crop the query image to this box first.")
     k: int = Field(10, ge=1, le=1000, description="How many products to return.")
     filters: SearchFilters | None = None
@@ -327,7 +361,7 @@ class SearchRequest(RequestModel):
                     "filters": {"category": "dairy"},
                     "min_score": 0.3,
                 }
-            ]
+            ],
         },
     )
 

@@ -43,7 +43,13 @@ from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
-from app.core.errors import DecisionNotFound, InvalidRequest, NotCalibrated, ProductNotFound
+from app.core.errors import (
+    DecisionNotFound,
+    InvalidRequest,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+)
 from app.core.files import atomic_write_text
 from app.index.lifecycle import IndexService
 
@@ -172,6 +178,11 @@ class DuplicatesService:
             raise InvalidRequest("A decision needs two different products.")
         with self.db.write() as session:
             a_pk, b_pk = _pair_pks(session, a, b)
+            if not repo.pair_known(session, a_pk, b_pk):
+                raise PairNotFound(
+                    f"{a!r} and {b!r} were never found as duplicates (pairs below the floor, "
+                    f"{self.floor:.2f}, are not stored); decide on pairs from GET /duplicates."
+                )
             repo.set_decision(session, a_pk, b_pk, decision, key_fingerprint(api_key))
             self._record_score(session, a_pk, b_pk)
         self.calibration.maybe_refit(self.index.model_id)

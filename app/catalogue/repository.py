@@ -712,6 +712,17 @@ def list_decisions(
     ]
 
 
+def pair_known(session: Session, a_pk: int, b_pk: int) -> bool:
+    """Whether the pair was found as duplicates (stored now) or decided on before (a
+    pair decided `different` is no longer stored, and may be decided on again)."""
+    a_pk, b_pk = canonical(a_pk, b_pk)
+    found = select(DuplicatePair.a_pk).where(DuplicatePair.a_pk == a_pk, DuplicatePair.b_pk == b_pk)
+    decided = select(DuplicateDecision.a_pk).where(
+        DuplicateDecision.a_pk == a_pk, DuplicateDecision.b_pk == b_pk
+    )
+    return session.execute(found.union_all(decided).limit(1)).first() is not None
+
+
 def delete_decision(session: Session, a_pk: int, b_pk: int) -> bool:
     a_pk, b_pk = canonical(a_pk, b_pk)
     result = session.execute(

@@ -109,9 +109,27 @@ class IndexSettings(BaseModel):
     )
     opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
     nprobe: int = Field(
-        0, ge=0, description="IVF lists scanned per query; 0 = 1/64 of the lists (at least 16)."
+        0,
+        ge=0,
+        description="IVF lists scanned per query; 0 = tuned to reach target_recall "
+        "(1/64 of the lists, at least 16, until measured).",
     )
-    refine: int = Field(32, ge=1, description="PQ candidates per result re-ranked exactly.")
+    refine: int = Field(
+        0,
+        ge=0,
+        description="PQ candidates per result re-ranked exactly; 0 = tuned to reach "
+        "target_recall (32 until measured).",
+    )
+    target_recall: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="recall@10 the tuned nprobe/refine must reach, measured against exact "
+        "search on a sample of the catalogue at every (re)build; 0 = no tuning.",
+    )
+    retune_growth: float = Field(
+        1.25, gt=1.0, description="Measure and tune again when the index has grown by this factor."
+    )
     catchup_interval_s: float = Field(
         1.0, gt=0, description="How often the change log is tailed (replicas converge)."
     )

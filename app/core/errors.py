@@ -27,6 +27,13 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class RequestTooLarge(ServiceError):
+    """The request body passed VS_MAX_REQUEST_BYTES (raised by the body-size middleware)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class ImageUndecodable(ServiceError):
     status_code = 422
     code = "image_undecodable"
@@ -55,6 +62,13 @@ class ImageFetchFailed(ServiceError):
 class ProductNotFound(ServiceError):
     status_code = 404
     code = "product_not_found"
+
+
+class PairNotFound(ServiceError):
+    """A decision on two products that were never found as a duplicate pair."""
+
+    status_code = 404
+    code = "pair_not_found"
 
 
 class DecisionNotFound(ServiceError):

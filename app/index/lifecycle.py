@@ -31,7 +31,7 @@ import numpy as np
 from app.core.config import IndexSettings
 from app.index.build import ivfpq_factory, train_template
 from app.index.feed import ChangeFeed, EmbeddingSource, FeedCursor, Watermark
-from app.index.sharded import SearchKnobs, ShardedIndex
+from app.index.sharded import DEFAULT_REFINE, SearchKnobs, ShardedIndex
 from app.index.store import (
     Manifest,
     generation_dir,
@@ -39,6 +39,7 @@ from app.index.store import (
     remove_other_generations,
     write_manifest,
 )
+from app.index.tuning import Tuning, tune
 from app.index.vectors import ExactVectors
 
 LOG = logging.getLogger(__name__)
@@ -99,6 +100,9 @@ class IndexService:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._retrain: threading.Thread | None = None
+        self._tuner: threading.Thread | None = None
+        self._tuned_index: ShardedIndex | None = None
+        self.tuning: Tuning | None = None
         self._vectors: ExactVectors | None = None
         self.on_swap: list[Callable[[ShardedIndex], None]] = []
 
@@ -128,6 +132,7 @@ class IndexService:
             self.rebuild(reason="no usable index on disk" if manifest is None else "unusable")
         self.catch_up()
         self.maybe_retrain(background=True)
+        self.maybe_tune()
 
     def _try_load(self, manifest: Manifest) -> bool:
         if manifest.model_id != self.model_id or manifest.dim != self.dim:
@@ -187,7 +192,52 @@ class IndexService:
         return self._vectors
 
     def _knobs(self) -> SearchKnobs:
-        return SearchKnobs(nprobe=self.settings.nprobe, refine=self.settings.refine)
+        tuned = self.tuning
+        return SearchKnobs(
+            nprobe=self.settings.nprobe or (tuned.nprobe if tuned else 0),
+            refine=self.settings.refine or (tuned.refine if tuned else DEFAULT_REFINE),
+        )
+
+    # tuning -----------------------------------------------------------------------------
+    def maybe_tune(self, *, background: bool = True) -> bool:
+        """Measure recall and pick search parameters for the live index when it has none
+        yet or has grown by `retune_growth` since (see app.index.tuning)."""
+        index = self._index
+        if (
+            index is None
+            or index.kind == "flat"
+            or not self.settings.target_recall
+            or (self.settings.nprobe and self.settings.refine)
+            or (self._tuner is not None and self._tuner.is_alive())
+        ):
+            return False
+        tuned = self.tuning
+        if tuned is not None and tuned.ntotal > 0 and self._tuned_index is index:
+            if index.ntotal < tuned.ntotal * self.settings.retune_growth:
+                return False
+
+        def run() -> None:
+            try:
+                result = tune(
+                    index,
+                    self.settings.target_recall,
+                    fixed_nprobe=self.settings.nprobe,
+                    fixed_refine=self.settings.refine,
+                )
+            except Exception:  # noqa: BLE001 - the current parameters keep serving
+                LOG.exception("index search tuning failed")
+                return
+            if result is not None and self._index is index:
+                self.tuning = result
+                self._tuned_index = index
+                index.knobs = self._knobs()
+
+        if not background:
+            run()
+            return True
+        self._tuner = threading.Thread(target=run, name="vs-index-tune", daemon=True)
+        self._tuner.start()
+        return True
 
     def start_tailing(self) -> None:
         """Tail the change feed (and checkpoint) on a background thread."""
@@ -201,6 +251,8 @@ class IndexService:
             self._thread.join(30)
         if self._retrain is not None:
             self._retrain.join(600)
+        if self._tuner is not None:
+            self._tuner.join(600)
         if save and self._index is not None and self._dirty:
             self.save()
         if self._index is not None:
@@ -213,6 +265,7 @@ class IndexService:
             try:
                 self.catch_up()
                 self.maybe_retrain(background=True)
+                self.maybe_tune()
                 if (
                     self._dirty
                     and time.time() - self.stats.last_save > self.settings.save_interval_s
@@ -338,6 +391,7 @@ class IndexService:
             self.save(trained_at_n=(total if trained_now else trained) if use_ivf else 0)
         for hook in self.on_swap:
             hook(new)
+        self.maybe_tune()
         if old is not None:
             old.close()
         LOG.info(
@@ -411,6 +465,12 @@ class IndexService:
         LOG.debug("saved index generation %d (%d vectors)", generation, written)
         return manifest
 
+    def wait_for_tuning(self, timeout: float | None = None) -> None:
+        """Block until a background tuning started by `maybe_tune` has finished."""
+        tuner = self._tuner
+        if tuner is not None:
+            tuner.join(timeout)
+
     def wait_for_retraining(self, timeout: float | None = None) -> None:
         """Block until a background (re)training started by `maybe_retrain` has swapped in."""
         retrain = self._retrain
@@ -438,4 +498,8 @@ class IndexService:
             "catchup_lag": max(0, self.stats.log_head_seq - self.stats.applied_seq),
             "retrain_running": self.stats.retrain_running,
             "last_error": self.stats.last_error,
+            "search": {"nprobe": index.default_nprobe, "refine": index.knobs.refine}
+            if index is not None and index.kind != "flat"
+            else None,
+            "tuning": self.tuning.as_dict() if self.tuning is not None else None,
         }

@@ -16,12 +16,13 @@ from app.api.schemas import DuplicatePairRead, DuplicatePairsRead
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.calibration import Calibration
 from app.catalogue.duplicates import DuplicatesService
+from app.core.errors import RateLimited
 
 router = APIRouter(
     prefix="/duplicates",
     tags=["duplicates"],
     dependencies=[RateLimitDep],
-    responses=error_responses(429),
+    responses=error_responses(RateLimited),
 )
 
 CALIBRATION_DESCRIPTION = (
@@ -94,7 +95,6 @@ def _calibration_read(duplicates: DuplicatesService, calibration: Calibration) -
     operation_id="get_duplicates_calibration",
     summary="Show the calibration of duplicate scores",
     description=CALIBRATION_DESCRIPTION,
-    responses=error_responses(401),
 )
 async def get_duplicates_calibration(
     duplicates: DuplicatesDep, _key: ReadKeyDep
@@ -112,7 +112,6 @@ async def get_duplicates_calibration(
     summary="Fit the calibration now",
     description="Fit P(same | score) on the decisions stored now (it is also refitted "
     "automatically every `VS_DUPLICATES__CALIBRATION_REFIT_EVERY` decisions).",
-    responses=error_responses(401),
 )
 async def fit_duplicates_calibration(
     duplicates: DuplicatesDep, _key: WriteKeyDep
@@ -133,7 +132,6 @@ async def fit_duplicates_calibration(
         "1, also below the review threshold, so that decisions (and the calibration fitted "
         "on them) are not biased to the top of the queue. Each call draws anew."
     ),
-    responses=error_responses(401, 422),
 )
 async def sample_duplicates_for_audit(
     duplicates: DuplicatesDep,

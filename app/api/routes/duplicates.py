@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
+from app.api import examples
+from app.api.bodies import UnsupportedMediaType, read_json, request_body
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
 from app.api.schemas import (
@@ -20,13 +22,20 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
-from app.core.cursor import decode_cursor, encode_cursor
+from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
+from app.core.errors import (
+    DecisionNotFound,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+    RateLimited,
+)
 
 router = APIRouter(
     prefix="/duplicates",
     tags=["duplicates"],
     dependencies=[RateLimitDep],
-    responses=error_responses(429),
+    responses=error_responses(RateLimited),
 )
 
 MinScore = Annotated[
@@ -64,9 +73,10 @@ MinProbability = Annotated[
         "not stored. Each pair carries its calibrated `probability` and `tier` "
         "(see `GET /duplicates/calibration`)."
     ),
-    responses=error_responses(401, 409, 422),
+    responses=error_responses(InvalidCursor, NotCalibrated)
+    | examples.ok(examples.DUPLICATE_PAIRS_READ),
 )
-async def list_pairs(
+async def list_duplicate_pairs(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
     min_score: MinScore = 0.9,
@@ -123,9 +133,9 @@ async def list_pairs(
         "Products left out of a group still appear in `GET /duplicates`. Biggest groups "
         "first; `limit`/`cursor` page through them."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(InvalidCursor) | examples.ok(examples.DUPLICATE_GROUPS_READ),
 )
-async def groups(
+async def list_duplicate_groups(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
     min_score: MinScore = 0.9,
@@ -171,13 +181,18 @@ async def groups(
         "`same`: the two products are one (the pair is kept, marked). `different`: they are "
         "not; the pair disappears from `GET /duplicates` and no later scan brings it back. "
         "A new decision on the same pair replaces the old one. The time and a fingerprint "
-        "of the API key are stored with it."
+        "of the API key are stored with it. Only pairs the service found (in "
+        "`GET /duplicates`, or decided before) can be decided on: others are a 404 "
+        "`pair_not_found`."
     ),
-    responses=error_responses(401, 404, 422),
+    responses=error_responses(ProductNotFound, PairNotFound, UnsupportedMediaType)
+    | examples.ok(examples.DECISION_READ),
+    openapi_extra=request_body(DecisionCreate, example=examples.DECISION_CREATE),
 )
-async def decide(
-    body: DecisionCreate, duplicates: DuplicatesDep, api_key: WriteKeyDep
+async def create_decision(
+    request: Request, duplicates: DuplicatesDep, api_key: WriteKeyDep
 ) -> DecisionRead:
+    body = await read_json(request, DecisionCreate)
     await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key)
     return DecisionRead(a=body.a, b=body.b, decision=body.decision)
 
@@ -190,7 +205,7 @@ async def decide(
         "Every recorded decision, `same` and `different` alike (filter with `decision`), "
         "a page at a time in a stable order; follow `next_cursor`."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(InvalidCursor) | examples.ok(examples.DECISIONS_READ),
 )
 async def list_decisions(
     duplicates: DuplicatesDep,
@@ -228,9 +243,9 @@ async def list_decisions(
         "hidden as `different` is looked for again at once and is back in "
         "`GET /duplicates` when its images still match above the floor."
     ),
-    responses=error_responses(401, 404, 422),
+    responses=error_responses(ProductNotFound, DecisionNotFound),
 )
-async def undo_decision(
+async def delete_decision(
     duplicates: DuplicatesDep,
     _key: WriteKeyDep,
     a: Annotated[str, Query(min_length=1, max_length=256, description="One product id.")],

@@ -11,13 +11,14 @@ from app.api.deps import ServicesDep
 from app.api.errors import error_responses
 from app.api.security import RateLimitDep, ReadKeyDep
 from app.catalogue.thumbnails import get_thumbnail
+from app.core.errors import RateLimited, ThumbnailNotFound
 from app.imaging.thumbnail import THUMBNAIL_SIZE, THUMBNAIL_TYPE
 
 router = APIRouter(
     prefix="/images",
     tags=["products"],
     dependencies=[RateLimitDep],
-    responses=error_responses(429),
+    responses=error_responses(RateLimited),
 )
 
 
@@ -36,7 +37,7 @@ router = APIRouter(
     responses={
         200: {"content": {THUMBNAIL_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
         304: {"description": "Not modified: the `If-None-Match` ETag is current."},
-        **error_responses(401, 404, 422),
+        **error_responses(ThumbnailNotFound),
     },
 )
 async def get_image_thumbnail(
