@@ -787,6 +787,38 @@ def bench_search_latency(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("calibration")
+def bench_calibration(
+    dataset: Annotated[Path, typer.Argument(help="The grocery-store dataset directory.")],
+    model: Annotated[
+        Path, typer.Option(help="Model directory (`vsearch model init-pretrained` writes one).")
+    ],
+    per_class: Annotated[int, typer.Option(help="Photos per product.")] = 15,
+    floor: Annotated[float, typer.Option(help="Pair floor.")] = 0.5,
+    seed: Annotated[int, typer.Option(help="Which products go to the fitting half.")] = 0,
+    plot: Annotated[
+        Path | None, typer.Option(help="Where to write the reliability diagram (PNG).")
+    ] = None,
+) -> None:
+    """Calibration of duplicate probabilities on held-out products (prints JSON)."""
+    from app.benchmarks.calibration import run_calibration_benchmark
+    from app.services import open_services
+
+    settings = _settings()
+    result = run_calibration_benchmark(
+        open_services=open_services,
+        dataset=dataset,
+        model=model,
+        per_class=per_class,
+        floor=floor,
+        seed=seed,
+        plot=plot,
+        base=settings,
+        say=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 @bench_cli.command("import")
 def bench_import(
     n: Annotated[int, typer.Option(help="Rows (one image per product).")] = 100_000,
@@ -1095,6 +1127,58 @@ def embeddings_import(
         err.print(f"[yellow]{report.failed_rows} bad row(s); see {failures}[/yellow]")
         raise typer.Exit(code=2)
     failures.unlink(missing_ok=True)
+
+
+thumbnails_cli = typer.Typer(help="Image thumbnails for the review pages.", no_args_is_help=True)
+cli.add_typer(thumbnails_cli, name="thumbnails")
+
+
+@thumbnails_cli.command("backfill")
+def thumbnails_backfill(
+    batch: Annotated[int, typer.Option(help="Images read at once.")] = 32,
+) -> None:
+    """Make the thumbnails of images ingested before thumbnails were made at ingest.
+
+    Images are re-read from their URL or local path; the model is not loaded.
+    """
+    import asyncio
+
+    from app.catalogue.thumbnails import backfill_thumbnails
+    from app.imaging.decode import DecodeLimits, ImageDecoder
+    from app.services import make_fetcher, open_database
+
+    settings = _settings()
+
+    async def run() -> dict[str, object]:
+        db = open_database(settings)
+        fetcher = make_fetcher(settings)
+        decoder = ImageDecoder(DecodeLimits.from_settings(settings.image))
+        try:
+            progress = _bar("thumbnails")
+            task = progress.add_task("thumbnails", total=None)
+            with progress:
+                report = await backfill_thumbnails(
+                    db,
+                    fetcher,
+                    decoder,
+                    max_bytes=settings.image.max_bytes,
+                    batch=batch,
+                    progress=lambda done, total: progress.update(task, completed=done, total=total),
+                )
+        finally:
+            decoder.shutdown()
+            await fetcher.aclose()
+            db.dispose()
+        return report.as_dict()
+
+    result = asyncio.run(run())
+    print(json.dumps(result, indent=2))
+    if result["unrecoverable_images"] or result["failed_images"]:
+        err.print(
+            "[yellow]some images have no thumbnail: uploaded bytes are not kept, so post "
+            "those products again[/yellow]"
+        )
+        raise typer.Exit(code=2)
 
 
 def main() -> None:

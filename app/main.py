@@ -20,7 +20,8 @@ from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
-from app.api.routes import duplicates, health, metrics, products, search
+from app.api.routes import calibration, duplicates, health, images, metrics, products, search
+from app.api.routes.pages import install_pages
 from app.api.schemas import (
     DecisionCreate,
     ProductsCreate,
@@ -135,8 +136,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search.router)
     app.include_router(products.router)
     app.include_router(duplicates.router)
+    app.include_router(calibration.router)
+    app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    install_pages(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestPixelBudget, max_pixels=settings.image.max_request_pixels)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]

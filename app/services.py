@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.catalogue import repository as repo
+from app.catalogue.calibration import CalibrationPolicy
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.notify import ChangeListener
@@ -217,12 +218,21 @@ def _close_index(index: IndexService, save: bool) -> None:
 
 
 def _duplicates(settings: Settings, db: Database, index: IndexService) -> DuplicatesService:
+    d = settings.duplicates
+    policy = CalibrationPolicy(
+        min_labels=d.calibration_min_labels,
+        isotonic_labels=d.calibration_isotonic_labels,
+        refit_every=d.calibration_refit_every,
+        same_probability=d.same_probability,
+        exact_score=d.exact_score,
+    )
     return DuplicatesService(
         db,
         index,
-        floor=settings.duplicates.floor,
-        neighbours=settings.duplicates.neighbours,
-        replay_limit=settings.duplicates.replay_limit,
+        floor=d.floor,
+        neighbours=d.neighbours,
+        replay_limit=d.replay_limit,
+        calibration=policy,
     )
 
 

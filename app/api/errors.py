@@ -37,6 +37,10 @@ CODES: dict[str, str] = {
     "rate_limited": "Too many requests (or failed keys) from this client; see Retry-After.",
     "not_ready": "The service is starting or stopping; see Retry-After.",
     "overloaded": "The inference queue or image decoder is full; see Retry-After.",
+    "thumbnail_not_found": "No image has this id, or its thumbnail was not made yet "
+    "(`vsearch thumbnails backfill`).",
+    "not_calibrated": "Too few review decisions to give probabilities yet (see "
+    "`GET /duplicates/calibration`).",
 }
 """Every error code an operation declares, with what it means (the OpenAPI documents each
 as its own schema, `<Code>Error`)."""

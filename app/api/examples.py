@@ -103,14 +103,26 @@ DUPLICATE_PAIRS_READ: dict[str, Any] = {
             "b_image_id": 2,
             "found_at": _TIME,
             "decision": None,
+            "probability": None,
+            "tier": "exact",
         }
     ],
     "next_cursor": None,
+    "calibrated": False,
 }
 
 DUPLICATE_GROUPS_READ: dict[str, Any] = {
-    "groups": [{"centre": PRODUCT_ID, "members": [PRODUCT_ID, OTHER_ID], "min_score": 1.0}],
+    "groups": [
+        {
+            "centre": PRODUCT_ID,
+            "members": [PRODUCT_ID, OTHER_ID],
+            "min_score": 1.0,
+            "probability": None,
+            "tier": "exact",
+        }
+    ],
     "next_cursor": None,
+    "calibrated": False,
 }
 
 DECISION_CREATE: dict[str, Any] = {"a": PRODUCT_ID, "b": OTHER_ID, "decision": "same"}

@@ -403,22 +403,43 @@ class DuplicatePairRead(BaseModel):
     decision: Literal["same", "different"] | None = Field(
         None, description="A reviewer's decision on this pair, if any."
     )
+    probability: float | None = Field(
+        None, description="Calibrated P(same product); null until `calibrated`."
+    )
+    tier: Literal["exact", "same", "similar"] | None = Field(
+        None,
+        description="`exact`: identical or near-identical images; `same`: probability at "
+        "least VS_DUPLICATES__SAME_PROBABILITY; `similar`: below it; null when neither "
+        "exact nor calibrated.",
+    )
 
 
 class DuplicatePairsRead(BaseModel):
     pairs: list[DuplicatePairRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    calibrated: bool = Field(
+        False, description="Whether probabilities exist (enough review decisions)."
+    )
 
 
 class DuplicateGroupRead(BaseModel):
     centre: str = Field(description="The product every member matched.")
     members: list[str] = Field(description="All products of the group, the centre first.")
     min_score: float = Field(description="Weakest member-to-centre score in the group.")
+    probability: float | None = Field(
+        None, description="Calibrated P(same) of the weakest member-to-centre pair."
+    )
+    tier: Literal["exact", "same", "similar"] | None = Field(
+        None, description="The tier of the weakest member-to-centre pair."
+    )
 
 
 class DuplicateGroupsRead(BaseModel):
     groups: list[DuplicateGroupRead]
     next_cursor: str | None = None
+    calibrated: bool = Field(
+        False, description="Whether probabilities exist (enough review decisions)."
+    )
 
 
 class DecisionCreate(RequestModel):

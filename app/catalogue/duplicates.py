@@ -34,11 +34,26 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
+from app.catalogue import review_repository as review_repo
+from app.catalogue.calibration import (
+    MIN_PER_CLASS,
+    Calibration,
+    CalibrationPolicy,
+    CalibrationService,
+    Tier,
+    pair_score,
+)
 from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
-from app.core.errors import DecisionNotFound, InvalidRequest, PairNotFound, ProductNotFound
+from app.core.errors import (
+    DecisionNotFound,
+    InvalidRequest,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+)
 from app.core.files import atomic_write_text
 from app.index.lifecycle import IndexService
 
@@ -70,6 +85,7 @@ class DuplicatesService:
         floor: float,
         neighbours: int = 20,
         replay_limit: int = 1_000,
+        calibration: CalibrationPolicy | None = None,
     ) -> None:
         self.db = db
         self.index = index
@@ -77,6 +93,7 @@ class DuplicatesService:
         self.neighbours = neighbours
         self.replay_limit = replay_limit
         self.replayed_products = 0
+        self.calibration = CalibrationService(db, calibration or CalibrationPolicy())
 
     # incremental maintenance ------------------------------------------------------------
     def on_commit(self, outcome: StoreOutcome) -> None:
@@ -196,6 +213,8 @@ class DuplicatesService:
                     f"{self.floor:.2f}, are not stored); decide on pairs from GET /duplicates."
                 )
             repo.set_decision(session, a_pk, b_pk, decision, key_fingerprint(api_key))
+            self._record_score(session, a_pk, b_pk)
+        self.calibration.maybe_refit(self.index.model_id)
         return a, b
 
     def list_decisions(
@@ -224,6 +243,105 @@ class DuplicatesService:
             if not repo.delete_decision(session, a_pk, b_pk):
                 raise DecisionNotFound(f"No decision on the pair {a!r}, {b!r}.")
         self.refresh_product(a_pk)
+        self.calibration.maybe_refit(self.index.model_id)
+
+    # calibrated probabilities -----------------------------------------------------------
+    def _record_score(self, session: Session, a_pk: int, b_pk: int) -> None:
+        """Keep the pair's score with its decision: the label calibration learns from."""
+        vectors = review_repo.product_vectors(session, [a_pk, b_pk])
+        score = pair_score(vectors[a_pk], vectors[b_pk])
+        review_repo.set_decision_score(session, a_pk, b_pk, score, self.index.model_id)
+
+    def current_calibration(self) -> Calibration:
+        return self.calibration.current(self.index.model_id)
+
+    def fit_calibration(self) -> Calibration:
+        return self.calibration.fit(self.index.model_id)
+
+    def assess_pairs(
+        self, rows: Sequence[repo.PairRow]
+    ) -> tuple[bool, list[tuple[float | None, Tier | None]]]:
+        """Whether probabilities exist, and each pair's (probability, tier): the
+        category's own fit when both products are in a category that has one."""
+        calibration = self.current_calibration()
+        with self.db.read() as session:
+            shas = review_repo.image_shas(
+                session, [i for r in rows for i in (r.a_image_id, r.b_image_id)]
+            )
+            categories = (
+                review_repo.product_categories(session, [p for r in rows for p in (r.a_pk, r.b_pk)])
+                if calibration.categories
+                else {}
+            )
+        exact_score = self.calibration.policy.exact_score
+        assessed: list[tuple[float | None, Tier | None]] = []
+        for r in rows:
+            fitted = calibration.for_pair(categories.get(r.a_pk), categories.get(r.b_pk))
+            probability = float(fitted.probability(r.score)) if fitted is not None else None
+            identical = shas.get(r.a_image_id) is not None and (
+                shas.get(r.a_image_id) == shas.get(r.b_image_id)
+            )
+            exact = identical or r.score >= exact_score
+            assessed.append((probability, self.calibration.tier(probability, exact)))
+        return calibration.calibrated, assessed
+
+    def assess_groups(
+        self, groups: Sequence[DuplicateGroup]
+    ) -> tuple[bool, list[tuple[float | None, Tier | None]]]:
+        """(probability, tier) of each group's weakest member-to-centre pair, by the
+        overall fit (a group may span categories)."""
+        calibration = self.current_calibration()
+        exact_score = self.calibration.policy.exact_score
+        assessed: list[tuple[float | None, Tier | None]] = []
+        for g in groups:
+            fitted = calibration.overall
+            probability = float(fitted.probability(g.min_score)) if fitted is not None else None
+            assessed.append(
+                (probability, self.calibration.tier(probability, g.min_score >= exact_score))
+            )
+        return calibration.calibrated, assessed
+
+    def score_for_probability(self, min_probability: float) -> float | None:
+        """The lowest score at which any of the model's fits reaches `min_probability`
+        (pairs below it cannot qualify); None when none does. Raises NotCalibrated."""
+        calibration = self.current_calibration()
+        if not calibration.calibrated:
+            raise NotCalibrated(
+                f"No calibration yet for model {self.index.model_id}: "
+                f"{calibration.labels} review decisions, "
+                f"{self.calibration.policy.min_labels} needed (at least {MIN_PER_CLASS} "
+                "of each kind). Review pairs, or filter by min_score."
+            )
+        found = [c.lowest_score_for(min_probability, self.floor) for c in calibration.all()]
+        reachable = [s for s in found if s is not None]
+        return min(reachable) if reachable else None
+
+    def open_score_histogram(self, width: float = 0.005) -> list[tuple[float, float, int]]:
+        """(from, to, undecided pairs) in score bins from the floor up: the review page's
+        live count of what remains above any threshold."""
+        with self.db.read() as session:
+            scores = np.asarray(review_repo.open_pair_scores(session, self.floor))
+        bins = max(1, int(np.ceil((1.0 - self.floor) / width - 1e-9)))
+        edges = self.floor + width * np.arange(bins + 1)
+        clipped = np.clip(scores, self.floor, 1.0)
+        counts, _ = np.histogram(clipped, bins=bins, range=(edges[0], edges[-1]))
+        return [
+            (float(edges[i]), float(min(edges[i + 1], 1.0)), int(counts[i])) for i in range(bins)
+        ]
+
+    def audit_sample(self, size: int, strata: int = 10) -> list[repo.PairRow]:
+        """Undecided pairs drawn at random from equal-width score strata between the floor
+        and 1: decisions on them cover the whole score range, not only the queue's top,
+        so the calibration is not fitted on the easiest pairs alone."""
+        per = max(1, -(-size // strata))
+        edges = np.linspace(self.floor, 1.0, strata + 1)
+        found: list[repo.PairRow] = []
+        with self.db.read() as session:
+            for i in range(strata):
+                high = float(edges[i + 1]) if i < strata - 1 else 1.1
+                found.extend(review_repo.random_open_pairs(session, float(edges[i]), high, per))
+        found.sort(key=lambda r: (-r.score, r.a_pk, r.b_pk))
+        return found[:size] if len(found) > size else found
 
     # full scans -------------------------------------------------------------------------
     def scan(

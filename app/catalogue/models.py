@@ -155,3 +155,35 @@ class DuplicateDecision(Base):
     decision: Mapped[str] = mapped_column(String(16))
     decided_by: Mapped[str | None] = mapped_column(String(256))
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # The pair's score when it was decided, and the model that scored it: the labels the
+    # calibration is fitted on (a pair marked `different` leaves the pairs table).
+    score: Mapped[float | None] = mapped_column(Float)
+    model_id: Mapped[str | None] = mapped_column(String(256))
+
+
+class ImageThumbnail(Base):
+    """A small WebP copy of an image, keyed by the original bytes' sha256: identical
+    uploads share one thumbnail, and a re-post of known bytes needs no decode."""
+
+    __tablename__ = "image_thumbnails"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    webp: Mapped[bytes] = mapped_column(LargeBinary)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class DuplicateCalibration(Base):
+    """P(same product | score) fitted on review decisions, per model (and per category
+    with enough labels; `category` "" is the fit over all categories)."""
+
+    __tablename__ = "duplicate_calibrations"
+
+    model_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    category: Mapped[str] = mapped_column(String(256), primary_key=True, default="")
+    method: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[int] = mapped_column(Integer)
+    positives: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fitted_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -638,7 +638,9 @@ def list_pairs(
     stmt = _pairs_query(min_score, category, undecided)
     if after is not None:
         score, a_pk, b_pk = after
-        stmt = stmt.where(
+        # `score <= cursor` first: a bound the database seeks to in the score index, so
+        # a page costs the same deep in the queue as at its top.
+        stmt = stmt.where(DuplicatePair.score <= score).where(
             or_(
                 DuplicatePair.score < score,
                 and_(

@@ -23,12 +23,14 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from app.catalogue import repository as repo
+from app.catalogue import review_repository as review_repo
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
 from app.imaging.crop import Box, original_size
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
+from app.imaging.thumbnail import Thumbnail, make_thumbnail
 from app.inference.admission import Ticket
 from app.inference.worker import BatchWorker
 
@@ -80,6 +82,7 @@ class PreparedImage:
     height: int
     embedding: bytes
     reused: bool
+    thumbnail: Thumbnail | None = None  # made when the image was decoded for this product
 
 
 @dataclass
@@ -198,6 +201,7 @@ class CatalogueService:
         if todo:
             started = time.perf_counter()
             decoded = await self.decoder.decode_all([payloads[i] for i in todo])
+            thumbnails = await asyncio.to_thread(_thumbnails, decoded)
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
             vectors = await self.worker.embed(
@@ -212,6 +216,7 @@ class CatalogueService:
                     *original_size(decoded[j]),
                     vectors[j].astype(np.float32).tobytes(),
                     False,
+                    thumbnails[j],
                 )
         self.timings.images_embedded += len(todo)
         self.timings.images_reused += len(payloads) - len(todo)
@@ -261,6 +266,9 @@ class CatalogueService:
             repo.delete_images(session, plan.deleted)
             repo.set_positions(session, plan.moved)
             repo.log_changes(session, [i for i, _ in upserted], repo.OP_UPSERT)
+            review_repo.add_thumbnails(
+                session, [(p.sha256, p.thumbnail) for p in images if p.thumbnail is not None]
+            )
             status = _status(row, created, fields_changed or bool(upserted or plan.changed))
             return StoreOutcome(status, upserted, plan.deleted, row.pk)
 
@@ -518,6 +526,10 @@ def publish_outcomes(
     if after_commit is not None:
         for outcome in outcomes:
             after_commit(outcome)
+
+
+def _thumbnails(images: Sequence[Any]) -> list[Thumbnail]:
+    return [make_thumbnail(image) for image in images]
 
 
 def decode_base64_image(data: str) -> bytes:

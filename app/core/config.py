@@ -164,6 +164,22 @@ class DuplicatesSettings(BaseModel):
         "pairs are left to `vsearch duplicates scan`.",
     )
 
+    same_probability: float = Field(
+        0.9, gt=0.0, le=1.0, description="Calibrated P(same) from which a pair is tier `same`."
+    )
+    exact_score: float = Field(
+        0.995, ge=-1.0, le=1.0, description="Score from which a pair is tier `exact`."
+    )
+    calibration_min_labels: int = Field(
+        50, ge=4, description="Decisions (at least 5 of each kind) before probabilities exist."
+    )
+    calibration_isotonic_labels: int = Field(
+        1000, ge=10, description="Decisions from which isotonic regression replaces Platt."
+    )
+    calibration_refit_every: int = Field(
+        20, ge=1, description="New decisions after which the calibration is fitted again."
+    )
+
 
 class SearchSettings(BaseModel):
     """Search-time quality features (app/catalogue/rerank.py; measured in docs/benchmarks.md)."""

@@ -76,6 +76,20 @@ class DecisionNotFound(ServiceError):
     code = "decision_not_found"
 
 
+class ThumbnailNotFound(ServiceError):
+    """No such image, or its thumbnail was not made yet (`vsearch thumbnails backfill`)."""
+
+    status_code = 404
+    code = "thumbnail_not_found"
+
+
+class NotCalibrated(ServiceError):
+    """Probabilities were asked for before enough review decisions exist to fit them."""
+
+    status_code = 409
+    code = "not_calibrated"
+
+
 class Unauthorized(ServiceError):
     status_code = 401
     code = "unauthorized"

@@ -30,6 +30,10 @@ OPERATIONS = {
     ("get", "/health"): "get_health",
     ("get", "/ready"): "get_readiness",
     ("get", "/metrics"): "get_metrics",
+    ("get", "/images/{image_id}/thumbnail"): "get_image_thumbnail",
+    ("get", "/duplicates/calibration"): "get_duplicates_calibration",
+    ("post", "/duplicates/calibration"): "fit_duplicates_calibration",
+    ("get", "/duplicates/audit"): "sample_duplicates_for_audit",
 }
 
 
@@ -73,6 +77,7 @@ async def test_security_is_declared_as_configured(
         ("delete", "/products/{product_id}"),
     }
     writes |= {("post", "/duplicates/decisions"), ("delete", "/duplicates/decisions")}
+    writes |= {("post", "/duplicates/calibration")}
     probes = {("get", "/health"), ("get", "/ready")}
     for key, op in operations(spec).items():
         kind = "probe" if key in probes else "write" if key in writes else "read"

@@ -23,7 +23,13 @@ from app.api.schemas import (
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
-from app.core.errors import DecisionNotFound, PairNotFound, ProductNotFound, RateLimited
+from app.core.errors import (
+    DecisionNotFound,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+    RateLimited,
+)
 
 router = APIRouter(
     prefix="/duplicates",
@@ -42,6 +48,17 @@ MinScore = Annotated[
     ),
 ]
 
+MinProbability = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="Only pairs whose calibrated P(same) is at least this (409 "
+        "`not_calibrated` until enough review decisions exist). `min_score` still applies; "
+        "a page may then hold fewer than `limit` pairs (follow `next_cursor`).",
+    ),
+]
+
 
 @router.get(
     "",
@@ -53,9 +70,11 @@ MinScore = Annotated[
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
         "products must be in it. A `min_score` below the floor is a 422: such pairs are "
-        "not stored."
+        "not stored. Each pair carries its calibrated `probability` and `tier` "
+        "(see `GET /duplicates/calibration`)."
     ),
-    responses=error_responses(InvalidCursor) | examples.ok(examples.DUPLICATE_PAIRS_READ),
+    responses=error_responses(InvalidCursor, NotCalibrated)
+    | examples.ok(examples.DUPLICATE_PAIRS_READ),
 )
 async def list_duplicate_pairs(
     duplicates: DuplicatesDep,
@@ -65,7 +84,13 @@ async def list_duplicate_pairs(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
+    min_probability: MinProbability = None,
 ) -> DuplicatePairsRead:
+    if min_probability is not None:
+        lowest = await asyncio.to_thread(duplicates.score_for_probability, min_probability)
+        if lowest is None:  # no score reaches that probability
+            return DuplicatePairsRead(pairs=[], next_cursor=None, calibrated=True)
+        min_score = max(min_score, lowest)
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
         min_score=min_score,
@@ -74,6 +99,7 @@ async def list_duplicate_pairs(
         category=category,
         undecided=undecided,
     )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[
             DuplicatePairRead(
@@ -84,10 +110,14 @@ async def list_duplicate_pairs(
                 b_image_id=r.b_image_id,
                 found_at=r.found_at,
                 decision=r.decision,
+                probability=probability,
+                tier=tier,
             )
-            for r in rows
+            for r, (probability, tier) in zip(rows, assessed, strict=True)
+            if min_probability is None or (probability or 0.0) >= min_probability
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
     )
 
 
@@ -126,12 +156,20 @@ async def list_duplicate_groups(
         if len(found) > limit
         else None
     )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_groups, page)
     return DuplicateGroupsRead(
         groups=[
-            DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
-            for g in page
+            DuplicateGroupRead(
+                centre=g.centre,
+                members=g.members,
+                min_score=g.min_score,
+                probability=probability,
+                tier=tier,
+            )
+            for g, (probability, tier) in zip(page, assessed, strict=True)
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
     )
 
 
