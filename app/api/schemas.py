@@ -23,11 +23,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from app.catalogue.filters import (
+    LABEL_KEY_PATTERN,
+    MAX_VALUE_LENGTH,
+    MAX_VALUES_PER_KEY,
+    LabelFilter,
+    normalise_labels,
+)
 from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
@@ -112,6 +120,18 @@ def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> Non
         raise ValueError("attributes must be JSON with valid Unicode text") from None
     if size > limits.max_bytes:
         raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
+
+
+LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+"""A label key: 1-64 letters, digits, `_`, `.` or `-`."""
+
+LabelValue = Annotated[Name, StringConstraints(min_length=1, max_length=MAX_VALUE_LENGTH)]
+"""One value of a label (no control characters)."""
+
+LabelValues = Annotated[list[LabelValue], Field(min_length=1, max_length=MAX_VALUES_PER_KEY)]
+
+Labels = dict[LabelKey, LabelValues]
+"""key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`."""
 
 
 class RequestModel(BaseModel):
@@ -216,7 +236,20 @@ class ProductIn(RequestModel):
         "(16 KiB) as compact JSON, VS_ATTRIBUTES__MAX_DEPTH (4) levels deep and "
         "VS_ATTRIBUTES__MAX_KEYS (64) keys in all.",
     )
+    labels: Labels | None = Field(
+        None,
+        description="The filterable part of the product: key -> one or more values. "
+        "Search, list and duplicates filter on them (with `category` as one more key, so no "
+        "label may be named `category`). Omitted: a re-post keeps the stored labels; `{}` "
+        "clears them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
     images: list[ImageIn] = Field(min_length=1, max_length=64)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
 
     @field_validator("attributes")
     @classmethod
@@ -240,6 +273,7 @@ class ProductsCreate(RequestModel):
                             "title": "Organic whole milk 1 L",
                             "category": "dairy",
                             "attributes": {"brand": "Arla"},
+                            "labels": {"brand": ["Arla"], "fat": ["whole"]},
                             "images": [{"url": "https://cdn.example.com/sku-123/front.jpg"}],
                         }
                     ]
@@ -279,6 +313,9 @@ class ProductRead(BaseModel):
     title: str | None
     category: str | None
     attributes: dict[str, Any]
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="key -> values, sorted.", examples=[{"brand": ["Arla"]}]
+    )
     images: list[ImageRead]
     created_at: datetime
     updated_at: datetime
@@ -287,13 +324,35 @@ class ProductRead(BaseModel):
 class ProductsRead(BaseModel):
     products: list[ProductRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    total: int = Field(
+        description="Exact number of products passing the filters, all pages together."
+    )
 
 
 # search ---------------------------------------------------------------------------------
 class SearchFilters(RequestModel):
+    """A filter expression: every key of `must` must have one of its values (AND across
+    keys, OR within a key), no key of `must_not` may have any of its values. `category`
+    is one more key (`"must": {"category": ["dairy", "bakery"]}`); the `category` field is
+    a shorthand for one category."""
+
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
     )
+    must: dict[LabelKey, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> accepted values: a product passes when, for every key, it has "
+        "at least one of them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
+    must_not: dict[LabelKey, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> refused values: a product having any of them does not pass.",
+        examples=[{"color": ["green"]}],
+    )
+
+    def as_filter(self) -> LabelFilter:
+        return LabelFilter.build(self.must, self.must_not, category=self.category)
 
 
 class SearchRequest(RequestModel):
@@ -324,7 +383,10 @@ class SearchRequest(RequestModel):
                     "image_url": "https://cdn.example.com/shopper-photo.jpg",
                     "bbox": {"x": 40, "y": 60, "w": 300, "h": 420},
                     "k": 10,
-                    "filters": {"category": "dairy"},
+                    "filters": {
+                        "must": {"category": ["dairy"], "brand": ["Arla", "Lurpak"]},
+                        "must_not": {"fat": ["skimmed"]},
+                    },
                     "min_score": 0.3,
                 }
             ]
@@ -339,6 +401,9 @@ class SearchHitRead(BaseModel):
     category: str | None
     image_id: int = Field(description="The product image that matched best.")
     image_url: str | None = Field(None, description="That image's URL, when it came from one.")
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="The product's labels (no extra request needed)."
+    )
 
 
 class SearchRead(BaseModel):
@@ -363,6 +428,9 @@ class DuplicatePairRead(BaseModel):
 class DuplicatePairsRead(BaseModel):
     pairs: list[DuplicatePairRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    total: int | None = Field(
+        None, description="Exact number of pairs passing the filters, all pages together."
+    )
 
 
 class DuplicateGroupRead(BaseModel):

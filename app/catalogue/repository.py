@@ -4,22 +4,40 @@ commit; the caller's `Database.write()` / `read()` does."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
+from app.catalogue.filters import CATEGORY_KEY, LabelFilter
 from app.catalogue.models import (
     ChangeLog,
     DuplicateDecision,
     DuplicatePair,
     Product,
     ProductImage,
+    ProductLabel,
     utcnow,
 )
 
@@ -27,6 +45,7 @@ from app.catalogue.models import (
 _PRODUCTS = cast(Table, Product.__table__)
 _IMAGES = cast(Table, ProductImage.__table__)
 _CHANGES = cast(Table, ChangeLog.__table__)
+_LABELS = cast(Table, ProductLabel.__table__)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -38,7 +57,7 @@ def get_product(
 ) -> Product | None:
     stmt: Select[Product] = select(Product).where(Product.external_id == external_id)
     if with_images:
-        stmt = stmt.options(selectinload(Product.images))
+        stmt = stmt.options(selectinload(Product.images), selectinload(Product.labels))
     if for_update:
         stmt = stmt.with_for_update()
     return session.scalars(stmt).one_or_none()
@@ -73,14 +92,130 @@ def lock_or_create_product(session: Session, external_id: str) -> tuple[Product,
 
 
 def list_products(
-    session: Session, *, after_pk: int | None, limit: int, category: str | None = None
+    session: Session,
+    *,
+    after_pk: int | None,
+    limit: int,
+    category: str | None = None,
+    where: LabelFilter | None = None,
 ) -> list[Product]:
-    stmt = select(Product).options(selectinload(Product.images)).order_by(Product.pk).limit(limit)
+    stmt = (
+        select(Product)
+        .options(selectinload(Product.images), selectinload(Product.labels))
+        .order_by(Product.pk)
+        .limit(limit)
+    )
     if after_pk is not None:
         stmt = stmt.where(Product.pk > after_pk)
     if category is not None:
         stmt = stmt.where(Product.category == category)
+    if where is not None:
+        stmt = stmt.where(filter_clause(where, Product.pk, Product.category))
     return list(session.scalars(stmt))
+
+
+def count_products(session: Session, *, where: LabelFilter | None = None) -> int:
+    """How many products pass `where` (all of them without one)."""
+    stmt = select(func.count()).select_from(Product)
+    if where is not None:
+        stmt = stmt.where(filter_clause(where, Product.pk, Product.category))
+    return int(session.scalar(stmt) or 0)
+
+
+# labels and filters ---------------------------------------------------------------------
+def filter_clause(where: LabelFilter, product_pk: Any, category: Any) -> ColumnElement[bool]:
+    """The SQL condition of a filter on a product given by its key and category columns.
+
+    Each label key is an EXISTS over the (key, value, product) index: a semi-join for
+    `must`, an anti-join for `must_not`, on both databases; `category` compares the
+    column itself.
+    """
+    if where.impossible:
+        return false()
+    clauses: list[ColumnElement[bool]] = []
+    for negate, part in ((False, where.must), (True, where.must_not)):
+        for key, values in sorted(part.items()):
+            wanted = sorted(values)
+            if key == CATEGORY_KEY:
+                clause: ColumnElement[bool] = category.in_(wanted)
+                if negate:
+                    clause = or_(category.is_(None), category.not_in(wanted))
+            else:
+                label = aliased(ProductLabel)
+                found = exists().where(
+                    label.product_pk == product_pk, label.key == key, label.value.in_(wanted)
+                )
+                clause = ~found if negate else found
+            clauses.append(clause)
+    return and_(true(), *clauses)
+
+
+def labels_of(session: Session, product_pks: Sequence[int]) -> dict[int, dict[str, list[str]]]:
+    """Each product's labels (key -> sorted values); products without any map to {}."""
+    found: dict[int, dict[str, list[str]]] = {int(pk): {} for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductLabel.product_pk, ProductLabel.key, ProductLabel.value)
+        .where(ProductLabel.product_pk.in_(list(set(product_pks))))
+        .order_by(ProductLabel.product_pk, ProductLabel.key, ProductLabel.value)
+    )
+    for pk, key, value in session.execute(stmt):
+        found[int(pk)].setdefault(key, []).append(value)
+    return found
+
+
+def replace_labels(session: Session, labels: Mapping[int, Mapping[str, Sequence[str]]]) -> None:
+    """Make each product's labels exactly the ones given (normalised already)."""
+    if not labels:
+        return
+    session.execute(delete(ProductLabel).where(ProductLabel.product_pk.in_(list(labels))))
+    rows = [
+        {"product_id": pk, "key": key, "value": value}
+        for pk, by_key in labels.items()
+        for key, values in by_key.items()
+        for value in values
+    ]
+    if rows:
+        session.execute(insert(_LABELS), rows)
+
+
+def filtered_image_ids(
+    session: Session, where: LabelFilter, model_id: str, limit: int
+) -> list[int]:
+    """Image ids of the products passing `where`, at most `limit` (the caller checks
+    whether it got all of them)."""
+    stmt = (
+        select(ProductImage.id)
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(filter_clause(where, Product.pk, Product.category))
+        .where(ProductImage.model_id == model_id)
+        .limit(limit)
+    )
+    return [int(i) for i in session.scalars(stmt)]
+
+
+def images_passing(session: Session, where: LabelFilter, image_ids: Sequence[int]) -> set[int]:
+    """Which of `image_ids` belong to a product passing `where` (broad-filter checks)."""
+    if not image_ids:
+        return set()
+    stmt = (
+        select(ProductImage.id)
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(ProductImage.id.in_(list(set(image_ids))))
+        .where(filter_clause(where, Product.pk, Product.category))
+    )
+    return {int(i) for i in session.scalars(stmt)}
+
+
+def matching_products(session: Session, where: LabelFilter, product_pks: Sequence[int]) -> set[int]:
+    """Which of `product_pks` pass `where`."""
+    if not product_pks:
+        return set()
+    stmt = select(Product.pk).where(
+        Product.pk.in_(list(set(product_pks))), filter_clause(where, Product.pk, Product.category)
+    )
+    return {int(pk) for pk in session.scalars(stmt)}
 
 
 def delete_product(session: Session, product: Product) -> list[int]:
@@ -464,17 +599,6 @@ def image_owners(session: Session, image_ids: Sequence[int]) -> dict[int, ImageO
     }
 
 
-def category_image_ids(session: Session, category: str, model_id: str, limit: int) -> list[int]:
-    """Image ids of a category, at most `limit` (the caller checks whether it got all)."""
-    stmt = (
-        select(ProductImage.id)
-        .join(Product, Product.pk == ProductImage.product_pk)
-        .where(Product.category == category, ProductImage.model_id == model_id)
-        .limit(limit)
-    )
-    return [int(i) for i in session.scalars(stmt)]
-
-
 def product_image_vectors(session: Session, product_pk: int) -> list[tuple[int, bytes]]:
     stmt = select(ProductImage.id, ProductImage.embedding).where(
         ProductImage.product_pk == product_pk
@@ -554,7 +678,9 @@ def different_pairs(session: Session) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in session.execute(stmt)}
 
 
-def _pairs_query(min_score: float, category: str | None, undecided: bool) -> Any:
+def _pairs_query(
+    min_score: float, category: str | None, undecided: bool, where: LabelFilter | None = None
+) -> Any:
     a_product = aliased(Product)
     b_product = aliased(Product)
     stmt = (
@@ -585,7 +711,25 @@ def _pairs_query(min_score: float, category: str | None, undecided: bool) -> Any
         stmt = stmt.where(a_product.category == category, b_product.category == category)
     if undecided:
         stmt = stmt.where(DuplicateDecision.decision.is_(None))
+    if where is not None:  # both products pass, as with `category`
+        stmt = stmt.where(
+            filter_clause(where, a_product.pk, a_product.category),
+            filter_clause(where, b_product.pk, b_product.category),
+        )
     return stmt
+
+
+def count_listed_pairs(
+    session: Session,
+    *,
+    min_score: float,
+    category: str | None = None,
+    undecided: bool = False,
+    where: LabelFilter | None = None,
+) -> int:
+    """How many pairs `list_pairs` pages through (all pages together)."""
+    inner = _pairs_query(min_score, category, undecided, where).subquery()
+    return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
 
 def list_pairs(
@@ -596,9 +740,10 @@ def list_pairs(
     after: tuple[float, int, int] | None = None,
     category: str | None = None,
     undecided: bool = False,
+    where: LabelFilter | None = None,
 ) -> list[PairRow]:
     """Pairs by score (highest first), then by product pair: a stable order for paging."""
-    stmt = _pairs_query(min_score, category, undecided)
+    stmt = _pairs_query(min_score, category, undecided, where)
     if after is not None:
         score, a_pk, b_pk = after
         stmt = stmt.where(
@@ -620,9 +765,14 @@ def list_pairs(
 
 
 def all_pairs(
-    session: Session, *, min_score: float, category: str | None = None, limit: int
+    session: Session,
+    *,
+    min_score: float,
+    category: str | None = None,
+    limit: int,
+    where: LabelFilter | None = None,
 ) -> list[PairRow]:
-    stmt = _pairs_query(min_score, category, False).limit(limit)
+    stmt = _pairs_query(min_score, category, False, where).limit(limit)
     return [PairRow(*row) for row in session.execute(stmt)]
 
 

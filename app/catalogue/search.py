@@ -1,31 +1,30 @@
 """Visual search: an image (bytes or URL, optionally cropped) -> the k most similar products.
 
 Hits are image ids; results are products (best image wins), so the index is searched
-deeper until k distinct products are found or the index is exhausted. A category filter
-is exact: small categories are scored exactly over their own images, large ones are
-searched deeper (and with more IVF lists) until k matches are found or nothing is left,
-never silently truncated.
+deeper until k distinct products are found or the index is exhausted. A label filter
+(`category` is one of its keys) is exact: filters passing few images are scored exactly
+over their own images, broad ones are searched deeper (and with more IVF lists) until k
+matches are found or nothing is left, never silently truncated (app/index/filtered.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from app.catalogue import repository as repo
+from app.catalogue.filters import LabelFilter
 from app.core.database import Database
 from app.core.errors import ImageTooLarge, NotReady
 from app.imaging.crop import Box
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
+from app.index.filtered import EXACT_FILTER_LIMIT, Accept, search_accepting, search_allowed
 from app.index.lifecycle import IndexService
 from app.inference.worker import BatchWorker
-
-# Categories with at most this many images are searched exactly over their own images.
-EXACT_FILTER_LIMIT = 50_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,7 @@ class SearchHit:
     category: str | None
     image_id: int
     image_url: str | None
+    labels: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class SearchService:
         box: Box | None = None,
         k: int = 10,
         category: str | None = None,
+        where: LabelFilter | None = None,
         min_score: float | None = None,
     ) -> SearchOutcome:
         started = time.perf_counter()
@@ -90,7 +91,7 @@ class SearchService:
             image = await self.decoder.decode(data)
             vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
         hits = await asyncio.to_thread(
-            self.search_vector, vector, k, category=category, min_score=min_score
+            self.search_vector, vector, k, category=category, where=where, min_score=min_score
         )
         took = (time.perf_counter() - started) * 1000
         return SearchOutcome(hits, self.model_id, round(took, 2))
@@ -101,48 +102,56 @@ class SearchService:
         k: int,
         *,
         category: str | None = None,
+        where: LabelFilter | None = None,
         min_score: float | None = None,
         exclude_product: int | None = None,
     ) -> list[SearchHit]:
-        """The top-k products for an embedding (one entry per product, best image wins)."""
+        """The top-k products for an embedding (one entry per product, best image wins)
+        among those passing the filter (`category` narrows it further)."""
         try:
             index = self.index.index
         except RuntimeError:
             raise NotReady("The index is not open yet.") from None
         query = np.asarray(vector, dtype=np.float32).reshape(1, -1)
         if category is not None:
+            where = LabelFilter.build(
+                where.must if where else None, where.must_not if where else None, category=category
+            )
+        accept: Accept | None = None
+        if where is not None and not where.empty:
             with self.db.read() as session:
-                ids = repo.category_image_ids(
-                    session, category, self.model_id, EXACT_FILTER_LIMIT + 1
-                )
+                ids = repo.filtered_image_ids(session, where, self.model_id, EXACT_FILTER_LIMIT + 1)
             if not ids:
                 return []
             if len(ids) <= EXACT_FILTER_LIMIT:
-                scores, found = index.search_subset(query, np.asarray(ids), len(ids))
-                return self._group(scores[0], found[0], k, category, min_score, exclude_product)
+                found = search_allowed(index, query, np.asarray(ids, dtype=np.int64))
+                return self._group(found.scores, found.ids, k, min_score, exclude_product)
+            accept = self._acceptor(where)
 
-        total = index.ntotal
-        depth = min(max(4 * k, 16), max(total, 1))
-        nprobe = index.default_nprobe
+        wanted = max(4 * k, 16)
         while True:
-            scores, found = index.search(query, depth, nprobe=nprobe)
-            hits = self._group(scores[0], found[0], k, category, min_score, exclude_product)
-            valid = found[0] >= 0
-            all_lists = index.kind == "flat" or nprobe >= index.nlist
-            exhausted = all_lists and (depth >= total or not valid.all())
-            below_floor = min_score is not None and valid.any() and scores[0][valid][-1] < min_score
-            if len(hits) >= k or exhausted or below_floor or total == 0:
+            found = search_accepting(index, query, wanted, accept, floor=min_score)
+            hits = self._group(found.scores, found.ids, k, min_score, exclude_product)
+            below_floor = (
+                min_score is not None and len(found.scores) > 0 and found.scores[-1] < min_score
+            )
+            if len(hits) >= k or found.exhausted or below_floor:
                 return hits
-            depth = min(depth * 4, total)
-            if index.kind != "flat":
-                nprobe = min(nprobe * 2, index.nlist)
+            wanted *= 4  # several candidates were images of one product: go deeper
+
+    def _acceptor(self, where: LabelFilter) -> Accept:
+        def accept(ids: np.ndarray) -> np.ndarray:
+            with self.db.read() as session:
+                passing = repo.images_passing(session, where, ids.tolist())
+            return np.fromiter((int(i) in passing for i in ids), dtype=bool, count=len(ids))
+
+        return accept
 
     def _group(
         self,
         scores: np.ndarray,
         ids: np.ndarray,
         k: int,
-        category: str | None,
         min_score: float | None,
         exclude_product: int | None,
     ) -> list[SearchHit]:
@@ -158,8 +167,6 @@ class SearchService:
             owner = owners.get(int(image_id))
             if owner is None or owner.product_pk in seen or owner.product_pk == exclude_product:
                 continue  # deleted meanwhile, or a weaker image of a product already listed
-            if category is not None and owner.category != category:
-                continue
             seen.add(owner.product_pk)
             url = owner.source_url if owner.source_url and "://" in owner.source_url else None
             hits.append(
@@ -174,4 +181,9 @@ class SearchService:
             )
             if len(hits) >= k:
                 break
+        if hits:
+            with self.db.read() as session:
+                labels = repo.labels_of(session, list(seen))
+            pks = [owners[h.image_id].product_pk for h in hits]
+            hits = [replace(h, labels=labels[pk]) for h, pk in zip(hits, pks, strict=True)]
         return hits

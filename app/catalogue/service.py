@@ -15,17 +15,25 @@ import binascii
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
+from app.catalogue.filters import LabelFilter, normalise_labels
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
-from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
+from app.core.errors import (
+    ImageTooLarge,
+    ImageUndecodable,
+    InvalidRequest,
+    ProductNotFound,
+    ServiceError,
+)
 from app.imaging.crop import Box, original_size
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
@@ -61,6 +69,9 @@ class ProductInput:
     title: str | None = None
     category: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # None keeps the stored labels (a client or file that knows none); a mapping, even
+    # empty, replaces them.
+    labels: Mapping[str, Sequence[str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -241,6 +252,7 @@ class CatalogueService:
             row, created = repo.lock_or_create_product(session, product.id)
             existing = repo.images_of(session, row.pk)
             fields_changed = _set_fields(row, product, created)
+            fields_changed |= _set_labels(session, {row.pk: product}, created)
             plan = plan_images(existing, images, self.model_id)
             upserted: list[tuple[int, bytes]] = []
             for position in plan.added:
@@ -277,10 +289,22 @@ class CatalogueService:
         return product
 
     def list_products(
-        self, *, after_pk: int | None, limit: int, category: str | None = None
+        self,
+        *,
+        after_pk: int | None,
+        limit: int,
+        category: str | None = None,
+        where: LabelFilter | None = None,
     ) -> list[Product]:
         with self.db.read() as session:
-            return repo.list_products(session, after_pk=after_pk, limit=limit, category=category)
+            return repo.list_products(
+                session, after_pk=after_pk, limit=limit, category=category, where=where
+            )
+
+    def count_products(self, *, where: LabelFilter | None = None) -> int:
+        """Exact count of the products a list with this filter pages through."""
+        with self.db.read() as session:
+            return repo.count_products(session, where=where)
 
     async def delete_product(self, external_id: str) -> list[int]:
         deleted = await asyncio.to_thread(self._delete, external_id)
@@ -414,6 +438,38 @@ def _set_fields(row: Product, product: ProductInput, created: bool) -> bool:
     return changed
 
 
+def _set_labels(session: Session, products: Mapping[int, ProductInput], created: bool) -> bool:
+    """Replace the labels of the products that give them (by row id); returns whether any
+    stored label changed. New products have none to compare with."""
+    given = {pk: _normalised(p) for pk, p in products.items() if p.labels is not None}
+    if not given:
+        return False
+    current = {} if created else repo.labels_of(session, list(given))
+    changed = {pk: labels for pk, labels in given.items() if current.get(pk, {}) != labels}
+    repo.replace_labels(session, changed)
+    return bool(changed)
+
+
+def _normalised(product: ProductInput) -> dict[str, list[str]]:
+    assert product.labels is not None
+    try:
+        return normalise_labels(product.labels)
+    except ValueError as exc:
+        raise InvalidRequest(f"Labels of {product.id!r}: {exc}.") from None
+
+
+def _labels_changed(
+    session: Session, products: Mapping[int, ProductInput], locked: Mapping[str, Product]
+) -> set[int]:
+    """`_set_labels` for a bulk import: the row ids whose labels changed."""
+    given = {pk: _normalised(p) for pk, p in products.items() if p.labels is not None}
+    existing = {row.pk for row in locked.values()}
+    current = repo.labels_of(session, [pk for pk in given if pk in existing])
+    changed = {pk: labels for pk, labels in given.items() if current.get(pk, {}) != labels}
+    repo.replace_labels(session, changed)
+    return {pk for pk in changed if pk in existing}
+
+
 def _status(row: Product, created: bool, changed: bool) -> Status:
     if created:
         return "created"
@@ -450,10 +506,12 @@ def store_products(
         new_rows: list[dict[str, Any]] = []
         owners: list[int] = []  # index into `items` of each new row
         plans: list[tuple[ImagePlan, bool]] = []
+        label_changes = _labels_changed(session, {pks[p.id]: p for p, _ in items}, locked)
         for n, (product, images) in enumerate(items):
             pk = pks[product.id]
             row = locked.get(product.id)
             fields_changed = False if row is None else _set_fields(row, product, False)
+            fields_changed |= pk in label_changes
             plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=True)
             plans.append((plan, fields_changed))
             for position in plan.added:

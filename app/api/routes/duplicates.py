@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
+from app.api.filters import ExcludeLabelQuery, LabelQuery
 from app.api.schemas import (
     DecisionCreate,
     DecisionRead,
@@ -20,6 +21,7 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.catalogue.filters import LabelFilter
 from app.core.cursor import decode_cursor, encode_cursor
 
 router = APIRouter(
@@ -49,7 +51,9 @@ MinScore = Annotated[
         "a page at a time (follow `next_cursor`; the order is stable). Pairs are kept up to "
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
-        "products must be in it. A `min_score` below the floor is a 422: such pairs are "
+        "products must be in it; likewise both must pass `label` (repeat `key:value`: AND "
+        "across keys, OR within a key) and `exclude_label`. `total` counts the pairs of "
+        "all pages. A `min_score` below the floor is a 422: such pairs are "
         "not stored."
     ),
     responses=error_responses(401, 422),
@@ -62,7 +66,10 @@ async def list_pairs(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> DuplicatePairsRead:
+    where = LabelFilter.parse_terms(label, exclude_label)
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
         min_score=min_score,
@@ -70,6 +77,14 @@ async def list_pairs(
         cursor=cursor,
         category=category,
         undecided=undecided,
+        where=where,
+    )
+    total = await asyncio.to_thread(
+        duplicates.count_listed_pairs,
+        min_score=min_score,
+        category=category,
+        undecided=undecided,
+        where=where,
     )
     return DuplicatePairsRead(
         pairs=[
@@ -85,6 +100,7 @@ async def list_pairs(
             for r in rows
         ],
         next_cursor=next_cursor,
+        total=total,
     )
 
 
@@ -109,8 +125,13 @@ async def groups(
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> DuplicateGroupsRead:
-    found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
+    where = LabelFilter.parse_terms(label, exclude_label)
+    found = await asyncio.to_thread(
+        duplicates.groups, min_score=min_score, category=category, where=where
+    )
     if cursor:
         # Keyset paging on the groups' order (size, weakest score, centre): a catalogue
         # change between pages shifts no group the client has not seen past the cursor.

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app.api.bodies import read_body, request_body
 from app.api.deps import CatalogueDep, StateDep
 from app.api.errors import error_responses
+from app.api.filters import ExcludeLabelQuery, LabelQuery, label_map
 from app.api.forms import ProductUpload
 from app.api.schemas import (
     ErrorBody,
@@ -22,6 +23,7 @@ from app.api.schemas import (
     ProductsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.catalogue.filters import LabelFilter
 from app.catalogue.models import Product
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.cursor import decode_cursor, encode_cursor
@@ -77,6 +79,7 @@ async def create_products(
                 title=body.title,
                 category=body.category,
                 attributes=body.attributes or {},
+                labels=body.labels,
                 images=[ImageInput(data=data) for data in body.image],
             )
         ]
@@ -92,6 +95,7 @@ async def create_products(
                 title=p.title,
                 category=p.category,
                 attributes=p.attributes,
+                labels=p.labels,
                 images=[
                     ImageInput(
                         url=img.url, data_b64=img.data, box=img.box.as_box() if img.box else None
@@ -118,6 +122,7 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
         title=product.title,
         category=product.category,
         attributes=product.attributes or {},
+        labels=label_map(product),
         created_at=product.created_at,
         updated_at=product.updated_at,
         images=[
@@ -143,7 +148,12 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
     "",
     response_model=ProductsRead,
     summary="List products",
-    description="Products in insertion order, a page at a time; follow `next_cursor`.",
+    description=(
+        "Products in insertion order, a page at a time; follow `next_cursor`. `label` and "
+        "`exclude_label` filter as search's `filters` do: repeat `label=key:value` (AND "
+        "across keys, OR within a key; `category:dairy` works too) and "
+        "`exclude_label=key:value`. `total` counts every product passing the filters."
+    ),
     responses=error_responses(401, 422),
 )
 async def list_products(
@@ -152,13 +162,19 @@ async def list_products(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> ProductsRead:
     after = int(decode_cursor(cursor, "products", (int,))[0]) if cursor else None
+    where = LabelFilter.parse_terms(label, exclude_label, category=category)
     products = await asyncio.to_thread(
-        catalogue.list_products, after_pk=after, limit=limit, category=category
+        catalogue.list_products, after_pk=after, limit=limit, where=where
     )
+    total = await asyncio.to_thread(catalogue.count_products, where=where)
     next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
-    return ProductsRead(products=[product_read(p) for p in products], next_cursor=next_cursor)
+    return ProductsRead(
+        products=[product_read(p) for p in products], next_cursor=next_cursor, total=total
+    )
 
 
 @router.get(

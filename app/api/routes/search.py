@@ -21,14 +21,21 @@ Find the catalogue products that look most like an image.
 
 * **Multipart** (`multipart/form-data`): an `image` file, optional `bbox` as `x,y,w,h`
   (or `bbox_x`, `bbox_y`, `bbox_w`, `bbox_h`, the Products-10K names), `k`, `category`,
-  `min_score`.
+  `filters` (the JSON filter below, as text), `min_score`.
 * **JSON** (`application/json`): `image_url` or `image` (base64), optional `bbox`,
-  `k`, `filters.category`, `min_score`.
+  `k`, `filters`, `min_score`.
+
+`filters` is `{"must": {key: [values]}, "must_not": {key: [values]}}` over the products'
+labels, with `category` as one more key: AND across the keys of `must`, OR within a key,
+and no key of `must_not` may match (`{"must": {"color": ["red", "blue"], "brand":
+["Acme"]}, "must_not": {"color": ["green"]}}`). An unknown field is a 422.
 
 The box is in pixels of the upright image (EXIF orientation applied) and must lie inside
 it. Results hold one entry per product (its best matching image), ordered by score; the
-scores are cosine similarities of the embeddings. A category filter is exact: it never
-returns another category, and returns k results whenever k exist. Products are
+scores are cosine similarities of the embeddings. Filters are exact: a result always
+passes them, and k results come back whenever k products pass (the index is searched
+deeper for broad filters, exactly over the matching images for selective ones). Each hit
+carries the product's labels. Products are
 searchable as soon as `POST /products` returned for them.
 """
 
@@ -49,6 +56,7 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "box": body.box,
             "k": body.k,
             "category": body.category or None,
+            "where": body.filters.as_filter() if body.filters else None,
             "min_score": body.min_score,
         }
     else:
@@ -57,7 +65,7 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "url": body.image_url,
             "box": body.bbox.as_box() if body.bbox else None,
             "k": body.k,
-            "category": body.filters.category if body.filters else None,
+            "where": body.filters.as_filter() if body.filters else None,
             "min_score": body.min_score,
         }
     outcome = await search.search_image(**query)

@@ -1,0 +1,46 @@
+"""Product labels: key -> values, one row per value, indexed by (key, value, product).
+
+Revision ID: 0002_product_labels
+Revises: 0001
+Create Date: 2026-11-23
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0002_product_labels"
+down_revision: str | None = "0001"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "product_labels",
+        sa.Column(
+            "product_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False
+        ),
+        sa.Column("key", sa.String(length=64), nullable=False),
+        sa.Column("value", sa.String(length=256), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["product_id"],
+            ["products.id"],
+            name=op.f("fk_product_labels_product_id_products"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("product_id", "key", "value", name=op.f("pk_product_labels")),
+    )
+    with op.batch_alter_table("product_labels", schema=None) as batch_op:
+        batch_op.create_index(
+            "ix_product_labels_key_value", ["key", "value", "product_id"], unique=False
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("product_labels", schema=None) as batch_op:
+        batch_op.drop_index("ix_product_labels_key_value")
+    op.drop_table("product_labels")
