@@ -89,4 +89,7 @@ def search_accepting(
         rate = max(passed, 1) / max(len(f), 1)
         depth = min(total, max(2 * depth, math.ceil(1.5 * n / rate)))
         if index.kind != "flat":
-            nprobe = min(2 * nprobe, index.nlist)
+            # Deeper results lie in more lists: probe at least 4x the share of the index
+            # the depth stands for, and never fewer lists than twice the last round.
+            share = math.ceil(4 * index.nlist * depth / total)
+            nprobe = min(index.nlist, max(2 * nprobe, share))
