@@ -466,3 +466,50 @@ class DecisionRecordRead(DecisionRead):
 class DecisionsRead(BaseModel):
     decisions: list[DecisionRecordRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+# partial updates ------------------------------------------------------------------------
+class ProductPatchIn(RequestModel):
+    """The fields to change; a field left out is kept, `null` clears it."""
+
+    title: Text | None = Field(None, max_length=4096, examples=["Organic whole milk 1.5 L"])
+    category: Name | None = Field(None, max_length=256, examples=["dairy"])
+    attributes: dict[str, Any] | None = Field(
+        None, description="Replaces the free-form attributes (same bounds as on create)."
+    )
+    labels: Labels | None = Field(
+        None,
+        description="Replaces every label (`{}` or `null` clears them).",
+        examples=[{"brand": ["Arla"], "fat": ["whole"]}],
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Organic whole milk 1.5 L", "labels": {}}]},
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None:
+            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
+        return value
+
+
+class ProductUpdateRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the patch set what was already stored."
+    )
+    product: ProductRead
+
+
+class ImageAddRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the product already had this image (same bytes and box)."
+    )
+    image: ImageRead

@@ -28,6 +28,7 @@ from app.catalogue.filters import LabelFilter, normalise_labels
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import (
+    ImageNotFound,
     ImageTooLarge,
     ImageUndecodable,
     InvalidRequest,
@@ -71,6 +72,17 @@ class ProductInput:
     attributes: dict[str, Any] = field(default_factory=dict)
     # None keeps the stored labels (a client or file that knows none); a mapping, even
     # empty, replaces them.
+    labels: Mapping[str, Sequence[str]] | None = None
+
+
+@dataclass(frozen=True)
+class ProductPatch:
+    """The fields a partial update sets (`fields` names them; the others are kept)."""
+
+    fields: frozenset[str]
+    title: str | None = None
+    category: str | None = None
+    attributes: dict[str, Any] | None = None
     labels: Mapping[str, Sequence[str]] | None = None
 
 
@@ -317,6 +329,101 @@ class CatalogueService:
             if product is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
             return repo.delete_product(session, product)
+
+    # partial updates --------------------------------------------------------------------
+    async def patch_product(
+        self, external_id: str, changes: ProductPatch
+    ) -> tuple[Status, Product]:
+        """Set the given fields (title, category, attributes, labels) of a product and keep
+        its images. A change writes a change-log row per image of the product in the same
+        transaction (replicas and the feed see the product changed; the index re-reads
+        the same vectors, so replay is harmless); a patch that changes nothing writes
+        nothing and reports `unchanged`."""
+        status = await asyncio.to_thread(self._patch, external_id, changes)
+        return status, await asyncio.to_thread(self.get_product, external_id)
+
+    def _patch(self, external_id: str, changes: ProductPatch) -> Status:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            changed = False
+            for name in ("title", "category", "attributes"):
+                if name in changes.fields:
+                    value = getattr(changes, name)
+                    value = dict(value or {}) if name == "attributes" else value
+                    if getattr(row, name) != value:
+                        setattr(row, name, value)
+                        changed = True
+            if "labels" in changes.fields:
+                patch = ProductInput(external_id, [], labels=changes.labels or {})
+                changed |= _set_labels(session, {row.pk: patch}, False)
+            if not changed:
+                return "unchanged"
+            row.updated_at = utcnow()
+            repo.log_changes(
+                session, [i.id for i in repo.images_of(session, row.pk)], repo.OP_UPSERT
+            )
+            return "updated"
+
+    async def add_image(self, external_id: str, image: ImageInput) -> tuple[Status, ProductImage]:
+        """Add one image to an existing product (fetched, decoded and embedded first, out
+        of any transaction). The same image (bytes and box) already on the product is
+        not added twice: the call reports `unchanged` and returns the stored one."""
+        await asyncio.to_thread(self.get_product, external_id)  # 404 before any fetch
+        prepared = (await self._prepare(ProductInput(external_id, [image])))[0]
+        status, stored, outcome = await asyncio.to_thread(self._add_image, external_id, prepared)
+        await self._publish(outcome)
+        return status, stored
+
+    def _add_image(
+        self, external_id: str, new: PreparedImage
+    ) -> tuple[Status, ProductImage, StoreOutcome]:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            existing = repo.images_of(session, row.pk)
+            key = _image_key(new.sha256, new.box, self.model_id)
+            for img in existing:
+                if _image_key(img.sha256, img.box, img.model_id) == key:
+                    return "unchanged", img, StoreOutcome("unchanged", [], [], row.pk)
+            added = repo.add_image(
+                session,
+                product_pk=row.pk,
+                position=max((img.position for img in existing), default=-1) + 1,
+                source_url=new.source_url,
+                sha256=new.sha256,
+                box=new.box,
+                width=new.width,
+                height=new.height,
+                embedding=new.embedding,
+                model_id=self.model_id,
+            )
+            repo.log_changes(session, [added.id], repo.OP_UPSERT)
+            row.updated_at = utcnow()
+            outcome = StoreOutcome("updated", [(added.id, new.embedding)], [], row.pk)
+            return "updated", added, outcome
+
+    async def remove_image(self, external_id: str, image_id: int) -> None:
+        """Remove one image of a product: gone from search at once, its duplicate pairs
+        dropped (the product's other images keep theirs)."""
+        outcome = await asyncio.to_thread(self._remove_image, external_id, image_id)
+        await self._publish(outcome)
+
+    def _remove_image(self, external_id: str, image_id: int) -> StoreOutcome:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            images = repo.images_of(session, row.pk)
+            if image_id not in {img.id for img in images}:
+                raise ImageNotFound(f"Product {external_id!r} has no image {image_id}.")
+            repo.delete_images(session, [image_id])
+            kept = [img.id for img in images if img.id != image_id]
+            repo.delete_stale_pairs_of(session, row.pk, kept)
+            row.updated_at = utcnow()
+            return StoreOutcome("updated", [], [image_id], row.pk)
 
 
 @dataclass

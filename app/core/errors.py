@@ -57,6 +57,11 @@ class ProductNotFound(ServiceError):
     code = "product_not_found"
 
 
+class ImageNotFound(ServiceError):
+    status_code = 404
+    code = "image_not_found"
+
+
 class DecisionNotFound(ServiceError):
     status_code = 404
     code = "decision_not_found"

@@ -24,7 +24,7 @@ from app.api.schemas import (
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.filters import LabelFilter
-from app.catalogue.models import Product
+from app.catalogue.models import Product, ProductImage
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.errors import InvalidRequest
@@ -116,6 +116,20 @@ def _result(result: ProductResult) -> ProductResultRead:
     return ProductResultRead(id=result.id, status=result.status, images=result.images, error=error)
 
 
+def image_read(img: ProductImage, *, embeddings: bool = False) -> ImageRead:
+    return ImageRead(
+        image_id=img.id,
+        position=img.position,
+        url=img.source_url if img.source_url and "://" in img.source_url else None,
+        sha256=img.sha256,
+        box=img.box,
+        width=img.width,
+        height=img.height,
+        model_id=img.model_id,
+        embedding=np.frombuffer(img.embedding, dtype=np.float32).tolist() if embeddings else None,
+    )
+
+
 def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
     return ProductRead(
         id=product.external_id,
@@ -125,22 +139,7 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
         labels=label_map(product),
         created_at=product.created_at,
         updated_at=product.updated_at,
-        images=[
-            ImageRead(
-                image_id=img.id,
-                position=img.position,
-                url=img.source_url if img.source_url and "://" in img.source_url else None,
-                sha256=img.sha256,
-                box=img.box,
-                width=img.width,
-                height=img.height,
-                model_id=img.model_id,
-                embedding=(
-                    np.frombuffer(img.embedding, dtype=np.float32).tolist() if embeddings else None
-                ),
-            )
-            for img in product.images
-        ],
+        images=[image_read(img, embeddings=embeddings) for img in product.images],
     )
 
 
