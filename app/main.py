@@ -19,7 +19,7 @@ from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
-from app.api.routes import duplicates, health, metrics, product_edits, products, search
+from app.api.routes import duplicates, health, metrics, product_edits, products, search, search_more
 from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
 from app.api.state import ApiState
 from app.api.strict import reject_unknown_query
@@ -111,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.vs = state
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(search_more.router)
     app.include_router(product_edits.router)  # before products: its routes are more specific
     app.include_router(products.router)
     app.include_router(duplicates.router)

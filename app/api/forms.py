@@ -90,6 +90,7 @@ class SearchUpload(BaseModel):
         '"must_not": {"brand": ["Acme"]}}`.',
     )
     min_score: float | None = _search["min_score"]  # type: ignore[assignment]
+    group_size: int = _search["group_size"]  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _one_box_spelling(self) -> SearchUpload:

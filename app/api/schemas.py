@@ -368,6 +368,9 @@ class SearchRequest(RequestModel):
     min_score: float | None = Field(
         None, ge=-1.0, le=1.0, description="Drop results below this cosine similarity."
     )
+    group_size: int = Field(
+        1, ge=1, le=16, description="Up to this many images of each product in its hit's `images`."
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -394,6 +397,12 @@ class SearchRequest(RequestModel):
     )
 
 
+class ImageMatchRead(BaseModel):
+    image_id: int
+    score: float = Field(description="Cosine similarity of this image to the query.")
+    image_url: str | None = None
+
+
 class SearchHitRead(BaseModel):
     id: str = Field(description="The product's id.", examples=["sku-123"])
     score: float = Field(description="Cosine similarity of the best matching image, -1..1.")
@@ -404,10 +413,84 @@ class SearchHitRead(BaseModel):
     labels: dict[str, list[str]] = Field(
         default_factory=dict, description="The product's labels (no extra request needed)."
     )
+    images: list[ImageMatchRead] = Field(
+        default_factory=list,
+        description="The product's best matching images, best first (`group_size` of them).",
+    )
 
 
 class SearchRead(BaseModel):
     results: list[SearchHitRead] = Field(description="One entry per product, best first.")
+    model_id: str
+    took_ms: float
+
+
+class SimilarSearchRequest(RequestModel):
+    """Exactly one of `product_id` or `image_id`."""
+
+    product_id: Name | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="More like this product (all of its images); it is never in its results.",
+    )
+    image_id: int | None = Field(
+        None, ge=0, description="More like this stored image; its product is never in results."
+    )
+    k: int = SearchRequest.model_fields["k"]  # type: ignore[assignment]
+    filters: SearchFilters | None = None
+    min_score: float | None = SearchRequest.model_fields["min_score"]  # type: ignore[assignment]
+    group_size: int = SearchRequest.model_fields["group_size"]  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SimilarSearchRequest:
+        if (self.product_id is None) == (self.image_id is None):
+            raise ValueError("give exactly one of `product_id` or `image_id`")
+        return self
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"product_id": "sku-123", "k": 5}]},
+    )
+
+
+class BatchSearchRequest(RequestModel):
+    queries: list[SearchRequest] = Field(
+        min_length=1,
+        max_length=32,
+        description="Up to 32 searches, each with its own image, k, filters and options.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "queries": [
+                        {"image_url": "https://cdn.example.com/photo-1.jpg", "k": 5},
+                        {
+                            "image_url": "https://cdn.example.com/photo-2.jpg",
+                            "k": 5,
+                            "filters": {"must": {"category": ["dairy"]}},
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
+
+class BatchSearchItemRead(BaseModel):
+    results: list[SearchHitRead] = Field(
+        default_factory=list, description="As `POST /search` returns them; empty on error."
+    )
+    error: ErrorBody | None = Field(None, description="Why this query failed (the others ran).")
+
+
+class BatchSearchRead(BaseModel):
+    """One entry per query, in the order sent."""
+
+    responses: list[BatchSearchItemRead]
     model_id: str
     took_ms: float
 

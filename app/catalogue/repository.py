@@ -599,11 +599,40 @@ def image_owners(session: Session, image_ids: Sequence[int]) -> dict[int, ImageO
     }
 
 
-def product_image_vectors(session: Session, product_pk: int) -> list[tuple[int, bytes]]:
+def product_image_vectors(
+    session: Session, product_pk: int, model_id: str | None = None
+) -> list[tuple[int, bytes]]:
     stmt = select(ProductImage.id, ProductImage.embedding).where(
         ProductImage.product_pk == product_pk
     )
+    if model_id is not None:
+        stmt = stmt.where(ProductImage.model_id == model_id)
     return [(int(i), e) for i, e in session.execute(stmt)]
+
+
+def image_vector(session: Session, image_id: int, model_id: str) -> tuple[int, bytes] | None:
+    """(product pk, embedding) of an image embedded by `model_id`."""
+    row = session.execute(
+        select(ProductImage.product_pk, ProductImage.embedding).where(
+            ProductImage.id == image_id, ProductImage.model_id == model_id
+        )
+    ).first()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def images_with_vectors(
+    session: Session, product_pks: Sequence[int], model_id: str
+) -> dict[int, list[tuple[int, str | None, bytes]]]:
+    """(image id, source, embedding) of each product's images, by product pk."""
+    found: dict[int, list[tuple[int, str | None, bytes]]] = {}
+    if not product_pks:
+        return found
+    stmt = select(
+        ProductImage.product_pk, ProductImage.id, ProductImage.source_url, ProductImage.embedding
+    ).where(ProductImage.product_pk.in_(list(set(product_pks))), ProductImage.model_id == model_id)
+    for pk, image_id, source, embedding in session.execute(stmt):
+        found.setdefault(int(pk), []).append((int(image_id), source, embedding))
+    return found
 
 
 # duplicates -----------------------------------------------------------------------------

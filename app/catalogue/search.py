@@ -18,7 +18,13 @@ import numpy as np
 from app.catalogue import repository as repo
 from app.catalogue.filters import LabelFilter
 from app.core.database import Database
-from app.core.errors import ImageTooLarge, NotReady
+from app.core.errors import (
+    ImageNotFound,
+    ImageTooLarge,
+    InvalidRequest,
+    NotReady,
+    ProductNotFound,
+)
 from app.imaging.crop import Box
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
@@ -36,6 +42,17 @@ class SearchHit:
     image_id: int
     image_url: str | None
     labels: dict[str, list[str]] = field(default_factory=dict)
+    images: list[ImageMatch] = field(default_factory=list)
+    product_pk: int = -1
+
+
+@dataclass(frozen=True)
+class ImageMatch:
+    """One image of a hit's product and its score (`group_size` best per product)."""
+
+    image_id: int
+    score: float
+    image_url: str | None
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,7 @@ class SearchService:
         category: str | None = None,
         where: LabelFilter | None = None,
         min_score: float | None = None,
+        group_size: int = 1,
     ) -> SearchOutcome:
         started = time.perf_counter()
         with self.worker.admission.admit(1) as ticket:  # before any fetch or decode
@@ -91,10 +109,80 @@ class SearchService:
             image = await self.decoder.decode(data)
             vector = (await self.worker.embed([image], [box], ticket=ticket))[0]
         hits = await asyncio.to_thread(
-            self.search_vector, vector, k, category=category, where=where, min_score=min_score
+            self.search_vector,
+            vector,
+            k,
+            category=category,
+            where=where,
+            min_score=min_score,
+            group_size=group_size,
         )
         took = (time.perf_counter() - started) * 1000
         return SearchOutcome(hits, self.model_id, round(took, 2))
+
+    async def search_similar(
+        self,
+        *,
+        product_id: str | None = None,
+        image_id: int | None = None,
+        k: int = 10,
+        where: LabelFilter | None = None,
+        min_score: float | None = None,
+        group_size: int = 1,
+    ) -> SearchOutcome:
+        """More like a stored product (all its images) or one stored image, never
+        returning that product itself; nothing is fetched or embedded."""
+        started = time.perf_counter()
+        hits = await asyncio.to_thread(
+            self._similar, product_id, image_id, k, where, min_score, group_size
+        )
+        took = (time.perf_counter() - started) * 1000
+        return SearchOutcome(hits, self.model_id, round(took, 2))
+
+    def _similar(
+        self,
+        product_id: str | None,
+        image_id: int | None,
+        k: int,
+        where: LabelFilter | None,
+        min_score: float | None,
+        group_size: int,
+    ) -> list[SearchHit]:
+        with self.db.read() as session:
+            if image_id is not None:
+                found = repo.image_vector(session, image_id, self.model_id)
+                if found is None:
+                    raise ImageNotFound(f"No image {image_id} embedded by the loaded model.")
+                product_pk, vectors = found[0], [found[1]]
+            else:
+                assert product_id is not None
+                product = repo.get_product(session, product_id)
+                if product is None:
+                    raise ProductNotFound(f"No product with id {product_id!r}.")
+                product_pk = product.pk
+                vectors = [
+                    e for _, e in repo.product_image_vectors(session, product.pk, self.model_id)
+                ]
+                if not vectors:
+                    raise InvalidRequest(
+                        f"Product {product_id!r} has no image embedded by the loaded model."
+                    )
+        # A product's score is its best score over the query images; the top k of each
+        # query image's own list contain the top k of that maximum, so merging is exact.
+        best: dict[int, SearchHit] = {}
+        for embedding in vectors:
+            vector = np.frombuffer(embedding, dtype=np.float32)
+            for hit in self.search_vector(
+                vector,
+                k,
+                where=where,
+                min_score=min_score,
+                exclude_product=product_pk,
+                group_size=group_size,
+            ):
+                if hit.product_pk not in best or hit.score > best[hit.product_pk].score:
+                    best[hit.product_pk] = hit
+        return sorted(best.values(), key=lambda h: -h.score)[:k]
 
     def search_vector(
         self,
@@ -105,9 +193,58 @@ class SearchService:
         where: LabelFilter | None = None,
         min_score: float | None = None,
         exclude_product: int | None = None,
+        group_size: int = 1,
     ) -> list[SearchHit]:
         """The top-k products for an embedding (one entry per product, best image wins)
-        among those passing the filter (`category` narrows it further)."""
+        among those passing the filter (`category` narrows it further); each hit lists
+        up to `group_size` of its product's images, best first."""
+        hits = self._search_vector(vector, k, category, where, min_score, exclude_product)
+        return self._attach_images(
+            np.asarray(vector, dtype=np.float32), hits, group_size, min_score
+        )
+
+    def _attach_images(
+        self, vector: np.ndarray, hits: list[SearchHit], group_size: int, min_score: float | None
+    ) -> list[SearchHit]:
+        """Each hit's best `group_size` images, scored exactly over all of its images."""
+        if not hits:
+            return hits
+        if group_size <= 1:
+            return [replace(h, images=[ImageMatch(h.image_id, h.score, h.image_url)]) for h in hits]
+        with self.db.read() as session:
+            images = repo.images_with_vectors(session, [h.product_pk for h in hits], self.model_id)
+        out = []
+        for hit in hits:
+            rows = images.get(hit.product_pk, [])
+            if not rows:
+                out.append(
+                    replace(hit, images=[ImageMatch(hit.image_id, hit.score, hit.image_url)])
+                )
+                continue
+            matrix = np.stack([np.frombuffer(e, dtype=np.float32) for _, _, e in rows])
+            scores = matrix @ vector.reshape(-1)
+            order = np.argsort(-scores, kind="stable")[:group_size]
+            matches = [
+                ImageMatch(
+                    rows[i][0],
+                    min(float(scores[i]), 1.0),
+                    rows[i][1] if rows[i][1] and "://" in rows[i][1] else None,
+                )
+                for i in order
+                if min_score is None or scores[i] >= min_score or rows[i][0] == hit.image_id
+            ]
+            out.append(replace(hit, images=matches))
+        return out
+
+    def _search_vector(
+        self,
+        vector: np.ndarray,
+        k: int,
+        category: str | None,
+        where: LabelFilter | None,
+        min_score: float | None,
+        exclude_product: int | None,
+    ) -> list[SearchHit]:
         try:
             index = self.index.index
         except RuntimeError:
@@ -177,6 +314,7 @@ class SearchService:
                     owner.category,
                     owner.image_id,
                     url,
+                    product_pk=owner.product_pk,
                 )
             )
             if len(hits) >= k:

@@ -10,7 +10,8 @@ from app.api.bodies import read_body, request_body
 from app.api.deps import SearchDep
 from app.api.errors import error_responses
 from app.api.forms import SearchUpload
-from app.api.schemas import SearchHitRead, SearchRead, SearchRequest
+from app.api.routes.search_more import hit_read
+from app.api.schemas import SearchRead, SearchRequest
 from app.api.security import RateLimitDep, ReadKeyDep
 from app.catalogue.service import decode_base64_image
 
@@ -21,9 +22,10 @@ Find the catalogue products that look most like an image.
 
 * **Multipart** (`multipart/form-data`): an `image` file, optional `bbox` as `x,y,w,h`
   (or `bbox_x`, `bbox_y`, `bbox_w`, `bbox_h`, the Products-10K names), `k`, `category`,
-  `filters` (the JSON filter below, as text), `min_score`.
+  `filters` (the JSON filter below, as text), `min_score`, `group_size`.
 * **JSON** (`application/json`): `image_url` or `image` (base64), optional `bbox`,
-  `k`, `filters`, `min_score`.
+  `k`, `filters`, `min_score`, `group_size` (up to that many images per product in
+  each hit's `images`).
 
 `filters` is `{"must": {key: [values]}, "must_not": {key: [values]}}` over the products'
 labels, with `category` as one more key: AND across the keys of `must`, OR within a key,
@@ -58,6 +60,7 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "category": body.category or None,
             "where": body.filters.as_filter() if body.filters else None,
             "min_score": body.min_score,
+            "group_size": body.group_size,
         }
     else:
         query = {
@@ -67,10 +70,11 @@ async def search(request: Request, search: SearchDep, _key: ReadKeyDep) -> Searc
             "k": body.k,
             "where": body.filters.as_filter() if body.filters else None,
             "min_score": body.min_score,
+            "group_size": body.group_size,
         }
     outcome = await search.search_image(**query)
     return SearchRead(
-        results=[SearchHitRead(**hit.__dict__) for hit in outcome.hits],
+        results=[hit_read(hit) for hit in outcome.hits],
         model_id=outcome.model_id,
         took_ms=outcome.took_ms,
     )
