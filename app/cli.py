@@ -625,6 +625,9 @@ def bench_filters(
         int | None, typer.Option(help="Training sample size (default: 40 per list).")
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Where index files go.")] = None,
+    keep_index: Annotated[
+        bool, typer.Option(help="Keep the index and ground truth in --workdir for the next run.")
+    ] = False,
 ) -> None:
     """Filtered search (allow-list, accept-and-deepen, naive post-filter) vs exact
     filtered search at several selectivities (prints JSON)."""
@@ -639,6 +642,7 @@ def bench_filters(
         shards=shards,
         train_n=train_n,
         workdir=workdir,
+        keep=keep_index,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )
     print(json.dumps(result, indent=2))

@@ -6,12 +6,16 @@ filter passes a fixed random subset of the images (0.1%, 5%, 50% by default), ch
 independently of the vectors, as a label such as a brand is. For each filter, each
 strategy of `app/index/filtered.py` is run on the same queries:
 
-* `allow_list`: exact scoring of the passing ids (the service's choice up to
-  `EXACT_FILTER_LIMIT` passing images);
+* `allow_list_exact`: exact scoring of every passing id (the service's choice up to
+  `EXACT_SCAN_LIMIT` passing images);
+* `allow_list_selector`: the IVF-PQ search restricted to the passing ids by a FAISS id
+  selector (its choice up to `EXACT_FILTER_LIMIT`);
 * `accept_deepen`: the ANN search checked against the filter, deepened until k pass
   (the service's choice above it);
 * `post_filter_top40`: the naive way, for contrast: 40 ANN results, then the filter
   (short lists whenever fewer than 10 of them pass).
+
+A fraction of 1 is no filter at all: the plain ANN search, for reference.
 
 Each row: `recall_at_10` against exact filtered search (brute force over every passing
 vector), `short_lists` (queries that got fewer than 10 results although 10 exist),
@@ -34,7 +38,12 @@ import numpy as np
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.core.config import IndexSettings
 from app.index.build import ivfpq_factory, train_template
-from app.index.filtered import EXACT_FILTER_LIMIT, search_accepting, search_allowed
+from app.index.filtered import (
+    EXACT_FILTER_LIMIT,
+    EXACT_SCAN_LIMIT,
+    search_accepting,
+    search_allowed,
+)
 from app.index.sharded import ShardedIndex
 from app.index.vectors import ExactVectors
 
@@ -107,8 +116,11 @@ def run_filter_benchmark(
     train_n: int | None = None,
     seed: int = 0,
     workdir: Path | None = None,
+    keep: bool = False,
     progress: Say | None = None,
 ) -> dict[str, Any]:
+    """`keep` (with a `workdir`) keeps the built index and the ground truth there and
+    reuses them on the next run with the same parameters."""
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     mixture = EmbeddingMixture(dim, seed=seed)
@@ -121,33 +133,56 @@ def run_filter_benchmark(
         masks.append(mask)
     queries = mixture.sample(n_queries, stream=5)
 
-    say("exact filtered ground truth (streamed)")
-    t0 = time.perf_counter()
-    truths = exact_filtered(mixture, n, chunk, queries, masks)
-    truth_s = time.perf_counter() - t0
-
     settings = IndexSettings()
     factory, params = ivfpq_factory(n, dim, settings)
     sample_n = train_n or min(n, max(params["nlist"] * 40, 20_000))
     rows: list[dict[str, Any]] = []
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
+    spec = "_".join(f"{f:g}" for f in fractions)
+    key = f"n{n}-d{dim}-s{seed}-q{n_queries}-f{spec}-t{sample_n}-x{shards}-{factory}"
+    key = key.replace(",", "_")
+    cache = workdir / f"filters-{key}" if keep and workdir is not None else None
+    truth_file = None if cache is None else cache / "truth.npz"
+    build_s = truth_s = 0.0
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        say(f"{factory}: training on {sample_n}")
-        t0 = time.perf_counter()
-        template = train_template(mixture.sample(sample_n, stream=7), factory)
-        vectors = ExactVectors(Path(tmp) / "vectors.f16", dim)
-        index = ShardedIndex.from_template(template, shards, vectors)
-        say(f"{factory}: adding {n}")
-        for c, start in enumerate(range(0, n, chunk)):
-            block = mixture.chunk(c, chunk)[: min(chunk, n - start)]
-            index.upsert(np.arange(start, start + len(block), dtype=np.int64), block)
-        build_s = time.perf_counter() - t0
+        home = cache or Path(tmp)
+        home.mkdir(parents=True, exist_ok=True)
+        if truth_file is not None and truth_file.exists():
+            say(f"ground truth from {truth_file}")
+            with np.load(truth_file) as saved:
+                truths = [saved[f"arr_{i}"] for i in range(len(fractions))]
+        else:
+            say("exact filtered ground truth (streamed)")
+            t0 = time.perf_counter()
+            truths = exact_filtered(mixture, n, chunk, queries, masks)
+            truth_s = time.perf_counter() - t0
+            if truth_file is not None:
+                np.savez(truth_file, *truths)
+        vectors = ExactVectors(home / "vectors.f16", dim)
+        names = [f"shard-{i:02d}.faiss" for i in range(shards)]
+        if cache is not None and (cache / "built").exists():
+            say(f"index from {cache}")
+            index = ShardedIndex.read_shards(home, names, kind="ivfpq", dim=dim, vectors=vectors)
+        else:
+            say(f"{factory}: training on {sample_n}")
+            t0 = time.perf_counter()
+            template = train_template(mixture.sample(sample_n, stream=7), factory)
+            index = ShardedIndex.from_template(template, shards, vectors)
+            say(f"{factory}: adding {n}")
+            for c, start in enumerate(range(0, n, chunk)):
+                block = mixture.chunk(c, chunk)[: min(chunk, n - start)]
+                index.upsert(np.arange(start, start + len(block), dtype=np.int64), block)
+            build_s = time.perf_counter() - t0
+            if cache is not None:
+                vectors.flush()
+                index.write_shards(home)
+                (cache / "built").touch()
         try:
             for fraction, mask, truth in zip(fractions, masks, truths, strict=True):
                 passing = int(mask.sum())
                 allowed = np.flatnonzero(mask).astype(np.int64)
-                chosen = "allow_list" if passing <= EXACT_FILTER_LIMIT else "accept_deepen"
+                chosen = service_choice(passing)
                 if fraction >= 1.0:
                     chosen = "accept_deepen"  # no filter: the plain ANN search
 
@@ -179,6 +214,7 @@ def run_filter_benchmark(
         "shards": shards,
         "nprobe": index.default_nprobe,
         "refine": index.knobs.refine,
+        "exact_scan_limit": EXACT_SCAN_LIMIT,
         "exact_filter_limit": EXACT_FILTER_LIMIT,
         "threads": faiss.omp_get_max_threads(),
         "build_s": round(build_s, 1),
@@ -189,6 +225,13 @@ def run_filter_benchmark(
 
 
 Strategy = Callable[[np.ndarray], tuple[np.ndarray, int]]
+
+
+def service_choice(passing: int) -> str:
+    """The strategy `SearchService` takes for a filter passing `passing` images."""
+    if passing <= EXACT_SCAN_LIMIT:
+        return "allow_list_exact"
+    return "allow_list_selector" if passing <= EXACT_FILTER_LIMIT else "accept_deepen"
 
 
 def _strategies(
@@ -210,6 +253,10 @@ def _strategies(
         found = search_allowed(index, q, allowed)
         return found.ids, found.rounds
 
+    def allow_list_selector(q: np.ndarray) -> tuple[np.ndarray, int]:
+        found = search_allowed(index, q, allowed, WANTED)
+        return found.ids, found.rounds
+
     def post_filter(q: np.ndarray) -> tuple[np.ndarray, int]:
         _, ids = index.search(q.reshape(1, -1), WANTED)
         ids = ids[0][ids[0] >= 0]
@@ -219,6 +266,8 @@ def _strategies(
     if passing > EXACT_FILTER_LIMIT // 10:
         out["accept_deepen"] = accept_deepen
     out["post_filter_top40"] = post_filter
+    if passing > EXACT_SCAN_LIMIT:
+        out["allow_list_selector"] = allow_list_selector
     if passing <= 4 * EXACT_FILTER_LIMIT:
-        out["allow_list"] = allow_list
+        out["allow_list_exact"] = allow_list
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -28,7 +29,13 @@ from app.core.errors import (
 from app.imaging.crop import Box
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
-from app.index.filtered import EXACT_FILTER_LIMIT, Accept, search_accepting, search_allowed
+from app.index.filtered import (
+    EXACT_FILTER_LIMIT,
+    Accept,
+    Candidates,
+    search_accepting,
+    search_allowed,
+)
 from app.index.lifecycle import IndexService
 from app.inference.worker import BatchWorker
 
@@ -254,20 +261,30 @@ class SearchService:
             where = LabelFilter.build(
                 where.must if where else None, where.must_not if where else None, category=category
             )
-        accept: Accept | None = None
+        find: Callable[[int], Candidates]
         if where is not None and not where.empty:
             with self.db.read() as session:
                 ids = repo.filtered_image_ids(session, where, self.model_id, EXACT_FILTER_LIMIT + 1)
             if not ids:
                 return []
             if len(ids) <= EXACT_FILTER_LIMIT:
-                found = search_allowed(index, query, np.asarray(ids, dtype=np.int64))
-                return self._group(found.scores, found.ids, k, min_score, exclude_product)
-            accept = self._acceptor(where)
+                allowed = np.asarray(ids, dtype=np.int64)
+
+                def find(n: int) -> Candidates:
+                    return search_allowed(index, query, allowed, n)
+            else:
+                accept = self._acceptor(where)
+
+                def find(n: int) -> Candidates:
+                    return search_accepting(index, query, n, accept, floor=min_score)
+        else:
+
+            def find(n: int) -> Candidates:
+                return search_accepting(index, query, n, None, floor=min_score)
 
         wanted = max(4 * k, 16)
         while True:
-            found = search_accepting(index, query, wanted, accept, floor=min_score)
+            found = find(wanted)
             hits = self._group(found.scores, found.ids, k, min_score, exclude_product)
             below_floor = (
                 min_score is not None and len(found.scores) > 0 and found.scores[-1] < min_score

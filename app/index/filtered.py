@@ -3,10 +3,12 @@
 A filter must never shorten a result list while enough matches exist. Two strategies,
 chosen by how many images pass the filter (the caller counts up to `EXACT_FILTER_LIMIT`):
 
-* **Allow-list** (selective filters): the passing image ids are scored exactly, every
-  one of them (`ShardedIndex.search_subset`: an id selector on exact shards, the float16
-  exact vectors on IVF-PQ shards). Recall is 1 by construction, and the cost grows with
-  the allow-list, not the catalogue.
+* **Allow-list** (selective filters): the passing image ids come from the database.
+  Up to `EXACT_SCAN_LIMIT` of them are scored exactly, every one
+  (`ShardedIndex.search_subset`: an id selector on exact shards, the float16 exact
+  vectors on IVF-PQ shards; recall 1 by construction). Longer lists are searched by the
+  IVF-PQ index with a FAISS id selector (`SearchParameters.sel`), probing more lists
+  the rarer the allowed ids are, until enough come back or every list was probed.
 * **Accept and deepen** (broad filters): the ANN search runs unfiltered and candidates
   are checked against the filter afterwards; when too few pass, the search is repeated
   deeper (depth from the pass rate seen so far) and wider (more IVF lists) until enough
@@ -23,12 +25,21 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
 from app.index.sharded import ShardedIndex
 
-EXACT_FILTER_LIMIT = 50_000
-"""Filters passing at most this many images are searched over their allow-list."""
+EXACT_SCAN_LIMIT = 10_000
+"""Allow-lists up to this size are scored exactly (every vector read)."""
+
+EXACT_FILTER_LIMIT = 100_000
+"""Filters passing at most this many images are searched over their allow-list: exactly
+up to `EXACT_SCAN_LIMIT`, above it by the ANN search restricted to the list."""
+
+# Candidates re-ranked per wanted result in deep searches (the first round uses the
+# index's own refine factor): deep lists need coverage more than per-rank precision.
+_DEEP_REFINE = 4
 
 Accept = Callable[[np.ndarray], np.ndarray]
 """Image ids -> a boolean mask of those passing the filter."""
@@ -44,13 +55,39 @@ class Candidates:
     rounds: int = 1
 
 
-def search_allowed(index: ShardedIndex, query: np.ndarray, ids: np.ndarray) -> Candidates:
-    """Every image of the allow-list `ids`, ranked exactly."""
+def search_allowed(
+    index: ShardedIndex, query: np.ndarray, ids: np.ndarray, n: int | None = None
+) -> Candidates:
+    """At least `n` images of the allow-list `ids` (all of them when fewer), best first.
+
+    Small lists (or exact shards) are ranked exactly, every vector read. Larger ones on
+    IVF-PQ shards are searched by the index with an id selector, so every candidate is
+    allowed; the lists probed grow with how rare allowed ids are (1/sqrt of the share),
+    doubling while too few come back, and a search of every list that still finds too
+    few means none are left. Scores are exact either way (re-ranked).
+    """
     if len(ids) == 0:
         return Candidates(np.zeros(0, np.float32), np.zeros(0, np.int64), True)
-    scores, found = index.search_subset(query, ids, len(ids))
-    valid = found[0] >= 0
-    return Candidates(scores[0][valid], found[0][valid], True)
+    if n is None or index.kind == "flat" or len(ids) <= EXACT_SCAN_LIMIT:
+        scores, found = index.search_subset(query, ids, len(ids))
+        valid = found[0] >= 0
+        return Candidates(scores[0][valid], found[0][valid], True)
+    ids = np.unique(np.asarray(ids, dtype=np.int64))
+    selector = faiss.IDSelectorBatch(ids)
+    share = len(ids) / max(index.ntotal, 1)
+    nprobe = min(index.nlist, math.ceil(index.default_nprobe / math.sqrt(share)))
+    depth = min(max(n, 16), len(ids))
+    rounds = 0
+    while True:
+        rounds += 1
+        scores, found = index.search(query.reshape(1, -1), depth, nprobe=nprobe, selector=selector)
+        valid = found[0] >= 0
+        got = int(valid.sum())
+        if got >= depth or nprobe >= index.nlist:
+            # Every allowed id was returned, or every list was searched: none is left.
+            exhausted = got < depth or depth >= len(ids)
+            return Candidates(scores[0][valid], found[0][valid], exhausted, rounds)
+        nprobe = min(index.nlist, 2 * nprobe)
 
 
 def search_accepting(
@@ -70,12 +107,13 @@ def search_accepting(
     total = index.ntotal
     if total == 0:
         return Candidates(np.zeros(0, np.float32), np.zeros(0, np.int64), True, 0)
-    depth = min(max(n, 16), total)
+    first = depth = min(max(n, 16), total)
     nprobe = index.default_nprobe
     rounds = 0
     while True:
         rounds += 1
-        scores, found = index.search(query.reshape(1, -1), depth, nprobe=nprobe)
+        refine = None if depth == first else max(_DEEP_REFINE, index.knobs.refine * first // depth)
+        scores, found = index.search(query.reshape(1, -1), depth, nprobe=nprobe, refine=refine)
         valid = found[0] >= 0
         s, f = scores[0][valid], found[0][valid]
         keep = np.ones(len(f), dtype=bool) if accept is None else accept(f)
