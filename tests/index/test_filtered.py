@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from app.index.build import train_template
-from app.index.filtered import search_accepting, search_allowed
+from app.index.filtered import EXACT_SCAN_LIMIT, search_accepting, search_allowed
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.vectors import ExactVectors
 from tests.index.vectors import brute_force, clustered
@@ -55,6 +55,25 @@ class TestFilteredSearch:
         # IVF-PQ shards score the float16 exact vectors: a near tie may swap at rank 10.
         same = len(set(found.ids[:10].tolist()) & set(truth.tolist()))
         assert same == 10 if index.kind == "flat" else same >= 9
+
+    def test_long_allow_lists_go_through_the_index_with_a_selector(
+        self, index: ShardedIndex, data: tuple[np.ndarray, np.ndarray]
+    ) -> None:
+        x, ids = data
+        assert len(ids) * 0.6 > EXACT_SCAN_LIMIT
+        allowed = np.random.default_rng(2).choice(ids, int(len(ids) * 0.6), replace=False)
+        mask = np.isin(ids, allowed)
+        recalls, baseline = [], []
+        for query in clustered(10, 64, clusters=200, seed=13):
+            found = search_allowed(index, query, allowed, 40)
+            assert len(found.ids) >= 40
+            assert mask[found.ids].all()
+            truth = brute_force(x[mask], ids[mask], query[None, :], 10)[0]
+            recalls.append(len(set(found.ids[:10].tolist()) & set(truth.tolist())) / 10)
+            plain = search_accepting(index, query, 10)
+            exact = brute_force(x, ids, query[None, :], 10)[0]
+            baseline.append(len(set(plain.ids[:10].tolist()) & set(exact.tolist())) / 10)
+        assert np.mean(recalls) >= np.mean(baseline) - 0.05
 
     @pytest.mark.parametrize("fraction", [0.002, 0.05, 0.5])
     def test_accept_and_deepen_never_returns_a_short_list(
