@@ -21,6 +21,7 @@ from app.api.schemas import (
     ProductIn,
     SearchFilters,
     SearchRequest,
+    Sets,
     Text,
     check_attributes,
 )
@@ -49,6 +50,11 @@ class ProductUpload(BaseModel):
         None,
         description='Labels as JSON text, key -> values: `{"color": ["red", "blue"]}`. '
         "Omitted: a re-post keeps the stored labels.",
+    )
+    sets: Json[Sets] | None = Field(
+        None,
+        description='The product sets as JSON text: `["catalogue"]`. Omitted: a re-post keeps '
+        "the stored sets.",
     )
     image: list[bytes] = Field(
         min_length=1,

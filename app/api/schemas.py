@@ -130,6 +130,11 @@ LabelValue = Annotated[Name, StringConstraints(min_length=1, max_length=MAX_VALU
 
 LabelValues = Annotated[list[LabelValue], Field(min_length=1, max_length=MAX_VALUES_PER_KEY)]
 
+SetId = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+"""A product set's id: 1-64 letters, digits, `_`, `.` or `-`."""
+
+Sets = Annotated[list[SetId], Field(max_length=64)]
+
 Labels = dict[LabelKey, LabelValues]
 """key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`."""
 
@@ -244,6 +249,13 @@ class ProductIn(RequestModel):
         "clears them.",
         examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
     )
+    sets: Sets | None = Field(
+        None,
+        description="The product sets (catalogue partitions) the product belongs to; filters "
+        "name them with the `set` key. Omitted: a re-post keeps the stored sets; `[]` "
+        "removes the product from every set.",
+        examples=[["catalogue"]],
+    )
     images: list[ImageIn] = Field(min_length=1, max_length=64)
 
     @field_validator("labels")
@@ -274,6 +286,7 @@ class ProductsCreate(RequestModel):
                             "category": "dairy",
                             "attributes": {"brand": "Arla"},
                             "labels": {"brand": ["Arla"], "fat": ["whole"]},
+                            "sets": ["catalogue"],
                             "images": [{"url": "https://cdn.example.com/sku-123/front.jpg"}],
                         }
                     ]
@@ -316,6 +329,7 @@ class ProductRead(BaseModel):
     labels: dict[str, list[str]] = Field(
         default_factory=dict, description="key -> values, sorted.", examples=[{"brand": ["Arla"]}]
     )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
     images: list[ImageRead]
     created_at: datetime
     updated_at: datetime
@@ -333,8 +347,9 @@ class ProductsRead(BaseModel):
 class SearchFilters(RequestModel):
     """A filter expression: every key of `must` must have one of its values (AND across
     keys, OR within a key), no key of `must_not` may have any of its values. `category`
-    is one more key (`"must": {"category": ["dairy", "bakery"]}`); the `category` field is
-    a shorthand for one category."""
+    is one more key (`"must": {"category": ["dairy", "bakery"]}`), and so is `set`, the
+    product sets (`"must": {"set": ["catalogue"]}`); the `category` field is a shorthand
+    for one category."""
 
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
@@ -413,6 +428,7 @@ class SearchHitRead(BaseModel):
     labels: dict[str, list[str]] = Field(
         default_factory=dict, description="The product's labels (no extra request needed)."
     )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
     images: list[ImageMatchRead] = Field(
         default_factory=list,
         description="The product's best matching images, best first (`group_size` of them).",
@@ -564,6 +580,9 @@ class ProductPatchIn(RequestModel):
         None,
         description="Replaces every label (`{}` or `null` clears them).",
         examples=[{"brand": ["Arla"], "fat": ["whole"]}],
+    )
+    sets: Sets | None = Field(
+        None, description="Replaces the product's sets (`[]` or `null`: in no set)."
     )
 
     model_config = ConfigDict(

@@ -113,6 +113,7 @@ class DuplicatesService:
         category: str | None,
         undecided: bool,
         where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
     ) -> tuple[list[repo.PairRow], str | None]:
         self.check_min_score(min_score)
         after = None
@@ -128,6 +129,7 @@ class DuplicatesService:
                 category=category,
                 undecided=undecided,
                 where=where,
+                between=between,
             )
         next_cursor = (
             encode_cursor("pairs", (rows[-1].score, rows[-1].a_pk, rows[-1].b_pk))
@@ -143,12 +145,18 @@ class DuplicatesService:
         category: str | None,
         undecided: bool,
         where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
     ) -> int:
         """The exact number of pairs `list_pairs` pages through (its `total`)."""
         self.check_min_score(min_score)
         with self.db.read() as session:
             return repo.count_listed_pairs(
-                session, min_score=min_score, category=category, undecided=undecided, where=where
+                session,
+                min_score=min_score,
+                category=category,
+                undecided=undecided,
+                where=where,
+                between=between,
             )
 
     def groups(

@@ -8,9 +8,10 @@ Vision Product Search's semantics), plus keys that must not match:
     must_not: {"color": ["green"]}
 
 reads `(color = red OR color = blue) AND brand = Acme AND NOT color = green`. The product's
-`category` is one key among the others (`"category": ["dairy"]`), so labels may not use
-that name. The SQL of a filter lives in the repository; this module owns its meaning, its
-validation and the string form used in query strings (`color:red`).
+`category` is one key among the others (`"category": ["dairy"]`), and so are the product
+sets it belongs to (`"set": ["feed"]`), so labels may not use those names. The SQL of a
+filter lives in the repository; this module owns its meaning, its validation and the
+string form used in query strings (`color:red`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,12 @@ from app.core.errors import InvalidRequest
 
 CATEGORY_KEY = "category"
 """The filter key that names the product's category (not a label)."""
+
+SET_KEY = "set"
+"""The filter key that names the product sets a product belongs to (not a label)."""
+
+RESERVED_KEYS = frozenset({CATEGORY_KEY, SET_KEY})
+MAX_SETS = 64  # per product
 
 LABEL_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 _LABEL_KEY = re.compile(LABEL_KEY_PATTERN)
@@ -40,8 +47,8 @@ def check_label_key(key: str, *, allow_category: bool) -> None:
             f"label key {key!r} must be 1-64 letters, digits, '_', '.' or '-' "
             "(not starting with '.' or '-')"
         )
-    if key == CATEGORY_KEY and not allow_category:
-        raise ValueError("`category` is the product's category field, not a label")
+    if key in RESERVED_KEYS and not allow_category:
+        raise ValueError(f"`{key}` is a product field that filters use, not a label")
 
 
 def normalise_labels(labels: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
@@ -135,7 +142,7 @@ class LabelFilter:
         def values_of(key: str) -> set[str]:
             if key == CATEGORY_KEY:
                 return {category} if category is not None else set()
-            return set(labels.get(key, ()))
+            return set(labels.get(key, ()))  # sets, when asked for, come as the `set` key
 
         return all(values_of(k) & v for k, v in self.must.items()) and not any(
             values_of(k) & v for k, v in self.must_not.items()
@@ -149,4 +156,18 @@ def _terms(terms: Sequence[str], parameter: str) -> dict[str, set[str]]:
         if not sep or not value:
             raise InvalidRequest(f"`{parameter}` takes `key:value` terms (got {term!r}).")
         out.setdefault(key, set()).add(value)
+    return out
+
+
+def normalise_sets(sets: Iterable[str]) -> list[str]:
+    """Set ids as stored: unique and sorted. ValueError when one is unusable."""
+    out = sorted(set(sets))
+    for set_id in out:
+        if not _LABEL_KEY.match(set_id):
+            raise ValueError(
+                f"set id {set_id!r} must be 1-64 letters, digits, '_', '.' or '-' "
+                "(not starting with '.' or '-')"
+            )
+    if len(out) > MAX_SETS:
+        raise ValueError(f"a product is in at most {MAX_SETS} sets")
     return out

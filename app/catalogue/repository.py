@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
-from app.catalogue.filters import CATEGORY_KEY, LabelFilter
+from app.catalogue.filters import CATEGORY_KEY, SET_KEY, LabelFilter
 from app.catalogue.models import (
     ChangeLog,
     DuplicateDecision,
@@ -38,6 +38,7 @@ from app.catalogue.models import (
     Product,
     ProductImage,
     ProductLabel,
+    ProductSetMember,
     utcnow,
 )
 
@@ -46,6 +47,7 @@ _PRODUCTS = cast(Table, Product.__table__)
 _IMAGES = cast(Table, ProductImage.__table__)
 _CHANGES = cast(Table, ChangeLog.__table__)
 _LABELS = cast(Table, ProductLabel.__table__)
+_MEMBERS = cast(Table, ProductSetMember.__table__)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -57,7 +59,9 @@ def get_product(
 ) -> Product | None:
     stmt: Select[Product] = select(Product).where(Product.external_id == external_id)
     if with_images:
-        stmt = stmt.options(selectinload(Product.images), selectinload(Product.labels))
+        stmt = stmt.options(
+            selectinload(Product.images), selectinload(Product.labels), selectinload(Product.sets)
+        )
     if for_update:
         stmt = stmt.with_for_update()
     return session.scalars(stmt).one_or_none()
@@ -101,7 +105,9 @@ def list_products(
 ) -> list[Product]:
     stmt = (
         select(Product)
-        .options(selectinload(Product.images), selectinload(Product.labels))
+        .options(
+            selectinload(Product.images), selectinload(Product.labels), selectinload(Product.sets)
+        )
         .order_by(Product.pk)
         .limit(limit)
     )
@@ -140,6 +146,10 @@ def filter_clause(where: LabelFilter, product_pk: Any, category: Any) -> ColumnE
                 clause: ColumnElement[bool] = category.in_(wanted)
                 if negate:
                     clause = or_(category.is_(None), category.not_in(wanted))
+            elif key == SET_KEY:
+                member = aliased(ProductSetMember)
+                found = exists().where(member.product_pk == product_pk, member.set_id.in_(wanted))
+                clause = ~found if negate else found
             else:
                 label = aliased(ProductLabel)
                 found = exists().where(
@@ -178,6 +188,31 @@ def replace_labels(session: Session, labels: Mapping[int, Mapping[str, Sequence[
     ]
     if rows:
         session.execute(insert(_LABELS), rows)
+
+
+def sets_of(session: Session, product_pks: Sequence[int]) -> dict[int, list[str]]:
+    """Each product's sets, sorted."""
+    found: dict[int, list[str]] = {int(pk): [] for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductSetMember.product_pk, ProductSetMember.set_id)
+        .where(ProductSetMember.product_pk.in_(list(set(product_pks))))
+        .order_by(ProductSetMember.product_pk, ProductSetMember.set_id)
+    )
+    for pk, set_id in session.execute(stmt):
+        found[int(pk)].append(set_id)
+    return found
+
+
+def replace_sets(session: Session, sets: Mapping[int, Sequence[str]]) -> None:
+    """Make each product's set memberships exactly the ones given."""
+    if not sets:
+        return
+    session.execute(delete(ProductSetMember).where(ProductSetMember.product_pk.in_(list(sets))))
+    rows = [{"set_id": s, "product_id": pk} for pk, ids in sets.items() for s in ids]
+    if rows:
+        session.execute(insert(_MEMBERS), rows)
 
 
 def filtered_image_ids(
@@ -708,7 +743,11 @@ def different_pairs(session: Session) -> set[tuple[int, int]]:
 
 
 def _pairs_query(
-    min_score: float, category: str | None, undecided: bool, where: LabelFilter | None = None
+    min_score: float,
+    category: str | None,
+    undecided: bool,
+    where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
 ) -> Any:
     a_product = aliased(Product)
     b_product = aliased(Product)
@@ -745,6 +784,19 @@ def _pairs_query(
             filter_clause(where, a_product.pk, a_product.category),
             filter_clause(where, b_product.pk, b_product.category),
         )
+    if between is not None:  # one product in each set, whichever order the pair has
+
+        def within(set_id: str, pk: Any) -> ColumnElement[bool]:
+            in_set = LabelFilter.build({SET_KEY: [set_id]})
+            return filter_clause(in_set, pk, None)
+
+        first, second = between
+        stmt = stmt.where(
+            or_(
+                and_(within(first, a_product.pk), within(second, b_product.pk)),
+                and_(within(second, a_product.pk), within(first, b_product.pk)),
+            )
+        )
     return stmt
 
 
@@ -755,9 +807,10 @@ def count_listed_pairs(
     category: str | None = None,
     undecided: bool = False,
     where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
 ) -> int:
     """How many pairs `list_pairs` pages through (all pages together)."""
-    inner = _pairs_query(min_score, category, undecided, where).subquery()
+    inner = _pairs_query(min_score, category, undecided, where, between).subquery()
     return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
 
@@ -770,9 +823,10 @@ def list_pairs(
     category: str | None = None,
     undecided: bool = False,
     where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
 ) -> list[PairRow]:
     """Pairs by score (highest first), then by product pair: a stable order for paging."""
-    stmt = _pairs_query(min_score, category, undecided, where)
+    stmt = _pairs_query(min_score, category, undecided, where, between)
     if after is not None:
         score, a_pk, b_pk = after
         stmt = stmt.where(

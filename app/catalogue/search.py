@@ -49,6 +49,7 @@ class SearchHit:
     image_id: int
     image_url: str | None
     labels: dict[str, list[str]] = field(default_factory=dict)
+    sets: list[str] = field(default_factory=list)
     images: list[ImageMatch] = field(default_factory=list)
     product_pk: int = -1
 
@@ -339,6 +340,6 @@ class SearchService:
         if hits:
             with self.db.read() as session:
                 labels = repo.labels_of(session, list(seen))
-            pks = [owners[h.image_id].product_pk for h in hits]
-            hits = [replace(h, labels=labels[pk]) for h, pk in zip(hits, pks, strict=True)]
+                sets = repo.sets_of(session, list(seen))
+            hits = [replace(h, labels=labels[h.product_pk], sets=sets[h.product_pk]) for h in hits]
         return hits

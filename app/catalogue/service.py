@@ -24,7 +24,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
-from app.catalogue.filters import LabelFilter, normalise_labels
+from app.catalogue.filters import LabelFilter, normalise_labels, normalise_sets
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
 from app.core.errors import (
@@ -73,6 +73,8 @@ class ProductInput:
     # None keeps the stored labels (a client or file that knows none); a mapping, even
     # empty, replaces them.
     labels: Mapping[str, Sequence[str]] | None = None
+    # Likewise for the product sets it belongs to.
+    sets: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class ProductPatch:
     category: str | None = None
     attributes: dict[str, Any] | None = None
     labels: Mapping[str, Sequence[str]] | None = None
+    sets: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,7 @@ class CatalogueService:
             existing = repo.images_of(session, row.pk)
             fields_changed = _set_fields(row, product, created)
             fields_changed |= _set_labels(session, {row.pk: product}, created)
+            fields_changed |= _set_sets(session, {row.pk: product}, created)
             plan = plan_images(existing, images, self.model_id)
             upserted: list[tuple[int, bytes]] = []
             for position in plan.added:
@@ -358,6 +362,9 @@ class CatalogueService:
             if "labels" in changes.fields:
                 patch = ProductInput(external_id, [], labels=changes.labels or {})
                 changed |= _set_labels(session, {row.pk: patch}, False)
+            if "sets" in changes.fields:
+                patch = ProductInput(external_id, [], sets=changes.sets or [])
+                changed |= _set_sets(session, {row.pk: patch}, False)
             if not changed:
                 return "unchanged"
             row.updated_at = utcnow()
@@ -557,6 +564,37 @@ def _set_labels(session: Session, products: Mapping[int, ProductInput], created:
     return bool(changed)
 
 
+def _set_sets(session: Session, products: Mapping[int, ProductInput], created: bool) -> bool:
+    """`_set_labels` for set memberships."""
+    given = {pk: _sets(p) for pk, p in products.items() if p.sets is not None}
+    if not given:
+        return False
+    current = {} if created else repo.sets_of(session, list(given))
+    changed = {pk: ids for pk, ids in given.items() if current.get(pk, []) != ids}
+    repo.replace_sets(session, changed)
+    return bool(changed)
+
+
+def _sets_changed(
+    session: Session, products: Mapping[int, ProductInput], locked: Mapping[str, Product]
+) -> set[int]:
+    """`_set_sets` for a bulk import: the row ids whose sets changed."""
+    given = {pk: _sets(p) for pk, p in products.items() if p.sets is not None}
+    existing = {row.pk for row in locked.values()}
+    current = repo.sets_of(session, [pk for pk in given if pk in existing])
+    changed = {pk: ids for pk, ids in given.items() if current.get(pk, []) != ids}
+    repo.replace_sets(session, changed)
+    return {pk for pk in changed if pk in existing}
+
+
+def _sets(product: ProductInput) -> list[str]:
+    assert product.sets is not None
+    try:
+        return normalise_sets(product.sets)
+    except ValueError as exc:
+        raise InvalidRequest(f"Sets of {product.id!r}: {exc}.") from None
+
+
 def _normalised(product: ProductInput) -> dict[str, list[str]]:
     assert product.labels is not None
     try:
@@ -613,7 +651,10 @@ def store_products(
         new_rows: list[dict[str, Any]] = []
         owners: list[int] = []  # index into `items` of each new row
         plans: list[tuple[ImagePlan, bool]] = []
-        label_changes = _labels_changed(session, {pks[p.id]: p for p, _ in items}, locked)
+        by_pk = {pks[p.id]: p for p, _ in items}
+        label_changes = _labels_changed(session, by_pk, locked) | _sets_changed(
+            session, by_pk, locked
+        )
         for n, (product, images) in enumerate(items):
             pk = pks[product.id]
             row = locked.get(product.id)

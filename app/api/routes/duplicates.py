@@ -23,6 +23,7 @@ from app.api.schemas import (
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.filters import LabelFilter
 from app.core.cursor import decode_cursor, encode_cursor
+from app.core.errors import InvalidRequest
 
 router = APIRouter(
     prefix="/duplicates",
@@ -52,8 +53,10 @@ MinScore = Annotated[
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
         "products must be in it; likewise both must pass `label` (repeat `key:value`: AND "
-        "across keys, OR within a key) and `exclude_label`. `total` counts the pairs of "
-        "all pages. A `min_score` below the floor is a 422: such pairs are "
+        "across keys, OR within a key) and `exclude_label`; `label=set:<id>` keeps pairs "
+        "inside one product set, `set_a` and `set_b` pairs across two (which incoming "
+        "products already exist in the catalogue). `total` counts the pairs of all pages. "
+        "A `min_score` below the floor is a 422: such pairs are "
         "not stored."
     ),
     responses=error_responses(401, 422),
@@ -68,8 +71,15 @@ async def list_pairs(
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
     label: LabelQuery = None,
     exclude_label: ExcludeLabelQuery = None,
+    set_a: Annotated[
+        str | None, Query(description="With `set_b`: pairs with one product in each set.")
+    ] = None,
+    set_b: Annotated[str | None, Query(description="The other set (with `set_a`).")] = None,
 ) -> DuplicatePairsRead:
     where = LabelFilter.parse_terms(label, exclude_label)
+    if (set_a is None) != (set_b is None):
+        raise InvalidRequest("Give both `set_a` and `set_b`, or neither.")
+    between = (set_a, set_b) if set_a is not None and set_b is not None else None
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
         min_score=min_score,
@@ -78,6 +88,7 @@ async def list_pairs(
         category=category,
         undecided=undecided,
         where=where,
+        between=between,
     )
     total = await asyncio.to_thread(
         duplicates.count_listed_pairs,
@@ -85,6 +96,7 @@ async def list_pairs(
         category=category,
         undecided=undecided,
         where=where,
+        between=between,
     )
     return DuplicatePairsRead(
         pairs=[

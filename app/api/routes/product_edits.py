@@ -42,7 +42,8 @@ ProductId = Annotated[str, Path(description="The product's id.", examples=["sku-
     operation_id="update_product",
     summary="Update a product's fields and labels",
     description=(
-        "Sets the fields given (`title`, `category`, `attributes`, `labels`) and keeps the "
+        "Sets the fields given (`title`, `category`, `attributes`, `labels`, `sets`) and "
+        "keeps the "
         "others and every image: nothing is fetched or embedded. A field sent as `null` is "
         "cleared. `labels` and `attributes` are replaced as a whole. A patch that changes "
         "nothing reports `unchanged`; filters see the change at once."
@@ -67,6 +68,7 @@ async def update_product(
         category=body.category,
         attributes=body.attributes,
         labels=body.labels,
+        sets=body.sets,
     )
     status, product = await catalogue.patch_product(product_id, patch)
     return ProductUpdateRead(status=status, product=product_read(product))

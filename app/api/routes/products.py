@@ -80,6 +80,7 @@ async def create_products(
                 category=body.category,
                 attributes=body.attributes or {},
                 labels=body.labels,
+                sets=body.sets,
                 images=[ImageInput(data=data) for data in body.image],
             )
         ]
@@ -96,6 +97,7 @@ async def create_products(
                 category=p.category,
                 attributes=p.attributes,
                 labels=p.labels,
+                sets=p.sets,
                 images=[
                     ImageInput(
                         url=img.url, data_b64=img.data, box=img.box.as_box() if img.box else None
@@ -137,6 +139,7 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
         category=product.category,
         attributes=product.attributes or {},
         labels=label_map(product),
+        sets=[member.set_id for member in product.sets],
         created_at=product.created_at,
         updated_at=product.updated_at,
         images=[image_read(img, embeddings=embeddings) for img in product.images],

@@ -41,6 +41,7 @@ def hit_read(hit: SearchHit) -> SearchHitRead:
         image_id=hit.image_id,
         image_url=hit.image_url,
         labels=hit.labels,
+        sets=hit.sets,
         images=[
             ImageMatchRead(image_id=m.image_id, score=m.score, image_url=m.image_url)
             for m in hit.images
