@@ -122,9 +122,6 @@ def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> Non
         raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
 
 
-LabelKey = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
-"""A label key: 1-64 letters, digits, `_`, `.` or `-`."""
-
 LabelValue = Annotated[Name, StringConstraints(min_length=1, max_length=MAX_VALUE_LENGTH)]
 """One value of a label (no control characters)."""
 
@@ -135,8 +132,11 @@ SetId = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
 
 Sets = Annotated[list[SetId], Field(max_length=64)]
 
-Labels = dict[LabelKey, LabelValues]
-"""key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`."""
+Labels = dict[str, LabelValues]
+"""key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`. Keys (1-64
+letters, digits, `_`, `.`, `-`) are checked by a validator rather than a key pattern, so
+the JSON Schema says `additionalProperties: array of strings`, which generated clients
+turn into a typed map (a `patternProperties` schema they would drop)."""
 
 
 class RequestModel(BaseModel):
@@ -354,13 +354,13 @@ class SearchFilters(RequestModel):
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
     )
-    must: dict[LabelKey, LabelValues] = Field(
+    must: dict[str, LabelValues] = Field(
         default_factory=dict,
         description="key -> accepted values: a product passes when, for every key, it has "
         "at least one of them.",
         examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
     )
-    must_not: dict[LabelKey, LabelValues] = Field(
+    must_not: dict[str, LabelValues] = Field(
         default_factory=dict,
         description="key -> refused values: a product having any of them does not pass.",
         examples=[{"color": ["green"]}],

@@ -94,7 +94,7 @@ class TestLabels:
         ("labels", "field"),
         [
             ({"category": ["x"]}, "category"),
-            ({"bad key": ["x"]}, "labels.bad key"),
+            ({"bad key": ["x"]}, "bad key"),
             ({"color": []}, "at least 1"),
             ({"color": ["a\x00b"]}, "control"),
         ],
