@@ -849,6 +849,42 @@ def bench_import(
     print(json.dumps(result, indent=2))
 
 
+@bench_cli.command("filters")
+def bench_filters(
+    n: Annotated[int, typer.Option(help="Database vectors.")] = 1_000_000,
+    dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
+    queries: Annotated[int, typer.Option(help="Queries.")] = 100,
+    fractions: Annotated[
+        str, typer.Option(help="Filter selectivities (1 = no filter, the ANN baseline).")
+    ] = "0.001,0.05,0.5,1",
+    shards: Annotated[int, typer.Option(help="Shards of the service's index.")] = 4,
+    train_n: Annotated[
+        int | None, typer.Option(help="Training sample size (default: 40 per list).")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Where index files go.")] = None,
+    keep_index: Annotated[
+        bool, typer.Option(help="Keep the index and ground truth in --workdir for the next run.")
+    ] = False,
+) -> None:
+    """Filtered search (allow-list, accept-and-deepen, naive post-filter) vs exact
+    filtered search at several selectivities (prints JSON)."""
+    from app.benchmarks.filters import run_filter_benchmark
+
+    _settings()
+    result = run_filter_benchmark(
+        n=n,
+        dim=dim,
+        n_queries=queries,
+        fractions=tuple(float(f) for f in fractions.split(",")),
+        shards=shards,
+        train_n=train_n,
+        workdir=workdir,
+        keep=keep_index,
+        progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
+    )
+    print(json.dumps(result, indent=2))
+
+
 def _train_default(name: str) -> Any:
     """The recipe's defaults live in one place, `TrainConfig`; the options show them."""
     from app.training.train import TrainConfig

@@ -20,7 +20,17 @@ from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
-from app.api.routes import calibration, duplicates, health, images, metrics, products, search
+from app.api.routes import (
+    calibration,
+    duplicates,
+    health,
+    images,
+    metrics,
+    product_edits,
+    products,
+    search,
+    search_more,
+)
 from app.api.routes.pages import install_pages
 from app.api.schemas import (
     DecisionCreate,
@@ -134,6 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.vs = state
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(search_more.router)
+    app.include_router(product_edits.router)  # before products: its routes are more specific
     app.include_router(products.router)
     app.include_router(duplicates.router)
     app.include_router(calibration.router)

@@ -32,6 +32,7 @@ CODES: dict[str, str] = {
     "unsupported_media_type": "This operation takes another content type (see its request body).",
     "unauthorized": "A valid X-API-Key header is required.",
     "product_not_found": "No product has this id.",
+    "image_not_found": "No such image (of that product, or embedded by the loaded model).",
     "pair_not_found": "The two products were never found as a duplicate pair.",
     "decision_not_found": "There is no decision on this pair.",
     "rate_limited": "Too many requests (or failed keys) from this client; see Retry-After.",

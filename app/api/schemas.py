@@ -23,12 +23,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from app.catalogue.filters import (
+    LABEL_KEY_PATTERN,
+    MAX_VALUE_LENGTH,
+    MAX_VALUES_PER_KEY,
+    LabelFilter,
+    normalise_labels,
+)
 from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
@@ -113,6 +121,23 @@ def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> Non
         raise ValueError("attributes must be JSON with valid Unicode text") from None
     if size > limits.max_bytes:
         raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
+
+
+LabelValue = Annotated[Name, StringConstraints(min_length=1, max_length=MAX_VALUE_LENGTH)]
+"""One value of a label (no control characters)."""
+
+LabelValues = Annotated[list[LabelValue], Field(min_length=1, max_length=MAX_VALUES_PER_KEY)]
+
+SetId = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+"""A product set's id: 1-64 letters, digits, `_`, `.` or `-`."""
+
+Sets = Annotated[list[SetId], Field(max_length=64)]
+
+Labels = dict[str, LabelValues]
+"""key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`. Keys (1-64
+letters, digits, `_`, `.`, `-`) are checked by a validator rather than a key pattern, so
+the JSON Schema says `additionalProperties: array of strings`, which generated clients
+turn into a typed map (a `patternProperties` schema they would drop)."""
 
 
 class RequestModel(BaseModel):
@@ -239,7 +264,27 @@ class ProductIn(RequestModel):
         "(16 KiB) as compact JSON, VS_ATTRIBUTES__MAX_DEPTH (4) levels deep and "
         "VS_ATTRIBUTES__MAX_KEYS (64) keys in all.",
     )
+    labels: Labels | None = Field(
+        None,
+        description="The filterable part of the product: key -> one or more values. "
+        "Search, list and duplicates filter on them (with `category` as one more key, so no "
+        "label may be named `category`). Omitted: a re-post keeps the stored labels; `{}` "
+        "clears them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
+    sets: Sets | None = Field(
+        None,
+        description="The product sets (catalogue partitions) the product belongs to; filters "
+        "name them with the `set` key. Omitted: a re-post keeps the stored sets; `[]` "
+        "removes the product from every set.",
+        examples=[["catalogue"]],
+    )
     images: list[ImageIn] = Field(min_length=1, max_length=64)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
 
     @field_validator("attributes")
     @classmethod
@@ -263,6 +308,8 @@ class ProductsCreate(RequestModel):
                             "title": "Organic whole milk 1 L",
                             "category": "dairy",
                             "attributes": {"brand": "Arla"},
+                            "labels": {"brand": ["Arla"], "fat": ["whole"]},
+                            "sets": ["catalogue"],
                             "images": [{"url": "https://cdn.example.com/sku-123/front.jpg"}],
                         }
                     ]
@@ -302,6 +349,10 @@ class ProductRead(BaseModel):
     title: str | None
     category: str | None
     attributes: dict[str, Any]
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="key -> values, sorted.", examples=[{"brand": ["Arla"]}]
+    )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
     images: list[ImageRead]
     created_at: datetime
     updated_at: datetime
@@ -310,13 +361,36 @@ class ProductRead(BaseModel):
 class ProductsRead(BaseModel):
     products: list[ProductRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    total: int = Field(
+        description="Exact number of products passing the filters, all pages together."
+    )
 
 
 # search ---------------------------------------------------------------------------------
 class SearchFilters(RequestModel):
+    """A filter expression: every key of `must` must have one of its values (AND across
+    keys, OR within a key), no key of `must_not` may have any of its values. `category`
+    is one more key (`"must": {"category": ["dairy", "bakery"]}`), and so is `set`, the
+    product sets (`"must": {"set": ["catalogue"]}`); the `category` field is a shorthand
+    for one category."""
+
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
     )
+    must: dict[str, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> accepted values: a product passes when, for every key, it has "
+        "at least one of them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
+    must_not: dict[str, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> refused values: a product having any of them does not pass.",
+        examples=[{"color": ["green"]}],
+    )
+
+    def as_filter(self) -> LabelFilter:
+        return LabelFilter.build(self.must, self.must_not, category=self.category)
 
 
 class SearchRequest(RequestModel):
@@ -354,6 +428,9 @@ class SearchRequest(RequestModel):
         "catalogue images (a second index search); default: on when "
         "`VS_SEARCH__EXPANSION` > 0.",
     )
+    group_size: int = Field(
+        1, ge=1, le=16, description="Up to this many images of each product in its hit's `images`."
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -369,12 +446,21 @@ class SearchRequest(RequestModel):
                     "image_url": "https://cdn.example.com/shopper-photo.jpg",
                     "bbox": {"x": 40, "y": 60, "w": 300, "h": 420},
                     "k": 10,
-                    "filters": {"category": "dairy"},
+                    "filters": {
+                        "must": {"category": ["dairy"], "brand": ["Arla", "Lurpak"]},
+                        "must_not": {"fat": ["skimmed"]},
+                    },
                     "min_score": 0.3,
                 }
             ],
         },
     )
+
+
+class ImageMatchRead(BaseModel):
+    image_id: int
+    score: float = Field(description="Cosine similarity of this image to the query.")
+    image_url: str | None = None
 
 
 class SearchHitRead(BaseModel):
@@ -384,10 +470,88 @@ class SearchHitRead(BaseModel):
     category: str | None
     image_id: int = Field(description="The product image that matched best.")
     image_url: str | None = Field(None, description="That image's URL, when it came from one.")
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="The product's labels (no extra request needed)."
+    )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
+    images: list[ImageMatchRead] = Field(
+        default_factory=list,
+        description="The product's best matching images, best first (`group_size` of them).",
+    )
 
 
 class SearchRead(BaseModel):
     results: list[SearchHitRead] = Field(description="One entry per product, best first.")
+    model_id: str
+    took_ms: float
+
+
+class SimilarSearchRequest(RequestModel):
+    """Exactly one of `product_id` or `image_id`."""
+
+    product_id: Name | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="More like this product (all of its images); it is never in its results.",
+    )
+    image_id: int | None = Field(
+        None, ge=0, description="More like this stored image; its product is never in results."
+    )
+    k: int = SearchRequest.model_fields["k"]  # type: ignore[assignment]
+    filters: SearchFilters | None = None
+    min_score: float | None = SearchRequest.model_fields["min_score"]  # type: ignore[assignment]
+    group_size: int = SearchRequest.model_fields["group_size"]  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SimilarSearchRequest:
+        if (self.product_id is None) == (self.image_id is None):
+            raise ValueError("give exactly one of `product_id` or `image_id`")
+        return self
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"product_id": "sku-123", "k": 5}]},
+    )
+
+
+class BatchSearchRequest(RequestModel):
+    queries: list[SearchRequest] = Field(
+        min_length=1,
+        max_length=32,
+        description="Up to 32 searches, each with its own image, k, filters and options.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "queries": [
+                        {"image_url": "https://cdn.example.com/photo-1.jpg", "k": 5},
+                        {
+                            "image_url": "https://cdn.example.com/photo-2.jpg",
+                            "k": 5,
+                            "filters": {"must": {"category": ["dairy"]}},
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
+
+class BatchSearchItemRead(BaseModel):
+    results: list[SearchHitRead] = Field(
+        default_factory=list, description="As `POST /search` returns them; empty on error."
+    )
+    error: ErrorBody | None = Field(None, description="Why this query failed (the others ran).")
+
+
+class BatchSearchRead(BaseModel):
+    """One entry per query, in the order sent."""
+
+    responses: list[BatchSearchItemRead]
     model_id: str
     took_ms: float
 
@@ -419,6 +583,9 @@ class DuplicatePairsRead(BaseModel):
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
     calibrated: bool = Field(
         False, description="Whether probabilities exist (enough review decisions)."
+    )
+    total: int | None = Field(
+        None, description="Exact number of pairs passing the filters, all pages together."
     )
 
 
@@ -464,3 +631,53 @@ class DecisionRecordRead(DecisionRead):
 class DecisionsRead(BaseModel):
     decisions: list[DecisionRecordRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+# partial updates ------------------------------------------------------------------------
+class ProductPatchIn(RequestModel):
+    """The fields to change; a field left out is kept, `null` clears it."""
+
+    title: Text | None = Field(None, max_length=4096, examples=["Organic whole milk 1.5 L"])
+    category: Name | None = Field(None, max_length=256, examples=["dairy"])
+    attributes: dict[str, Any] | None = Field(
+        None, description="Replaces the free-form attributes (same bounds as on create)."
+    )
+    labels: Labels | None = Field(
+        None,
+        description="Replaces every label (`{}` or `null` clears them).",
+        examples=[{"brand": ["Arla"], "fat": ["whole"]}],
+    )
+    sets: Sets | None = Field(
+        None, description="Replaces the product's sets (`[]` or `null`: in no set)."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Organic whole milk 1.5 L", "labels": {}}]},
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None:
+            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
+        return value
+
+
+class ProductUpdateRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the patch set what was already stored."
+    )
+    product: ProductRead
+
+
+class ImageAddRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the product already had this image (same bytes and box)."
+    )
+    image: ImageRead

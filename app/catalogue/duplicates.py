@@ -43,6 +43,7 @@ from app.catalogue.calibration import (
     Tier,
     pair_score,
 )
+from app.catalogue.filters import LabelFilter
 from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
@@ -162,6 +163,8 @@ class DuplicatesService:
         cursor: str | None,
         category: str | None,
         undecided: bool,
+        where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
     ) -> tuple[list[repo.PairRow], str | None]:
         self.check_min_score(min_score)
         after = None
@@ -176,6 +179,8 @@ class DuplicatesService:
                 after=after,
                 category=category,
                 undecided=undecided,
+                where=where,
+                between=between,
             )
         next_cursor = (
             encode_cursor("pairs", (rows[-1].score, rows[-1].a_pk, rows[-1].b_pk))
@@ -184,13 +189,39 @@ class DuplicatesService:
         )
         return rows, next_cursor
 
+    def count_listed_pairs(
+        self,
+        *,
+        min_score: float,
+        category: str | None,
+        undecided: bool,
+        where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
+    ) -> int:
+        """The exact number of pairs `list_pairs` pages through (its `total`)."""
+        self.check_min_score(min_score)
+        with self.db.read() as session:
+            return repo.count_listed_pairs(
+                session,
+                min_score=min_score,
+                category=category,
+                undecided=undecided,
+                where=where,
+                between=between,
+            )
+
     def groups(
-        self, *, min_score: float, category: str | None, max_pairs: int = 1_000_000
+        self,
+        *,
+        min_score: float,
+        category: str | None,
+        max_pairs: int = 1_000_000,
+        where: LabelFilter | None = None,
     ) -> list[DuplicateGroup]:
         self.check_min_score(min_score)
         with self.db.read() as session:
             pairs = repo.all_pairs(
-                session, min_score=min_score, category=category, limit=max_pairs + 1
+                session, min_score=min_score, category=category, limit=max_pairs + 1, where=where
             )
         if len(pairs) > max_pairs:
             raise InvalidRequest(

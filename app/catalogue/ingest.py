@@ -37,6 +37,8 @@ class CsvColumns:
     title: str | None = "title"
     category: str | None = "category"
     attributes: str | None = "attributes"
+    labels: str | None = "labels"  # `key=value,key=value` (Vision Product Search's form)
+    sets: str | None = "sets"  # `set|set`
     box: tuple[str, str, str, str] = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
@@ -88,6 +90,23 @@ def _image(value: str, root: Path, box: Box | None) -> ImageInput:
     return ImageInput(path=(root / value), box=box)
 
 
+def _labels(cell: str | None) -> dict[str, list[str]]:
+    """`color=red,color=blue,brand=Acme` -> {"color": ["red", "blue"], "brand": ["Acme"]}."""
+    labels: dict[str, list[str]] = {}
+    for term in (cell or "").split(","):
+        if not term.strip():
+            continue
+        key, sep, value = term.partition("=")
+        if not sep:
+            raise InvalidRequest(f"labels take `key=value` terms (got {term!r})")
+        labels.setdefault(key.strip(), []).append(value.strip())
+    return labels
+
+
+def _sets(cell: str | None) -> list[str]:
+    return [s.strip() for s in (cell or "").split("|") if s.strip()]
+
+
 def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
     for number, line in enumerate(fh, 1):
         if not line.strip():
@@ -107,6 +126,8 @@ def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
                 title=raw.get("title"),
                 category=raw.get("category"),
                 attributes=raw.get("attributes") or {},
+                labels=raw.get("labels"),
+                sets=raw.get("sets"),
                 images=images,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -175,6 +196,8 @@ def _products_of_rows(
             "title": row.get(columns.title) if columns.title else None,
             "category": row.get(columns.category) if columns.category else None,
             "attributes": attributes,
+            "labels": _labels(row[columns.labels]) if columns.labels in fields else None,
+            "sets": _sets(row[columns.sets]) if columns.sets in fields else None,
             "images": images,
         }
     if current is not None:

@@ -75,6 +75,51 @@ class Product(Base):
     images: Mapped[list[ProductImage]] = relationship(
         back_populates="product", lazy="raise", order_by="ProductImage.position"
     )
+    sets: Mapped[list[ProductSetMember]] = relationship(
+        lazy="raise",
+        order_by="ProductSetMember.set_id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+    labels: Mapped[list[ProductLabel]] = relationship(
+        lazy="raise",
+        order_by="(ProductLabel.key, ProductLabel.value)",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class ProductLabel(Base):
+    """One value of one label of a product (`color` = `red`): the filterable part of a
+    product, one row per value so that filters are index lookups on both databases.
+
+    The (key, value, product) index answers "which products have color red or blue";
+    the primary key (product, key, value) reads one product's labels.
+    """
+
+    __tablename__ = "product_labels"
+
+    product_pk: Mapped[int] = mapped_column(
+        "product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+
+    __table_args__ = (Index("ix_product_labels_key_value", "key", "value", "product_id"),)
+
+
+class ProductSetMember(Base):
+    """A product's membership of a product set (a catalogue partition: a feed, a tenant,
+    a client's catalogue). A product may be in several sets."""
+
+    __tablename__ = "product_set_members"
+
+    set_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    product_pk: Mapped[int] = mapped_column(
+        "product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+
+    __table_args__ = (Index("ix_product_set_members_product_id", "product_id"),)
 
 
 class ProductImage(Base):

@@ -71,6 +71,11 @@ class PairNotFound(ServiceError):
     code = "pair_not_found"
 
 
+class ImageNotFound(ServiceError):
+    status_code = 404
+    code = "image_not_found"
+
+
 class DecisionNotFound(ServiceError):
     status_code = 404
     code = "decision_not_found"

@@ -176,3 +176,34 @@ def test_parquet_reads_as_the_same_products_as_csv(tmp_path: Path) -> None:
     assert [p.id for p in from_parquet] == ["a", "b"]
     assert [len(p.images) for p in from_parquet] == [2, 2]
     assert from_parquet[1].images[0].url == "https://example.com/b.jpg"
+
+
+class TestIngestLabelsAndSets:
+    def test_csv_and_jsonl_carry_labels_and_sets(
+        self, tmp_path: Path, tiny_model_dir: Path, database_url: str
+    ) -> None:
+        from app.catalogue import repository as repo
+
+        pattern(100, 80, seed=1).save(tmp_path / "a.jpg")
+        pattern(100, 80, seed=2).save(tmp_path / "b.jpg")
+        listing = tmp_path / "products.csv"
+        listing.write_text(
+            'id,image,labels,sets\nc1,a.jpg,"color=red,color=blue,brand=Acme",feed|catalogue\n'
+        )
+        jsonl = tmp_path / "more.jsonl"
+        record = {"id": "j1", "labels": {"fat": ["whole"]}, "sets": ["feed"]}
+        jsonl.write_text(json.dumps({**record, "images": [{"path": "b.jpg"}]}) + "\n")
+        env = _env(tiny_model_dir, tmp_path / "data", database_url)
+        for path in (listing, jsonl):
+            result = runner.invoke(cli, ["ingest", str(path), "--json"], env=env)
+            assert result.exit_code == 0, result.output
+        db = Database(database_url)
+        with db.read() as session:
+            pks = {p.external_id: p.pk for p in session.scalars(select(Product))}
+            labels = repo.labels_of(session, list(pks.values()))
+            sets = repo.sets_of(session, list(pks.values()))
+        db.dispose()
+        assert labels[pks["c1"]] == {"brand": ["Acme"], "color": ["blue", "red"]}
+        assert sets[pks["c1"]] == ["catalogue", "feed"]
+        assert labels[pks["j1"]] == {"fat": ["whole"]}
+        assert sets[pks["j1"]] == ["feed"]

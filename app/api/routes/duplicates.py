@@ -11,6 +11,7 @@ from app.api import examples
 from app.api.bodies import UnsupportedMediaType, read_json, request_body
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
+from app.api.filters import ExcludeLabelQuery, LabelQuery
 from app.api.schemas import (
     DecisionCreate,
     DecisionRead,
@@ -22,9 +23,11 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.catalogue.filters import LabelFilter
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
     DecisionNotFound,
+    InvalidRequest,
     NotCalibrated,
     PairNotFound,
     ProductNotFound,
@@ -69,9 +72,12 @@ MinProbability = Annotated[
         "a page at a time (follow `next_cursor`; the order is stable). Pairs are kept up to "
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
-        "products must be in it. A `min_score` below the floor is a 422: such pairs are "
-        "not stored. Each pair carries its calibrated `probability` and `tier` "
-        "(see `GET /duplicates/calibration`)."
+        "products must be in it; likewise both must pass `label` (repeat `key:value`: AND "
+        "across keys, OR within a key) and `exclude_label`; `label=set:<id>` keeps pairs "
+        "inside one product set, `set_a` and `set_b` pairs across two (which incoming "
+        "products already exist in the catalogue). `total` counts the pairs of all pages. "
+        "A `min_score` below the floor is a 422: such pairs are not stored. Each pair "
+        "carries its calibrated `probability` and `tier` (see `GET /duplicates/calibration`)."
     ),
     responses=error_responses(InvalidCursor, NotCalibrated)
     | examples.ok(examples.DUPLICATE_PAIRS_READ),
@@ -85,11 +91,21 @@ async def list_duplicate_pairs(
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
     min_probability: MinProbability = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
+    set_a: Annotated[
+        str | None, Query(description="With `set_b`: pairs with one product in each set.")
+    ] = None,
+    set_b: Annotated[str | None, Query(description="The other set (with `set_a`).")] = None,
 ) -> DuplicatePairsRead:
+    where = LabelFilter.parse_terms(label, exclude_label)
+    if (set_a is None) != (set_b is None):
+        raise InvalidRequest("Give both `set_a` and `set_b`, or neither.")
+    between = (set_a, set_b) if set_a is not None and set_b is not None else None
     if min_probability is not None:
         lowest = await asyncio.to_thread(duplicates.score_for_probability, min_probability)
         if lowest is None:  # no score reaches that probability
-            return DuplicatePairsRead(pairs=[], next_cursor=None, calibrated=True)
+            return DuplicatePairsRead(pairs=[], next_cursor=None, calibrated=True, total=0)
         min_score = max(min_score, lowest)
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
@@ -98,6 +114,16 @@ async def list_duplicate_pairs(
         cursor=cursor,
         category=category,
         undecided=undecided,
+        where=where,
+        between=between,
+    )
+    total = await asyncio.to_thread(
+        duplicates.count_listed_pairs,
+        min_score=min_score,
+        category=category,
+        undecided=undecided,
+        where=where,
+        between=between,
     )
     calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
@@ -118,6 +144,7 @@ async def list_duplicate_pairs(
         ],
         next_cursor=next_cursor,
         calibrated=calibrated,
+        total=total,
     )
 
 
@@ -142,8 +169,13 @@ async def list_duplicate_groups(
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> DuplicateGroupsRead:
-    found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
+    where = LabelFilter.parse_terms(label, exclude_label)
+    found = await asyncio.to_thread(
+        duplicates.groups, min_score=min_score, category=category, where=where
+    )
     if cursor:
         # Keyset paging on the groups' order (size, weakest score, centre): a catalogue
         # change between pages shifts no group the client has not seen past the cursor.

@@ -18,6 +18,7 @@ from app.api.bodies import (
 )
 from app.api.deps import CatalogueDep, StateDep
 from app.api.errors import IMAGE_ERRORS, error_responses
+from app.api.filters import ExcludeLabelQuery, LabelQuery, label_map
 from app.api.forms import ProductUpload
 from app.api.schemas import (
     ErrorBody,
@@ -30,7 +31,8 @@ from app.api.schemas import (
     ProductsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
-from app.catalogue.models import Product
+from app.catalogue.filters import LabelFilter
+from app.catalogue.models import Product, ProductImage
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
@@ -135,6 +137,8 @@ def _upload_input(body: ProductUpload) -> ProductInput:
         title=body.title,
         category=body.category,
         attributes=body.attributes or {},
+        labels=body.labels,
+        sets=body.sets,
         images=[ImageInput(data=data) for data in body.image],
     )
 
@@ -145,6 +149,8 @@ def _product_input(p: ProductIn) -> ProductInput:
         title=p.title,
         category=p.category,
         attributes=p.attributes,
+        labels=p.labels,
+        sets=p.sets,
         images=[
             ImageInput(url=img.url, data_b64=img.data, box=img.box.as_box() if img.box else None)
             for img in p.images
@@ -159,30 +165,31 @@ def _result(result: ProductResult) -> ProductResultRead:
     return ProductResultRead(id=result.id, status=result.status, images=result.images, error=error)
 
 
+def image_read(img: ProductImage, *, embeddings: bool = False) -> ImageRead:
+    return ImageRead(
+        image_id=img.id,
+        position=img.position,
+        url=img.source_url if img.source_url and "://" in img.source_url else None,
+        sha256=img.sha256,
+        box=img.box,
+        width=img.width,
+        height=img.height,
+        model_id=img.model_id,
+        embedding=np.frombuffer(img.embedding, dtype=np.float32).tolist() if embeddings else None,
+    )
+
+
 def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
     return ProductRead(
         id=product.external_id,
         title=product.title,
         category=product.category,
         attributes=product.attributes or {},
+        labels=label_map(product),
+        sets=[member.set_id for member in product.sets],
         created_at=product.created_at,
         updated_at=product.updated_at,
-        images=[
-            ImageRead(
-                image_id=img.id,
-                position=img.position,
-                url=img.source_url if img.source_url and "://" in img.source_url else None,
-                sha256=img.sha256,
-                box=img.box,
-                width=img.width,
-                height=img.height,
-                model_id=img.model_id,
-                embedding=(
-                    np.frombuffer(img.embedding, dtype=np.float32).tolist() if embeddings else None
-                ),
-            )
-            for img in product.images
-        ],
+        images=[image_read(img, embeddings=embeddings) for img in product.images],
     )
 
 
@@ -190,7 +197,12 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
     "",
     response_model=ProductsRead,
     summary="List products",
-    description="Products in insertion order, a page at a time; follow `next_cursor`.",
+    description=(
+        "Products in insertion order, a page at a time; follow `next_cursor`. `label` and "
+        "`exclude_label` filter as search's `filters` do: repeat `label=key:value` (AND "
+        "across keys, OR within a key; `category:dairy` works too) and "
+        "`exclude_label=key:value`. `total` counts every product passing the filters."
+    ),
     responses=error_responses(InvalidCursor, NotReady) | examples.ok(examples.PRODUCTS_READ),
 )
 async def list_products(
@@ -199,13 +211,19 @@ async def list_products(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> ProductsRead:
     after = int(decode_cursor(cursor, "products", (int,))[0]) if cursor else None
+    where = LabelFilter.parse_terms(label, exclude_label, category=category)
     products = await asyncio.to_thread(
-        catalogue.list_products, after_pk=after, limit=limit, category=category
+        catalogue.list_products, after_pk=after, limit=limit, where=where
     )
+    total = await asyncio.to_thread(catalogue.count_products, where=where)
     next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
-    return ProductsRead(products=[product_read(p) for p in products], next_cursor=next_cursor)
+    return ProductsRead(
+        products=[product_read(p) for p in products], next_cursor=next_cursor, total=total
+    )
 
 
 @router.get(

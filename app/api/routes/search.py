@@ -9,7 +9,8 @@ from app.api.bodies import MULTIPART, UnsupportedMediaType, read_body, read_form
 from app.api.deps import SearchDep
 from app.api.errors import IMAGE_ERRORS, error_responses
 from app.api.forms import SearchUpload
-from app.api.schemas import SearchHitRead, SearchRead, SearchRequest
+from app.api.routes.search_more import hit_read
+from app.api.schemas import SearchRead, SearchRequest
 from app.api.security import RateLimitDep, ReadKeyDep
 from app.catalogue.search import SearchOutcome, SearchService
 from app.catalogue.service import decode_base64_image
@@ -31,17 +32,26 @@ search-time quality features for this request; left out, the service's settings 
 (`VS_SEARCH__*`). With product-level scoring on (`VS_SEARCH__PRODUCT_IMAGES` > 1), a
 product's score blends its best image's cosine with the mean of its best images.
 
+`filters` is `{"must": {key: [values]}, "must_not": {key: [values]}}` over the products'
+labels, with `category` as one more key: AND across the keys of `must`, OR within a key,
+and no key of `must_not` may match (`{"must": {"color": ["red", "blue"], "brand":
+["Acme"]}, "must_not": {"color": ["green"]}}`). An unknown field is a 422. `group_size`
+puts up to that many images of each product in its hit's `images`.
+
 The box is in pixels of the upright image (EXIF orientation applied) and must lie inside
 it. Results hold one entry per product (its best matching image), ordered by score; the
-scores are cosine similarities of the embeddings. A category filter is exact: it never
-returns another category, and returns k results whenever k exist. Products are
+scores are cosine similarities of the embeddings. Filters are exact: a result always
+passes them, and k results come back whenever k products pass (the index is searched
+deeper for broad filters, exactly over the matching images for selective ones). Each hit
+carries the product's labels. Products are
 searchable as soon as `POST /products` returned for them.
 """
 
 UPLOAD_DESCRIPTION = """
 The same search with the query image uploaded as a multipart form: an `image` file,
 optional `bbox` as `x,y,w,h` (or `bbox_x`, `bbox_y`, `bbox_w`, `bbox_h`, the Products-10K
-names), `k`, `category`, `min_score`, `flip`, `expand`. Answers as `POST /search`.
+names), `k`, `category`, `filters` (the JSON filter of `POST /search`, as text),
+`min_score`, `group_size`, `flip`, `expand`. Answers as `POST /search`.
 """
 
 _ERRORS = (*IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady, Overloaded)
@@ -65,8 +75,9 @@ async def search_by_image(request: Request, search: SearchDep, _key: ReadKeyDep)
         url=body.image_url,
         box=body.bbox.as_box() if body.bbox else None,
         k=body.k,
-        category=body.filters.category if body.filters else None,
+        where=body.filters.as_filter() if body.filters else None,
         min_score=body.min_score,
+        group_size=body.group_size,
         flip=body.flip,
         expand=body.expand,
     )
@@ -98,7 +109,9 @@ async def _search_upload(search: SearchService, body: SearchUpload) -> SearchRea
         box=body.box,
         k=body.k,
         category=body.category or None,
+        where=body.filters.as_filter() if body.filters else None,
         min_score=body.min_score,
+        group_size=body.group_size,
         flip=body.flip,
         expand=body.expand,
     )
@@ -107,7 +120,7 @@ async def _search_upload(search: SearchService, body: SearchUpload) -> SearchRea
 
 def _read(outcome: SearchOutcome) -> SearchRead:
     return SearchRead(
-        results=[SearchHitRead(**hit.__dict__) for hit in outcome.hits],
+        results=[hit_read(hit) for hit in outcome.hits],
         model_id=outcome.model_id,
         took_ms=outcome.took_ms,
     )
