@@ -28,6 +28,8 @@ PRODUCTS_CREATE: dict[str, Any] = {
             "title": "Oatly natural oatghurt 1 kg",
             "category": "dairy",
             "attributes": {"brand": "Oatly", "size": "1 kg"},
+            "labels": {"brand": ["Oatly"], "diet": ["vegan", "lactose-free"]},
+            "sets": ["catalogue"],
             "images": [{"data": SAMPLE_B64}],
         },
         {
@@ -35,6 +37,8 @@ PRODUCTS_CREATE: dict[str, Any] = {
             "title": "OATLY Oatgurt natural, 1000 g",
             "category": "dairy",
             "attributes": {"brand": "Oatly"},
+            "labels": {"brand": ["Oatly"]},
+            "sets": ["feed"],
             "images": [{"data": SAMPLE_B64, "box": {"x": 0, "y": 0, "w": 160, "h": 160}}],
         },
     ]
@@ -64,18 +68,20 @@ PRODUCT_READ: dict[str, Any] = {
     "title": "Oatly natural oatghurt 1 kg",
     "category": "dairy",
     "attributes": {"brand": "Oatly", "size": "1 kg"},
+    "labels": {"brand": ["Oatly"], "diet": ["lactose-free", "vegan"]},
+    "sets": ["catalogue"],
     "images": [_IMAGE],
     "created_at": _TIME,
     "updated_at": _TIME,
 }
 
-PRODUCTS_READ: dict[str, Any] = {"products": [PRODUCT_READ], "next_cursor": None}
+PRODUCTS_READ: dict[str, Any] = {"products": [PRODUCT_READ], "next_cursor": None, "total": 2}
 
 SEARCH_REQUEST: dict[str, Any] = {
     "image": SAMPLE_B64,
     "bbox": {"x": 10, "y": 10, "w": 140, "h": 140},
     "k": 5,
-    "filters": {"category": "dairy"},
+    "filters": {"must": {"category": ["dairy"], "diet": ["vegan"]}},
 }
 
 SEARCH_READ: dict[str, Any] = {
@@ -87,6 +93,9 @@ SEARCH_READ: dict[str, Any] = {
             "category": "dairy",
             "image_id": 1,
             "image_url": None,
+            "labels": {"brand": ["Oatly"], "diet": ["lactose-free", "vegan"]},
+            "sets": ["catalogue"],
+            "images": [{"image_id": 1, "score": 0.97, "image_url": None}],
         }
     ],
     "model_id": "convnext-arcface-5f0e1c2d",
@@ -109,6 +118,7 @@ DUPLICATE_PAIRS_READ: dict[str, Any] = {
     ],
     "next_cursor": None,
     "calibrated": False,
+    "total": 1,
 }
 
 DUPLICATE_GROUPS_READ: dict[str, Any] = {
