@@ -28,7 +28,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.json_schema import SkipJsonSchema
 
 from app.catalogue.filters import (
     LABEL_KEY_PATTERN,
@@ -206,8 +205,12 @@ class BoxIn(RequestModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
-def _no_default(schema: dict[str, Any]) -> None:
+def _absent_not_null(schema: dict[str, Any]) -> None:
+    """The field's schema as a plain string: it may be left out, but not sent as null."""
     schema.pop("default", None)
+    branches = [b for b in schema.pop("anyOf", []) if b.get("type") != "null"]
+    if branches:
+        schema.update(branches[0])
 
 
 def _no_null(value: object) -> object:
@@ -221,22 +224,22 @@ class ImageIn(RequestModel):
 
     # "Exactly one of" is said in the descriptions, not as a `oneOf` of `required` lists:
     # openapi-python-client turns a model with an object-level oneOf into `Any`, losing
-    # the typed model generated clients need. `| SkipJsonSchema[None]`: the field may be
-    # absent but not null, as the schema says.
-    url: Name | SkipJsonSchema[None] = Field(
+    # the typed model generated clients need. The fields may be absent but not null
+    # (`_no_null` refuses an explicit null; the schema shows a plain string).
+    url: Name | None = Field(
         None,
         max_length=4096,
         description="Exactly one of `url` or `data`. Public http(s) URL of the image "
         "(private addresses are refused).",
-        json_schema_extra=_no_default,
+        json_schema_extra=_absent_not_null,
         examples=["https://cdn.example.com/sku-1/front.jpg"],
     )
-    data: str | SkipJsonSchema[None] = Field(
+    data: str | None = Field(
         None,
         description="Exactly one of `url` or `data`. The image file (JPEG, PNG, WebP or "
         "GIF), base64: the standard alphabet with padding, on one line; a "
         "`data:image/...;base64,` prefix is accepted.",
-        json_schema_extra=_no_default,
+        json_schema_extra=_absent_not_null,
     )
     box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
 
@@ -396,18 +399,18 @@ class SearchFilters(RequestModel):
 class SearchRequest(RequestModel):
     """Exactly one of `image_url` or `image`."""
 
-    image_url: Name | SkipJsonSchema[None] = Field(
+    image_url: Name | None = Field(
         None,
         max_length=4096,
         description="Exactly one of `image_url` or `image`. Public http(s) URL of the query image.",
-        json_schema_extra=_no_default,
+        json_schema_extra=_absent_not_null,
     )
-    image: str | SkipJsonSchema[None] = Field(
+    image: str | None = Field(
         None,
         description="Exactly one of `image_url` or `image`. The query image file, base64: "
         "the standard alphabet with padding, on one line; a `data:image/...;base64,` prefix "
         "is accepted.",
-        json_schema_extra=_no_default,
+        json_schema_extra=_absent_not_null,
     )
 
     _present = field_validator("image_url", "image", mode="before")(_no_null)
