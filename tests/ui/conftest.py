@@ -45,8 +45,10 @@ def _unavailable(message: str) -> None:
     pytest.skip(message)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Per module, not per session: Playwright's sync API runs an event loop of its own
+    in this thread, and the asyncio tests of other modules need the thread free."""
     executable = chromium_path()
     if executable is None:
         _unavailable("chromium not found (apt-get install chromium, or set VS_TEST_CHROMIUM)")
