@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 
 from app import __version__
 from app.api.docs import install_docs
@@ -19,8 +20,24 @@ from app.api.forms import ProductUpload, SearchUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
-from app.api.routes import duplicates, health, metrics, products, search
-from app.api.schemas import ProductsCreate, SearchRequest, refuse_control_characters
+from app.api.routes import (
+    calibration,
+    duplicates,
+    health,
+    images,
+    metrics,
+    product_edits,
+    products,
+    search,
+    search_more,
+)
+from app.api.routes.pages import install_pages
+from app.api.schemas import (
+    DecisionCreate,
+    ProductsCreate,
+    SearchRequest,
+    refuse_control_characters,
+)
 from app.api.state import ApiState
 from app.api.strict import reject_unknown_query
 from app.core.config import Settings
@@ -31,16 +48,25 @@ LOG = logging.getLogger(__name__)
 DESCRIPTION = """
 Self-hosted visual product search.
 
-* **Index** catalogue products with one or more images (`POST /products`).
-* **Search** the catalogue with a shopper's photo, optionally cropped to a box (`POST /search`).
-* **Unify** the catalogue: product pairs that show the same item (`GET /duplicates`).
+* **Index** catalogue products with one or more images (`POST /products` as JSON,
+  `POST /products/upload` with image files).
+* **Search** the catalogue with a shopper's photo, optionally cropped to a box
+  (`POST /search` with a URL or base64, `POST /search/upload` with the file).
+* **Unify** the catalogue: product pairs that show the same item (`GET /duplicates`),
+  groups of them, and reviewers' decisions.
 
-Every error has the body `{"error": {"code": "...", "message": "..."}}`; the codes are
-listed under each route. Write routes need an `X-API-Key` header when the service has
-`VS_API_KEYS` set (reads too when `VS_API_KEYS_READ` is set). Rate limits answer 429 with
-`Retry-After`; a full inference queue answers 503 with `Retry-After`. Embeddings come from
-the model named in `GET /ready` (`model.model_id`). Every response carries an
-`X-Request-ID` (yours, when you send one).
+Every error has the body `{"error": {"code": "...", "message": "..."}}`; each operation
+lists the codes it can answer, each with its own schema. Which operations need an
+`X-API-Key` header follows this service's settings (`VS_API_KEYS` for writes,
+`VS_API_KEYS_READ` for reads) and is declared per operation; a client generated with
+openapi-python-client sends it with `AuthenticatedClient(base_url, token=key,
+auth_header_name="X-API-Key", prefix="")`. Rate limits answer 429 and a full inference
+queue 503, both with `Retry-After`. Embeddings come from the model named in `GET /ready`
+(`model.model_id`). Every response carries an `X-Request-ID` (yours, when you send one).
+
+The examples in this document work against a fresh service, in order: index the sample
+products, search with the sample image, list the duplicate pair they form, decide on it,
+undo the decision, delete.
 """
 
 TAGS = [
@@ -91,6 +117,10 @@ async def _hold_services(state: ApiState, stop: asyncio.Event) -> None:
         raise
 
 
+def _operation_id(route: APIRoute) -> str:
+    return route.name
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the model, database, index and worker start in the lifespan."""
     settings = settings or Settings()
@@ -106,15 +136,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served from local assets by install_docs
         redoc_url=None,
         openapi_url="/openapi.json" if settings.docs else None,
+        # Operation ids are the route functions' names (`create_products`, `search_by_image`):
+        # generated clients name their methods after them.
+        generate_unique_id_function=_operation_id,
     )
     state = ApiState.from_settings(settings)
     app.state.vs = state
     install_error_handlers(app)
     app.include_router(search.router)
+    app.include_router(search_more.router)
+    app.include_router(product_edits.router)  # before products: its routes are more specific
     app.include_router(products.router)
     app.include_router(duplicates.router)
+    app.include_router(calibration.router)
+    app.include_router(images.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
+    install_pages(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(RequestPixelBudget, max_pixels=settings.image.max_request_pixels)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
@@ -129,5 +167,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestObservability, metrics=state.metrics)
     if settings.docs:
         install_docs(app, "/openapi.json")
-    install_openapi(app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload])
+    install_openapi(
+        app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload, DecisionCreate], state
+    )
     return app

@@ -24,8 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from app.catalogue import repository as repo
+from app.catalogue.calibration import CalibrationPolicy
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
+from app.catalogue.notify import ChangeListener
 from app.catalogue.rerank import SearchQuality
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
@@ -216,9 +218,44 @@ def _close_index(index: IndexService, save: bool) -> None:
 
 
 def _duplicates(settings: Settings, db: Database, index: IndexService) -> DuplicatesService:
-    return DuplicatesService(
-        db, index, floor=settings.duplicates.floor, neighbours=settings.duplicates.neighbours
+    d = settings.duplicates
+    policy = CalibrationPolicy(
+        min_labels=d.calibration_min_labels,
+        isotonic_labels=d.calibration_isotonic_labels,
+        refit_every=d.calibration_refit_every,
+        same_probability=d.same_probability,
+        exact_score=d.exact_score,
     )
+    return DuplicatesService(
+        db,
+        index,
+        floor=d.floor,
+        neighbours=d.neighbours,
+        replay_limit=d.replay_limit,
+        calibration=policy,
+    )
+
+
+def _follow_replicas(
+    stack: ExitStack | AsyncExitStack,
+    settings: Settings,
+    db: Database,
+    index: IndexService,
+    duplicates: DuplicatesService,
+) -> None:
+    """Converge with the other replicas that share the database.
+
+    Products they write reach this index through the change log; their duplicate pairs
+    are recomputed here as they arrive (unless `VS_DUPLICATES__ON_REPLAY` is off). On
+    Postgres a listener wakes the catch-up as soon as any replica commits; the periodic
+    catch-up stays as the safety net (and is the only path on SQLite).
+    """
+    if settings.duplicates.on_replay:
+        index.on_replay.append(duplicates.on_replay)
+    if settings.index.notify and db.is_postgres:
+        listener = ChangeListener(db, index.wake)
+        listener.start()
+        stack.callback(listener.stop)  # before the index closes (exits run in reverse)
 
 
 # the bundles ----------------------------------------------------------------------------
@@ -240,7 +277,10 @@ def open_storage(settings: Settings, *, tail: bool = False, save: bool = True) -
         model_id, dim = known
         index = _open_index(settings, db, model_id, dim, tail=tail)
         stack.callback(_close_index, index, save)
-        yield Storage(settings, db, index, _duplicates(settings, db, index))
+        duplicates = _duplicates(settings, db, index)
+        if tail:
+            _follow_replicas(stack, settings, db, index, duplicates)
+        yield Storage(settings, db, index, duplicates)
 
 
 @dataclass(frozen=True)
@@ -325,6 +365,8 @@ async def open_services(
         # index is saved, so nothing embedded at shutdown misses the saved index.
         stack.push_async_callback(_drain, embedding.worker)
         storage = Storage(settings, db, index, _duplicates(settings, db, index))
+        if tail:
+            _follow_replicas(stack, settings, db, index, storage.duplicates)
         search = SearchService(
             db,
             embedding.worker,

@@ -10,7 +10,7 @@ import is still a dependency. Layers, lowest first (a package may import only it
 layer's package and lower layers):
 
     core <- imaging <- inference <- index <- catalogue, evaluation
-         <- services, training, benchmarks <- api <- main <- cli
+         <- services, training, benchmarks <- api, bulk <- main <- cli
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ LAYERS: dict[str, int] = {
     "training": 5,
     "benchmarks": 5,
     "api": 6,
+    "bulk": 6,
     "main": 7,
     "cli": 8,
 }

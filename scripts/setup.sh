@@ -13,8 +13,8 @@ fi
 stamp=".venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "installing dependencies into .venv (first run: a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -e '.[dev,pretrained]' 2>&1 | grep -v "is ignored" >&2 || true
+  .venv/bin/python -m pip install -q --no-cache-dir --upgrade pip 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -m pip install -q --no-cache-dir -e '.[dev,pretrained]' 2>&1 | grep -v "is ignored" >&2 || true
   .venv/bin/python -c 'import app, torch, timm, faiss, fastapi' # fails loudly if the install did
   rm -f .venv/.installed-*
   touch "$stamp"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,38 @@ class TestEntrypointLogs:
         about_it = [line for line in lines if marker in json.dumps(line)]
         assert len(about_it) == 1, about_it
         assert about_it[0]["status"] == 200
+
+
+def test_replicas_profile_balances_replicas_with_their_own_index() -> None:
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    replica = compose["services"]["vsearch-replica"]
+    lb = compose["services"]["lb"]
+    known = {name for name, _, _ in settings_rows()}
+    assert {k for k in replica["environment"] if k.startswith("VS_")} <= known
+    assert replica["profiles"] == lb["profiles"] == ["replicas"]
+    assert replica["environment"]["VS_DATABASE_URL"].startswith("postgresql+psycopg://")
+    # No named volume at /data: every replica keeps its own index (the image's anonymous
+    # volume); a shared index directory would be written by several processes.
+    assert not any(v.split(":")[1] == "/data" for v in replica["volumes"])
+    assert "ports" not in replica  # reached through the load balancer only
+    assert lb["depends_on"]["vsearch-replica"]["condition"] == "service_healthy"
+    nginx = (REPO / "docker" / "lb" / "nginx.conf").read_text()
+    assert "server vsearch-replica:8000" in nginx
+    assert "X-Forwarded-For $remote_addr" in nginx
+    assert "apt-get install" in (REPO / "docker" / "lb" / "Dockerfile").read_text()
+
+
+def test_compose_file_validates_with_the_replicas_profile() -> None:
+    compose_cli = shutil.which("docker-compose")
+    if compose_cli is None:
+        pytest.skip("docker-compose is not installed")
+    result = subprocess.run(
+        [compose_cli, "--profile", "replicas", "config", "--services"],
+        cwd=REPO,
+        env={**os.environ, "VS_API_KEYS": "k"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert {"postgres", "vsearch", "vsearch-replica", "lb"} <= set(result.stdout.split())

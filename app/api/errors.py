@@ -9,24 +9,66 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.api.schemas import ErrorResponse
-from app.core.errors import ServiceError
+from app.core.errors import (
+    ImageFetchFailed,
+    ImageTooLarge,
+    ImageUndecodable,
+    InvalidBox,
+    InvalidRequest,
+    ServiceError,
+    UrlNotAllowed,
+)
 
-_DESCRIPTIONS = {
-    400: "Malformed request.",
-    401: "Missing or invalid API key.",
-    404: "Not found.",
-    413: "Image or request body too large.",
-    422: "Invalid input (validation error, undecodable image, bad box, URL not allowed).",
-    429: "Rate limit exceeded; see Retry-After.",
-    503: "Overloaded or not ready; see Retry-After.",
+CODES: dict[str, str] = {
+    "invalid_request": "A parameter or body field is invalid; `details` names each one.",
+    "invalid_cursor": "The `cursor` is not one this service issued for this list.",
+    "image_undecodable": "The bytes are not a JPEG, PNG, WebP or GIF image the service can "
+    "decode (or the base64 is malformed).",
+    "image_too_large": "The image passes the pixel or byte limits (VS_IMAGE__*).",
+    "invalid_box": "The box does not lie inside the upright image.",
+    "url_not_allowed": "The URL is not http(s), or points to a private or refused address.",
+    "image_fetch_failed": "The image URL could not be fetched (status, timeout, size).",
+    "request_too_large": "The request body passes VS_MAX_REQUEST_BYTES.",
+    "unsupported_media_type": "This operation takes another content type (see its request body).",
+    "unauthorized": "A valid X-API-Key header is required.",
+    "product_not_found": "No product has this id.",
+    "image_not_found": "No such image (of that product, or embedded by the loaded model).",
+    "pair_not_found": "The two products were never found as a duplicate pair.",
+    "decision_not_found": "There is no decision on this pair.",
+    "rate_limited": "Too many requests (or failed keys) from this client; see Retry-After.",
+    "not_ready": "The service is starting or stopping; see Retry-After.",
+    "overloaded": "The inference queue or image decoder is full; see Retry-After.",
+    "thumbnail_not_found": "No image has this id, or its thumbnail was not made yet "
+    "(`vsearch thumbnails backfill`).",
+    "not_calibrated": "Too few review decisions to give probabilities yet (see "
+    "`GET /duplicates/calibration`).",
 }
+"""Every error code an operation declares, with what it means (the OpenAPI documents each
+as its own schema, `<Code>Error`)."""
+
+IMAGE_ERRORS: tuple[type[ServiceError], ...] = (
+    InvalidRequest,
+    ImageUndecodable,
+    ImageTooLarge,
+    InvalidBox,
+    UrlNotAllowed,
+    ImageFetchFailed,
+)
+"""What any operation that reads an image can answer."""
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries for the given statuses, all with the error schema."""
+def error_responses(*errors: type[ServiceError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for the errors an operation raises, grouped by status.
+    `app.api.openapi` turns each code into its schema and adds the errors every operation
+    of a kind shares (invalid parameters, keys, rate limits, start-up)."""
+    by_status: dict[int, list[str]] = {}
+    for error in errors:
+        codes = by_status.setdefault(error.status_code, [])
+        if error.code not in codes:
+            codes.append(error.code)
     return {
-        s: {"model": ErrorResponse, "description": _DESCRIPTIONS.get(s, "Error.")} for s in statuses
+        status: {"description": "Error.", "x-error-codes": codes}
+        for status, codes in by_status.items()
     }
 
 

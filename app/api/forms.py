@@ -15,7 +15,17 @@ from pydantic import (
     model_validator,
 )
 
-from app.api.schemas import Name, ProductIn, SearchFilters, SearchRequest, Text, check_attributes
+from app.api.schemas import (
+    Labels,
+    Name,
+    ProductIn,
+    SearchFilters,
+    SearchRequest,
+    Sets,
+    Text,
+    check_attributes,
+)
+from app.catalogue.filters import normalise_labels
 from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
@@ -36,11 +46,26 @@ class ProductUpload(BaseModel):
     attributes: Json[dict[str, Any]] | None = Field(
         None, description="A JSON object, as text (free-form data kept with the product)."
     )
+    labels: Json[Labels] | None = Field(
+        None,
+        description='Labels as JSON text, key -> values: `{"color": ["red", "blue"]}`. '
+        "Omitted: a re-post keeps the stored labels.",
+    )
+    sets: Json[Sets] | None = Field(
+        None,
+        description='The product sets as JSON text: `["catalogue"]`. Omitted: a re-post keeps '
+        "the stored sets.",
+    )
     image: list[bytes] = Field(
         min_length=1,
         max_length=64,
         description="One or more image files (JPEG, PNG, WebP, GIF), in order.",
     )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
 
     @field_validator("attributes")
     @classmethod
@@ -65,9 +90,15 @@ class SearchUpload(BaseModel):
     bbox_h: float | None = Field(None, gt=0, description="Height.")
     k: int = _search["k"]  # type: ignore[assignment]
     category: Name | None = SearchFilters.model_fields["category"]  # type: ignore[assignment]
+    filters: Json[SearchFilters] | None = Field(
+        None,
+        description='A filter expression as JSON text: `{"must": {"color": ["red"]}, '
+        '"must_not": {"brand": ["Acme"]}}`.',
+    )
     min_score: float | None = _search["min_score"]  # type: ignore[assignment]
     flip: bool | None = _search["flip"]  # type: ignore[assignment]
     expand: bool | None = _search["expand"]  # type: ignore[assignment]
+    group_size: int = _search["group_size"]  # type: ignore[assignment]
 
     @model_validator(mode="after")
     def _one_box_spelling(self) -> SearchUpload:

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -143,6 +143,7 @@ class _ServicesCollector(Collector):
             )
             lag.add_metric([], index["catchup_lag"])
             yield lag
+            yield from _search_metrics(index)
         pairs = GaugeMetricFamily("vsearch_duplicate_pairs", "Duplicate pairs stored.")
         pairs.add_metric([], self._pair_count(services))
         yield pairs
@@ -207,3 +208,28 @@ class RequestObservability:
                     "duration_ms": round(duration * 1000, 2),
                 },
             )
+
+
+def _search_metrics(index: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
+    """The IVF-PQ search parameters in use and the recall they were measured to reach."""
+    search = index.get("search")
+    if search:
+        for name in ("nprobe", "refine"):
+            gauge = GaugeMetricFamily(
+                f"vsearch_index_search_{name}", f"IVF-PQ search {name} in use."
+            )
+            gauge.add_metric([], search[name])
+            yield gauge
+    tuning = index.get("tuning")
+    if tuning:
+        recall = GaugeMetricFamily(
+            "vsearch_index_recall",
+            "recall@k of the search parameters in use, measured against exact search on a "
+            "sample of the catalogue at the last tuning.",
+            labels=["k"],
+        )
+        recall.add_metric([str(tuning["k"])], tuning["recall"])
+        yield recall
+        target = GaugeMetricFamily("vsearch_index_recall_target", "The recall tuning aims at.")
+        target.add_metric([], tuning["target"])
+        yield target

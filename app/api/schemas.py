@@ -23,11 +23,20 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
+from app.catalogue.filters import (
+    LABEL_KEY_PATTERN,
+    MAX_VALUE_LENGTH,
+    MAX_VALUES_PER_KEY,
+    LabelFilter,
+    normalise_labels,
+)
 from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
@@ -114,6 +123,23 @@ def check_attributes(value: Mapping[str, Any], limits: AttributeSettings) -> Non
         raise ValueError(f"attributes are larger than {limits.max_bytes} bytes ({size})")
 
 
+LabelValue = Annotated[Name, StringConstraints(min_length=1, max_length=MAX_VALUE_LENGTH)]
+"""One value of a label (no control characters)."""
+
+LabelValues = Annotated[list[LabelValue], Field(min_length=1, max_length=MAX_VALUES_PER_KEY)]
+
+SetId = Annotated[str, StringConstraints(pattern=LABEL_KEY_PATTERN)]
+"""A product set's id: 1-64 letters, digits, `_`, `.` or `-`."""
+
+Sets = Annotated[list[SetId], Field(max_length=64)]
+
+Labels = dict[str, LabelValues]
+"""key -> one or more values: `{"color": ["red", "blue"], "brand": ["Acme"]}`. Keys (1-64
+letters, digits, `_`, `.`, `-`) are checked by a validator rather than a key pattern, so
+the JSON Schema says `additionalProperties: array of strings`, which generated clients
+turn into a typed map (a `patternProperties` schema they would drop)."""
+
+
 class RequestModel(BaseModel):
     """Base of every JSON request body: an unknown field is a 422 naming it, never
     silently ignored (a misspelt `min_scor` or `titel` must not return wrong results)."""
@@ -180,19 +206,41 @@ class BoxIn(RequestModel):
         return Box(self.x, self.y, self.w, self.h)
 
 
+def _no_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _no_null(value: object) -> object:
+    if value is None:
+        raise ValueError("omit the field instead of sending null")
+    return value
+
+
 class ImageIn(RequestModel):
     """One product image: exactly one of `url` or `data`."""
 
-    url: Name | None = Field(
+    # "Exactly one of" is said in the descriptions, not as a `oneOf` of `required` lists:
+    # openapi-python-client turns a model with an object-level oneOf into `Any`, losing
+    # the typed model generated clients need. `| SkipJsonSchema[None]`: the field may be
+    # absent but not null, as the schema says.
+    url: Name | SkipJsonSchema[None] = Field(
         None,
         max_length=4096,
-        description="Public http(s) URL of the image (private addresses are refused).",
+        description="Exactly one of `url` or `data`. Public http(s) URL of the image "
+        "(private addresses are refused).",
+        json_schema_extra=_no_default,
         examples=["https://cdn.example.com/sku-1/front.jpg"],
     )
-    data: str | None = Field(
-        None, description="The image file, base64-encoded (JPEG, PNG, WebP or GIF)."
+    data: str | SkipJsonSchema[None] = Field(
+        None,
+        description="Exactly one of `url` or `data`. The image file (JPEG, PNG, WebP or "
+        "GIF), base64: the standard alphabet with padding, on one line; a "
+        "`data:image/...;base64,` prefix is accepted.",
+        json_schema_extra=_no_default,
     )
     box: BoxIn | None = Field(None, description="Crop to this box before embedding.")
+
+    _present = field_validator("url", "data", mode="before")(_no_null)
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageIn:
@@ -216,7 +264,27 @@ class ProductIn(RequestModel):
         "(16 KiB) as compact JSON, VS_ATTRIBUTES__MAX_DEPTH (4) levels deep and "
         "VS_ATTRIBUTES__MAX_KEYS (64) keys in all.",
     )
+    labels: Labels | None = Field(
+        None,
+        description="The filterable part of the product: key -> one or more values. "
+        "Search, list and duplicates filter on them (with `category` as one more key, so no "
+        "label may be named `category`). Omitted: a re-post keeps the stored labels; `{}` "
+        "clears them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
+    sets: Sets | None = Field(
+        None,
+        description="The product sets (catalogue partitions) the product belongs to; filters "
+        "name them with the `set` key. Omitted: a re-post keeps the stored sets; `[]` "
+        "removes the product from every set.",
+        examples=[["catalogue"]],
+    )
     images: list[ImageIn] = Field(min_length=1, max_length=64)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
 
     @field_validator("attributes")
     @classmethod
@@ -240,6 +308,8 @@ class ProductsCreate(RequestModel):
                             "title": "Organic whole milk 1 L",
                             "category": "dairy",
                             "attributes": {"brand": "Arla"},
+                            "labels": {"brand": ["Arla"], "fat": ["whole"]},
+                            "sets": ["catalogue"],
                             "images": [{"url": "https://cdn.example.com/sku-123/front.jpg"}],
                         }
                     ]
@@ -279,6 +349,10 @@ class ProductRead(BaseModel):
     title: str | None
     category: str | None
     attributes: dict[str, Any]
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="key -> values, sorted.", examples=[{"brand": ["Arla"]}]
+    )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
     images: list[ImageRead]
     created_at: datetime
     updated_at: datetime
@@ -287,22 +361,56 @@ class ProductRead(BaseModel):
 class ProductsRead(BaseModel):
     products: list[ProductRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    total: int = Field(
+        description="Exact number of products passing the filters, all pages together."
+    )
 
 
 # search ---------------------------------------------------------------------------------
 class SearchFilters(RequestModel):
+    """A filter expression: every key of `must` must have one of its values (AND across
+    keys, OR within a key), no key of `must_not` may have any of its values. `category`
+    is one more key (`"must": {"category": ["dairy", "bakery"]}`), and so is `set`, the
+    product sets (`"must": {"set": ["catalogue"]}`); the `category` field is a shorthand
+    for one category."""
+
     category: Name | None = Field(
         None, max_length=256, description="Only products of this category (exact)."
     )
+    must: dict[str, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> accepted values: a product passes when, for every key, it has "
+        "at least one of them.",
+        examples=[{"color": ["red", "blue"], "brand": ["Acme"]}],
+    )
+    must_not: dict[str, LabelValues] = Field(
+        default_factory=dict,
+        description="key -> refused values: a product having any of them does not pass.",
+        examples=[{"color": ["green"]}],
+    )
+
+    def as_filter(self) -> LabelFilter:
+        return LabelFilter.build(self.must, self.must_not, category=self.category)
 
 
 class SearchRequest(RequestModel):
     """Exactly one of `image_url` or `image`."""
 
-    image_url: Name | None = Field(
-        None, max_length=4096, description="Public http(s) URL of the query image."
+    image_url: Name | SkipJsonSchema[None] = Field(
+        None,
+        max_length=4096,
+        description="Exactly one of `image_url` or `image`. Public http(s) URL of the query image.",
+        json_schema_extra=_no_default,
     )
-    image: str | None = Field(None, description="The query image file, base64-encoded.")
+    image: str | SkipJsonSchema[None] = Field(
+        None,
+        description="Exactly one of `image_url` or `image`. The query image file, base64: "
+        "the standard alphabet with padding, on one line; a `data:image/...;base64,` prefix "
+        "is accepted.",
+        json_schema_extra=_no_default,
+    )
+
+    _present = field_validator("image_url", "image", mode="before")(_no_null)
     bbox: BoxIn | None = Field(None, description="Crop the query image to this box first.")
     k: int = Field(10, ge=1, le=1000, description="How many products to return.")
     filters: SearchFilters | None = None
@@ -320,6 +428,9 @@ class SearchRequest(RequestModel):
         "catalogue images (a second index search); default: on when "
         "`VS_SEARCH__EXPANSION` > 0.",
     )
+    group_size: int = Field(
+        1, ge=1, le=16, description="Up to this many images of each product in its hit's `images`."
+    )
 
     @model_validator(mode="after")
     def _one_image(self) -> SearchRequest:
@@ -335,12 +446,21 @@ class SearchRequest(RequestModel):
                     "image_url": "https://cdn.example.com/shopper-photo.jpg",
                     "bbox": {"x": 40, "y": 60, "w": 300, "h": 420},
                     "k": 10,
-                    "filters": {"category": "dairy"},
+                    "filters": {
+                        "must": {"category": ["dairy"], "brand": ["Arla", "Lurpak"]},
+                        "must_not": {"fat": ["skimmed"]},
+                    },
                     "min_score": 0.3,
                 }
-            ]
+            ],
         },
     )
+
+
+class ImageMatchRead(BaseModel):
+    image_id: int
+    score: float = Field(description="Cosine similarity of this image to the query.")
+    image_url: str | None = None
 
 
 class SearchHitRead(BaseModel):
@@ -354,10 +474,88 @@ class SearchHitRead(BaseModel):
     category: str | None
     image_id: int = Field(description="The product image that matched best.")
     image_url: str | None = Field(None, description="That image's URL, when it came from one.")
+    labels: dict[str, list[str]] = Field(
+        default_factory=dict, description="The product's labels (no extra request needed)."
+    )
+    sets: list[str] = Field(default_factory=list, description="The product sets it is in.")
+    images: list[ImageMatchRead] = Field(
+        default_factory=list,
+        description="The product's best matching images, best first (`group_size` of them).",
+    )
 
 
 class SearchRead(BaseModel):
     results: list[SearchHitRead] = Field(description="One entry per product, best first.")
+    model_id: str
+    took_ms: float
+
+
+class SimilarSearchRequest(RequestModel):
+    """Exactly one of `product_id` or `image_id`."""
+
+    product_id: Name | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="More like this product (all of its images); it is never in its results.",
+    )
+    image_id: int | None = Field(
+        None, ge=0, description="More like this stored image; its product is never in results."
+    )
+    k: int = SearchRequest.model_fields["k"]  # type: ignore[assignment]
+    filters: SearchFilters | None = None
+    min_score: float | None = SearchRequest.model_fields["min_score"]  # type: ignore[assignment]
+    group_size: int = SearchRequest.model_fields["group_size"]  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SimilarSearchRequest:
+        if (self.product_id is None) == (self.image_id is None):
+            raise ValueError("give exactly one of `product_id` or `image_id`")
+        return self
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"product_id": "sku-123", "k": 5}]},
+    )
+
+
+class BatchSearchRequest(RequestModel):
+    queries: list[SearchRequest] = Field(
+        min_length=1,
+        max_length=32,
+        description="Up to 32 searches, each with its own image, k, filters and options.",
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "queries": [
+                        {"image_url": "https://cdn.example.com/photo-1.jpg", "k": 5},
+                        {
+                            "image_url": "https://cdn.example.com/photo-2.jpg",
+                            "k": 5,
+                            "filters": {"must": {"category": ["dairy"]}},
+                        },
+                    ]
+                }
+            ]
+        },
+    )
+
+
+class BatchSearchItemRead(BaseModel):
+    results: list[SearchHitRead] = Field(
+        default_factory=list, description="As `POST /search` returns them; empty on error."
+    )
+    error: ErrorBody | None = Field(None, description="Why this query failed (the others ran).")
+
+
+class BatchSearchRead(BaseModel):
+    """One entry per query, in the order sent."""
+
+    responses: list[BatchSearchItemRead]
     model_id: str
     took_ms: float
 
@@ -373,22 +571,46 @@ class DuplicatePairRead(BaseModel):
     decision: Literal["same", "different"] | None = Field(
         None, description="A reviewer's decision on this pair, if any."
     )
+    probability: float | None = Field(
+        None, description="Calibrated P(same product); null until `calibrated`."
+    )
+    tier: Literal["exact", "same", "similar"] | None = Field(
+        None,
+        description="`exact`: identical or near-identical images; `same`: probability at "
+        "least VS_DUPLICATES__SAME_PROBABILITY; `similar`: below it; null when neither "
+        "exact nor calibrated.",
+    )
 
 
 class DuplicatePairsRead(BaseModel):
     pairs: list[DuplicatePairRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+    calibrated: bool = Field(
+        False, description="Whether probabilities exist (enough review decisions)."
+    )
+    total: int | None = Field(
+        None, description="Exact number of pairs passing the filters, all pages together."
+    )
 
 
 class DuplicateGroupRead(BaseModel):
     centre: str = Field(description="The product every member matched.")
     members: list[str] = Field(description="All products of the group, the centre first.")
     min_score: float = Field(description="Weakest member-to-centre score in the group.")
+    probability: float | None = Field(
+        None, description="Calibrated P(same) of the weakest member-to-centre pair."
+    )
+    tier: Literal["exact", "same", "similar"] | None = Field(
+        None, description="The tier of the weakest member-to-centre pair."
+    )
 
 
 class DuplicateGroupsRead(BaseModel):
     groups: list[DuplicateGroupRead]
     next_cursor: str | None = None
+    calibrated: bool = Field(
+        False, description="Whether probabilities exist (enough review decisions)."
+    )
 
 
 class DecisionCreate(RequestModel):
@@ -413,3 +635,53 @@ class DecisionRecordRead(DecisionRead):
 class DecisionsRead(BaseModel):
     decisions: list[DecisionRecordRead]
     next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page.")
+
+
+# partial updates ------------------------------------------------------------------------
+class ProductPatchIn(RequestModel):
+    """The fields to change; a field left out is kept, `null` clears it."""
+
+    title: Text | None = Field(None, max_length=4096, examples=["Organic whole milk 1.5 L"])
+    category: Name | None = Field(None, max_length=256, examples=["dairy"])
+    attributes: dict[str, Any] | None = Field(
+        None, description="Replaces the free-form attributes (same bounds as on create)."
+    )
+    labels: Labels | None = Field(
+        None,
+        description="Replaces every label (`{}` or `null` clears them).",
+        examples=[{"brand": ["Arla"], "fat": ["whole"]}],
+    )
+    sets: Sets | None = Field(
+        None, description="Replaces the product's sets (`[]` or `null`: in no set)."
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"title": "Organic whole milk 1.5 L", "labels": {}}]},
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        return None if value is None else normalise_labels(value)
+
+    @field_validator("attributes")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        if value is not None:
+            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
+        return value
+
+
+class ProductUpdateRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the patch set what was already stored."
+    )
+    product: ProductRead
+
+
+class ImageAddRead(BaseModel):
+    status: Literal["updated", "unchanged"] = Field(
+        description="`unchanged` when the product already had this image (same bytes and box)."
+    )
+    image: ImageRead

@@ -3,6 +3,7 @@ naming it, never silently ignored (a misspelt `min_scor` must not return wrong r
 
 from __future__ import annotations
 
+import types
 import typing
 from typing import Any
 
@@ -46,6 +47,10 @@ def reject_unknown_query(request: Request) -> None:
         raise RequestValidationError(errors)
 
 
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+
 def _declared(route: APIRoute) -> dict[str, bool]:
     """{alias: takes a list} for every query parameter of the route and its dependencies."""
     found: dict[str, bool] = {}
@@ -53,8 +58,12 @@ def _declared(route: APIRoute) -> dict[str, bool]:
     while stack:
         dependant = stack.pop()
         for field in dependant.query_params:
-            origin = typing.get_origin(field.field_info.annotation)
-            found[field.alias] = origin in (list, set, tuple)
+            annotation = field.field_info.annotation
+            # `list[str] | None` is a list too: look inside the union.
+            options = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+            found[field.alias] = any(
+                typing.get_origin(o) in (list, set, tuple) for o in options if o is not None
+            )
         stack.extend(dependant.dependencies)
     setattr(route, _CACHE_ATTR, found)
     return found

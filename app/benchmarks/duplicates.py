@@ -90,8 +90,10 @@ def run_duplicates_benchmark(
     n: int,
     dim: int = 512,
     floor: float = 0.9,
-    batch: int = 1024,
+    batch: int = 4096,
     neighbours: int = 20,
+    nprobe: int = 0,
+    refine: int = 0,
     index_settings: IndexSettings | None = None,
     database_url: str | None = None,
     workdir: Path | None = None,
@@ -118,6 +120,7 @@ def run_duplicates_benchmark(
         )
         index.open()
         index.wait_for_retraining()
+        index.wait_for_tuning()
         index_s = time.perf_counter() - t0
         service = DuplicatesService(db, index, floor=floor, neighbours=neighbours)
         say("scanning")
@@ -125,6 +128,8 @@ def run_duplicates_benchmark(
         report = service.scan(
             state_path=Path(tmp) / "scan.json",
             batch=batch,
+            nprobe=nprobe,
+            refine=refine,
             resume=False,
             progress=lambda done, total: (
                 say(f"scan: {done}/{total}") if done % (batch * 20) == 0 else None
@@ -144,6 +149,10 @@ def run_duplicates_benchmark(
             "neighbours": neighbours,
             "index": index.describe()["kind"],
             "index_params": index.describe()["params"],
+            "search": index.describe()["search"],
+            "tuning": index.describe()["tuning"],
+            "scan_nprobe": nprobe or None,
+            "scan_refine": refine or None,
             "planted_near_duplicates": len(planted),
             "planted_found": len(planted & found),
             "planted_recall": round(len(planted & found) / max(1, len(planted)), 4),

@@ -3,6 +3,10 @@
 Pairs are maintained incrementally: whenever a product's images change, its pairs are
 recomputed by searching its images against the index; every other product whose best
 image pair scores at least the floor is stored (score, the two image ids, when found).
+Products written by other replicas are recomputed here as their changes arrive from the
+change log (`on_replay`): of two products written at the same moment on two replicas,
+each replica applies one of them second and finds the pair then, so no full scan is
+needed for it.
 Reviewers' decisions live in their own table: "different" pairs never come back, and no
 scan overwrites a decision. A full scan (`vsearch duplicates scan`) recomputes all pairs
 with batched kNN, resumably.
@@ -30,11 +34,27 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
+from app.catalogue import review_repository as review_repo
+from app.catalogue.calibration import (
+    MIN_PER_CLASS,
+    Calibration,
+    CalibrationPolicy,
+    CalibrationService,
+    Tier,
+    pair_score,
+)
+from app.catalogue.filters import LabelFilter
 from app.catalogue.models import utcnow
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
-from app.core.errors import DecisionNotFound, InvalidRequest, ProductNotFound
+from app.core.errors import (
+    DecisionNotFound,
+    InvalidRequest,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+)
 from app.core.files import atomic_write_text
 from app.index.lifecycle import IndexService
 
@@ -59,18 +79,50 @@ def key_fingerprint(api_key: str | None) -> str | None:
 
 class DuplicatesService:
     def __init__(
-        self, db: Database, index: IndexService, *, floor: float, neighbours: int = 20
+        self,
+        db: Database,
+        index: IndexService,
+        *,
+        floor: float,
+        neighbours: int = 20,
+        replay_limit: int = 1_000,
+        calibration: CalibrationPolicy | None = None,
     ) -> None:
         self.db = db
         self.index = index
         self.floor = floor
         self.neighbours = neighbours
+        self.replay_limit = replay_limit
+        self.replayed_products = 0
+        self.calibration = CalibrationService(db, calibration or CalibrationPolicy())
 
     # incremental maintenance ------------------------------------------------------------
     def on_commit(self, outcome: StoreOutcome) -> None:
         """Recompute the pairs of a product whose images changed (after its commit)."""
         if outcome.product_pk >= 0 and (outcome.upserted or outcome.deleted):
             self.refresh_product(outcome.product_pk)
+
+    def on_replay(self, image_ids: list[int]) -> None:
+        """Recompute the pairs of products whose images arrived from the change log
+        (written by another replica, or by a bulk import), once they are in the index.
+
+        A catch-up that brings more than `replay_limit` images is a bulk load (an
+        embeddings import, a replica back after a long stop): its pairs are left to
+        `vsearch duplicates scan`, which finds them far faster than one refresh each.
+        """
+        if len(image_ids) > self.replay_limit:
+            LOG.warning(
+                "%d images arrived from the change log at once (more than %d): their duplicate "
+                "pairs are left to `vsearch duplicates scan`",
+                len(image_ids),
+                self.replay_limit,
+            )
+            return
+        with self.db.read() as session:
+            products = sorted(set(repo.image_products(session, image_ids).values()))
+        for product_pk in products:
+            self.refresh_product(product_pk)
+        self.replayed_products += len(products)
 
     def refresh_product(self, product_pk: int) -> int:
         """Drop the product's pairs that rest on images it no longer has, and add those
@@ -111,6 +163,8 @@ class DuplicatesService:
         cursor: str | None,
         category: str | None,
         undecided: bool,
+        where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
     ) -> tuple[list[repo.PairRow], str | None]:
         self.check_min_score(min_score)
         after = None
@@ -125,6 +179,8 @@ class DuplicatesService:
                 after=after,
                 category=category,
                 undecided=undecided,
+                where=where,
+                between=between,
             )
         next_cursor = (
             encode_cursor("pairs", (rows[-1].score, rows[-1].a_pk, rows[-1].b_pk))
@@ -133,13 +189,39 @@ class DuplicatesService:
         )
         return rows, next_cursor
 
+    def count_listed_pairs(
+        self,
+        *,
+        min_score: float,
+        category: str | None,
+        undecided: bool,
+        where: LabelFilter | None = None,
+        between: tuple[str, str] | None = None,
+    ) -> int:
+        """The exact number of pairs `list_pairs` pages through (its `total`)."""
+        self.check_min_score(min_score)
+        with self.db.read() as session:
+            return repo.count_listed_pairs(
+                session,
+                min_score=min_score,
+                category=category,
+                undecided=undecided,
+                where=where,
+                between=between,
+            )
+
     def groups(
-        self, *, min_score: float, category: str | None, max_pairs: int = 1_000_000
+        self,
+        *,
+        min_score: float,
+        category: str | None,
+        max_pairs: int = 1_000_000,
+        where: LabelFilter | None = None,
     ) -> list[DuplicateGroup]:
         self.check_min_score(min_score)
         with self.db.read() as session:
             pairs = repo.all_pairs(
-                session, min_score=min_score, category=category, limit=max_pairs + 1
+                session, min_score=min_score, category=category, limit=max_pairs + 1, where=where
             )
         if len(pairs) > max_pairs:
             raise InvalidRequest(
@@ -156,7 +238,14 @@ class DuplicatesService:
             raise InvalidRequest("A decision needs two different products.")
         with self.db.write() as session:
             a_pk, b_pk = _pair_pks(session, a, b)
+            if not repo.pair_known(session, a_pk, b_pk):
+                raise PairNotFound(
+                    f"{a!r} and {b!r} were never found as duplicates (pairs below the floor, "
+                    f"{self.floor:.2f}, are not stored); decide on pairs from GET /duplicates."
+                )
             repo.set_decision(session, a_pk, b_pk, decision, key_fingerprint(api_key))
+            self._record_score(session, a_pk, b_pk)
+        self.calibration.maybe_refit(self.index.model_id)
         return a, b
 
     def list_decisions(
@@ -185,6 +274,105 @@ class DuplicatesService:
             if not repo.delete_decision(session, a_pk, b_pk):
                 raise DecisionNotFound(f"No decision on the pair {a!r}, {b!r}.")
         self.refresh_product(a_pk)
+        self.calibration.maybe_refit(self.index.model_id)
+
+    # calibrated probabilities -----------------------------------------------------------
+    def _record_score(self, session: Session, a_pk: int, b_pk: int) -> None:
+        """Keep the pair's score with its decision: the label calibration learns from."""
+        vectors = review_repo.product_vectors(session, [a_pk, b_pk])
+        score = pair_score(vectors[a_pk], vectors[b_pk])
+        review_repo.set_decision_score(session, a_pk, b_pk, score, self.index.model_id)
+
+    def current_calibration(self) -> Calibration:
+        return self.calibration.current(self.index.model_id)
+
+    def fit_calibration(self) -> Calibration:
+        return self.calibration.fit(self.index.model_id)
+
+    def assess_pairs(
+        self, rows: Sequence[repo.PairRow]
+    ) -> tuple[bool, list[tuple[float | None, Tier | None]]]:
+        """Whether probabilities exist, and each pair's (probability, tier): the
+        category's own fit when both products are in a category that has one."""
+        calibration = self.current_calibration()
+        with self.db.read() as session:
+            shas = review_repo.image_shas(
+                session, [i for r in rows for i in (r.a_image_id, r.b_image_id)]
+            )
+            categories = (
+                review_repo.product_categories(session, [p for r in rows for p in (r.a_pk, r.b_pk)])
+                if calibration.categories
+                else {}
+            )
+        exact_score = self.calibration.policy.exact_score
+        assessed: list[tuple[float | None, Tier | None]] = []
+        for r in rows:
+            fitted = calibration.for_pair(categories.get(r.a_pk), categories.get(r.b_pk))
+            probability = float(fitted.probability(r.score)) if fitted is not None else None
+            identical = shas.get(r.a_image_id) is not None and (
+                shas.get(r.a_image_id) == shas.get(r.b_image_id)
+            )
+            exact = identical or r.score >= exact_score
+            assessed.append((probability, self.calibration.tier(probability, exact)))
+        return calibration.calibrated, assessed
+
+    def assess_groups(
+        self, groups: Sequence[DuplicateGroup]
+    ) -> tuple[bool, list[tuple[float | None, Tier | None]]]:
+        """(probability, tier) of each group's weakest member-to-centre pair, by the
+        overall fit (a group may span categories)."""
+        calibration = self.current_calibration()
+        exact_score = self.calibration.policy.exact_score
+        assessed: list[tuple[float | None, Tier | None]] = []
+        for g in groups:
+            fitted = calibration.overall
+            probability = float(fitted.probability(g.min_score)) if fitted is not None else None
+            assessed.append(
+                (probability, self.calibration.tier(probability, g.min_score >= exact_score))
+            )
+        return calibration.calibrated, assessed
+
+    def score_for_probability(self, min_probability: float) -> float | None:
+        """The lowest score at which any of the model's fits reaches `min_probability`
+        (pairs below it cannot qualify); None when none does. Raises NotCalibrated."""
+        calibration = self.current_calibration()
+        if not calibration.calibrated:
+            raise NotCalibrated(
+                f"No calibration yet for model {self.index.model_id}: "
+                f"{calibration.labels} review decisions, "
+                f"{self.calibration.policy.min_labels} needed (at least {MIN_PER_CLASS} "
+                "of each kind). Review pairs, or filter by min_score."
+            )
+        found = [c.lowest_score_for(min_probability, self.floor) for c in calibration.all()]
+        reachable = [s for s in found if s is not None]
+        return min(reachable) if reachable else None
+
+    def open_score_histogram(self, width: float = 0.005) -> list[tuple[float, float, int]]:
+        """(from, to, undecided pairs) in score bins from the floor up: the review page's
+        live count of what remains above any threshold."""
+        with self.db.read() as session:
+            scores = np.asarray(review_repo.open_pair_scores(session, self.floor))
+        bins = max(1, int(np.ceil((1.0 - self.floor) / width - 1e-9)))
+        edges = self.floor + width * np.arange(bins + 1)
+        clipped = np.clip(scores, self.floor, 1.0)
+        counts, _ = np.histogram(clipped, bins=bins, range=(edges[0], edges[-1]))
+        return [
+            (float(edges[i]), float(min(edges[i + 1], 1.0)), int(counts[i])) for i in range(bins)
+        ]
+
+    def audit_sample(self, size: int, strata: int = 10) -> list[repo.PairRow]:
+        """Undecided pairs drawn at random from equal-width score strata between the floor
+        and 1: decisions on them cover the whole score range, not only the queue's top,
+        so the calibration is not fitted on the easiest pairs alone."""
+        per = max(1, -(-size // strata))
+        edges = np.linspace(self.floor, 1.0, strata + 1)
+        found: list[repo.PairRow] = []
+        with self.db.read() as session:
+            for i in range(strata):
+                high = float(edges[i + 1]) if i < strata - 1 else 1.1
+                found.extend(review_repo.random_open_pairs(session, float(edges[i]), high, per))
+        found.sort(key=lambda r: (-r.score, r.a_pk, r.b_pk))
+        return found[:size] if len(found) > size else found
 
     # full scans -------------------------------------------------------------------------
     def scan(
@@ -192,34 +380,46 @@ class DuplicatesService:
         *,
         state_path: Path,
         floor: float | None = None,
-        batch: int = 512,
+        batch: int = 4096,
         resume: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        nprobe: int = 0,
+        refine: int = 0,
     ) -> dict[str, Any]:
-        """Recompute every pair with batched kNN; resumable from `state_path`.
+        """Recompute every pair with batched kNN over the index; resumable from `state_path`.
 
-        Pairs found are upserted as the scan goes (GET /duplicates keeps serving the old
-        ones meanwhile); when it finishes, pairs the scan did not find again are removed.
+        A self-join in batches: each batch of the index's own vectors (read from its
+        exact-vector file, in image-id order) is searched at once, and the strong matches
+        are turned into pairs with array operations against one image -> product map read
+        at the start. `nprobe`/`refine` (0: the search's own, tuned values) trade speed
+        for recall. Pairs found are upserted as the scan goes (GET /duplicates keeps serving
+        the old ones meanwhile); when it finishes, pairs the scan did not find again are
+        removed.
         """
         floor = self.floor if floor is None else floor
         state = _read_state(state_path) if resume else None
         if state is None or state.get("floor") != floor:
             state = {"floor": floor, "started": utcnow().isoformat(), "after_id": 0, "done": 0}
         started_at = datetime.fromisoformat(state["started"])
-        with self.db.read() as session:
-            total = repo.count_images(session)
-            different = repo.different_pairs(session)
         t0 = time.perf_counter()
-        model_id = self.index.model_id
-        while True:
-            with self.db.read() as session:
-                page = repo.images_page(session, int(state["after_id"]), batch, model_id)
-            if not page:
-                break
-            rows = self._find_pairs(page, floor, different)
+        index = self.index.index
+        ids = np.sort(index.all_ids())
+        with self.db.read() as session:
+            owners = repo.image_product_arrays(session, self.index.model_id)
+            different = repo.different_pairs(session)
+        total = len(ids)
+        at = int(np.searchsorted(ids, int(state["after_id"]), side="right"))
+        while at < total:
+            chunk = ids[at : at + batch]
+            queries = index.vectors.get(chunk).astype(np.float32)
+            scores, found = index.search(
+                queries, self.neighbours, nprobe=nprobe or None, refine=refine or None
+            )
+            rows = _pairs_of(chunk, scores, found, floor, owners, different)
             with self.db.write() as session:
                 repo.upsert_pairs(session, rows)
-            state["after_id"], state["done"] = page[-1][0], int(state["done"]) + len(page)
+            at += len(chunk)
+            state["after_id"], state["done"] = int(chunk[-1]), int(state["done"]) + len(chunk)
             _write_state(state_path, state)
             if progress is not None:
                 progress(int(state["done"]), total)
@@ -273,6 +473,57 @@ class DuplicatesService:
                         "found_at": now,
                     }
         return list(best.values())
+
+
+def _pairs_of(
+    image_ids: np.ndarray,
+    scores: np.ndarray,
+    found: np.ndarray,
+    floor: float,
+    owners: tuple[np.ndarray, np.ndarray],
+    different: Container[tuple[int, int]],
+) -> list[dict[str, Any]]:
+    """Pair rows from a batch's kNN results (the same rule as `_find_pairs`: other
+    products only, the best image pair per product pair, `different` pairs skipped), with
+    array operations; only the few strong matches reach Python objects."""
+    owner_ids, owner_pks = owners
+    q, col = np.nonzero((scores >= floor) & (found >= 0))
+    if len(q) == 0:
+        return []
+    mine, theirs, score = image_ids[q], found[q, col], scores[q, col]
+
+    def owner(image: np.ndarray) -> np.ndarray:
+        pos = np.clip(np.searchsorted(owner_ids, image), 0, max(len(owner_ids) - 1, 0))
+        known = (owner_ids[pos] == image) if len(owner_ids) else np.zeros(len(image), bool)
+        return np.where(known, owner_pks[pos], -1)
+
+    mine_pk, theirs_pk = owner(mine), owner(theirs)
+    keep = (mine_pk >= 0) & (theirs_pk >= 0) & (mine_pk != theirs_pk)
+    mine, theirs, score = mine[keep], theirs[keep], score[keep]
+    mine_pk, theirs_pk = mine_pk[keep], theirs_pk[keep]
+    a, b = np.minimum(mine_pk, theirs_pk), np.maximum(mine_pk, theirs_pk)
+    a_img = np.where(a == mine_pk, mine, theirs)
+    b_img = np.where(a == mine_pk, theirs, mine)
+    order = np.lexsort((-score, b, a))  # by pair, best score first
+    first = np.ones(len(order), bool)
+    first[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
+    now = utcnow()
+    rows = []
+    for i in order[first]:
+        pair = (int(a[i]), int(b[i]))
+        if pair in different:
+            continue
+        rows.append(
+            {
+                "a_pk": pair[0],
+                "b_pk": pair[1],
+                "score": min(float(score[i]), 1.0),
+                "a_image_id": int(a_img[i]),
+                "b_image_id": int(b_img[i]),
+                "found_at": now,
+            }
+        )
+    return rows
 
 
 def _pair_pks(session: Session, a: str, b: str) -> tuple[int, int]:

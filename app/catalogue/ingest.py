@@ -6,9 +6,10 @@ optional `box`.
 
 CSV: one row per image; rows of one product must be adjacent and are merged. Column
 names are configurable so Products-10K style files (`seller_img_id`, `img_path`, ...) load
-without conversion. An image value that starts with http:// or https:// is a URL,
-anything else a path relative to the images root (default: the file's directory). Box
-columns `bbox_x, bbox_y, bbox_w, bbox_h` are used when present.
+without conversion. Parquet (`.parquet`, needs pyarrow): the same columns as the CSV; the
+image column may also be a list of strings. An image value that starts with http:// or
+https:// is a URL, anything else a path relative to the images root (default: the file's
+directory). Box columns `bbox_x, bbox_y, bbox_w, bbox_h` are used when present.
 
 Re-running the same file is a resume: products whose fields and image bytes did not
 change come back `unchanged` and nothing is embedded again.
@@ -19,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,6 +37,8 @@ class CsvColumns:
     title: str | None = "title"
     category: str | None = "category"
     attributes: str | None = "attributes"
+    labels: str | None = "labels"  # `key=value,key=value` (Vision Product Search's form)
+    sets: str | None = "sets"  # `set|set`
     box: tuple[str, str, str, str] = ("bbox_x", "bbox_y", "bbox_w", "bbox_h")
 
 
@@ -87,6 +90,23 @@ def _image(value: str, root: Path, box: Box | None) -> ImageInput:
     return ImageInput(path=(root / value), box=box)
 
 
+def _labels(cell: str | None) -> dict[str, list[str]]:
+    """`color=red,color=blue,brand=Acme` -> {"color": ["red", "blue"], "brand": ["Acme"]}."""
+    labels: dict[str, list[str]] = {}
+    for term in (cell or "").split(","):
+        if not term.strip():
+            continue
+        key, sep, value = term.partition("=")
+        if not sep:
+            raise InvalidRequest(f"labels take `key=value` terms (got {term!r})")
+        labels.setdefault(key.strip(), []).append(value.strip())
+    return labels
+
+
+def _sets(cell: str | None) -> list[str]:
+    return [s.strip() for s in (cell or "").split("|") if s.strip()]
+
+
 def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
     for number, line in enumerate(fh, 1):
         if not line.strip():
@@ -106,6 +126,8 @@ def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
                 title=raw.get("title"),
                 category=raw.get("category"),
                 attributes=raw.get("attributes") or {},
+                labels=raw.get("labels"),
+                sets=raw.get("sets"),
                 images=images,
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -114,13 +136,47 @@ def read_jsonl(fh: TextIO, root: Path) -> Iterator[ProductInput]:
 
 def read_csv(fh: TextIO, root: Path, columns: CsvColumns) -> Iterator[ProductInput]:
     reader = csv.DictReader(fh)
-    fields = set(reader.fieldnames or ())
+    yield from _products_of_rows(reader, set(reader.fieldnames or ()), root, columns, "CSV")
+
+
+def read_parquet(path: Path, root: Path, columns: CsvColumns) -> Iterator[ProductInput]:
+    """Rows as in a CSV file, read a record batch at a time."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InvalidRequest(
+            "reading Parquet needs pyarrow: pip install 'vsearch[parquet]'"
+        ) from None
+    file = pq.ParquetFile(path)
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for batch in file.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                yield {k: _text(v) for k, v in row.items()}
+
+    yield from _products_of_rows(rows(), set(file.schema_arrow.names), root, columns, "Parquet")
+
+
+def _text(value: Any) -> Any:
+    """Parquet values as the CSV reader sees them (an image list joined by `|`)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return "|".join(str(v) for v in value)
+    return value if isinstance(value, str) else str(value)
+
+
+def _products_of_rows(
+    rows: Iterable[dict[str, Any]], fields: set[str], root: Path, columns: CsvColumns, kind: str
+) -> Iterator[ProductInput]:
     for required in (columns.id, columns.image):
         if required not in fields:
-            raise InvalidRequest(f"the CSV has no {required!r} column (columns: {sorted(fields)})")
+            raise InvalidRequest(
+                f"the {kind} file has no {required!r} column (columns: {sorted(fields)})"
+            )
     has_box = all(c in fields for c in columns.box)
     current: dict[str, Any] | None = None
-    for row in reader:
+    for row in rows:
         pid = row[columns.id].strip()
         box = None
         if has_box and all(row.get(c, "").strip() for c in columns.box):
@@ -140,6 +196,8 @@ def read_csv(fh: TextIO, root: Path, columns: CsvColumns) -> Iterator[ProductInp
             "title": row.get(columns.title) if columns.title else None,
             "category": row.get(columns.category) if columns.category else None,
             "attributes": attributes,
+            "labels": _labels(row[columns.labels]) if columns.labels in fields else None,
+            "sets": _sets(row[columns.sets]) if columns.sets in fields else None,
             "images": images,
         }
     if current is not None:
@@ -150,6 +208,9 @@ def read_products(
     path: Path, *, images_root: Path | None = None, columns: CsvColumns | None = None
 ) -> Iterator[ProductInput]:
     root = images_root or path.parent
+    if path.suffix.lower() == ".parquet":
+        yield from read_parquet(path, root, columns or CsvColumns())
+        return
     with path.open(newline="") as fh:
         if path.suffix.lower() in (".jsonl", ".ndjson"):
             yield from read_jsonl(fh, root)

@@ -75,6 +75,51 @@ class Product(Base):
     images: Mapped[list[ProductImage]] = relationship(
         back_populates="product", lazy="raise", order_by="ProductImage.position"
     )
+    sets: Mapped[list[ProductSetMember]] = relationship(
+        lazy="raise",
+        order_by="ProductSetMember.set_id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+    labels: Mapped[list[ProductLabel]] = relationship(
+        lazy="raise",
+        order_by="(ProductLabel.key, ProductLabel.value)",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class ProductLabel(Base):
+    """One value of one label of a product (`color` = `red`): the filterable part of a
+    product, one row per value so that filters are index lookups on both databases.
+
+    The (key, value, product) index answers "which products have color red or blue";
+    the primary key (product, key, value) reads one product's labels.
+    """
+
+    __tablename__ = "product_labels"
+
+    product_pk: Mapped[int] = mapped_column(
+        "product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256), primary_key=True)
+
+    __table_args__ = (Index("ix_product_labels_key_value", "key", "value", "product_id"),)
+
+
+class ProductSetMember(Base):
+    """A product's membership of a product set (a catalogue partition: a feed, a tenant,
+    a client's catalogue). A product may be in several sets."""
+
+    __tablename__ = "product_set_members"
+
+    set_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    product_pk: Mapped[int] = mapped_column(
+        "product_id", BigId, ForeignKey("products.id", ondelete="CASCADE"), primary_key=True
+    )
+
+    __table_args__ = (Index("ix_product_set_members_product_id", "product_id"),)
 
 
 class ProductImage(Base):
@@ -155,3 +200,35 @@ class DuplicateDecision(Base):
     decision: Mapped[str] = mapped_column(String(16))
     decided_by: Mapped[str | None] = mapped_column(String(256))
     decided_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    # The pair's score when it was decided, and the model that scored it: the labels the
+    # calibration is fitted on (a pair marked `different` leaves the pairs table).
+    score: Mapped[float | None] = mapped_column(Float)
+    model_id: Mapped[str | None] = mapped_column(String(256))
+
+
+class ImageThumbnail(Base):
+    """A small WebP copy of an image, keyed by the original bytes' sha256: identical
+    uploads share one thumbnail, and a re-post of known bytes needs no decode."""
+
+    __tablename__ = "image_thumbnails"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    webp: Mapped[bytes] = mapped_column(LargeBinary)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class DuplicateCalibration(Base):
+    """P(same product | score) fitted on review decisions, per model (and per category
+    with enough labels; `category` "" is the fit over all categories)."""
+
+    __tablename__ = "duplicate_calibrations"
+
+    model_id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    category: Mapped[str] = mapped_column(String(256), primary_key=True, default="")
+    method: Mapped[str] = mapped_column(String(16))
+    labels: Mapped[int] = mapped_column(Integer)
+    positives: Mapped[int] = mapped_column(Integer)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    fitted_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -4,22 +4,42 @@ commit; the caller's `Database.write()` / `read()` does."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, and_, case, delete, func, insert, or_, select, text, update
+import numpy as np
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    Table,
+    and_,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased, selectinload
 
+from app.catalogue.filters import CATEGORY_KEY, SET_KEY, LabelFilter
 from app.catalogue.models import (
     ChangeLog,
     DuplicateDecision,
     DuplicatePair,
     Product,
     ProductImage,
+    ProductLabel,
+    ProductSetMember,
     utcnow,
 )
 
@@ -27,6 +47,8 @@ from app.catalogue.models import (
 _PRODUCTS = cast(Table, Product.__table__)
 _IMAGES = cast(Table, ProductImage.__table__)
 _CHANGES = cast(Table, ChangeLog.__table__)
+_LABELS = cast(Table, ProductLabel.__table__)
+_MEMBERS = cast(Table, ProductSetMember.__table__)
 
 OP_UPSERT = "upsert"
 OP_DELETE = "delete"
@@ -38,7 +60,9 @@ def get_product(
 ) -> Product | None:
     stmt: Select[Product] = select(Product).where(Product.external_id == external_id)
     if with_images:
-        stmt = stmt.options(selectinload(Product.images))
+        stmt = stmt.options(
+            selectinload(Product.images), selectinload(Product.labels), selectinload(Product.sets)
+        )
     if for_update:
         stmt = stmt.with_for_update()
     return session.scalars(stmt).one_or_none()
@@ -73,14 +97,161 @@ def lock_or_create_product(session: Session, external_id: str) -> tuple[Product,
 
 
 def list_products(
-    session: Session, *, after_pk: int | None, limit: int, category: str | None = None
+    session: Session,
+    *,
+    after_pk: int | None,
+    limit: int,
+    category: str | None = None,
+    where: LabelFilter | None = None,
 ) -> list[Product]:
-    stmt = select(Product).options(selectinload(Product.images)).order_by(Product.pk).limit(limit)
+    stmt = (
+        select(Product)
+        .options(
+            selectinload(Product.images), selectinload(Product.labels), selectinload(Product.sets)
+        )
+        .order_by(Product.pk)
+        .limit(limit)
+    )
     if after_pk is not None:
         stmt = stmt.where(Product.pk > after_pk)
     if category is not None:
         stmt = stmt.where(Product.category == category)
+    if where is not None:
+        stmt = stmt.where(filter_clause(where, Product.pk, Product.category))
     return list(session.scalars(stmt))
+
+
+def count_products(session: Session, *, where: LabelFilter | None = None) -> int:
+    """How many products pass `where` (all of them without one)."""
+    stmt = select(func.count()).select_from(Product)
+    if where is not None:
+        stmt = stmt.where(filter_clause(where, Product.pk, Product.category))
+    return int(session.scalar(stmt) or 0)
+
+
+# labels and filters ---------------------------------------------------------------------
+def filter_clause(where: LabelFilter, product_pk: Any, category: Any) -> ColumnElement[bool]:
+    """The SQL condition of a filter on a product given by its key and category columns.
+
+    Each label key is an EXISTS over the (key, value, product) index: a semi-join for
+    `must`, an anti-join for `must_not`, on both databases; `category` compares the
+    column itself.
+    """
+    if where.impossible:
+        return false()
+    clauses: list[ColumnElement[bool]] = []
+    for negate, part in ((False, where.must), (True, where.must_not)):
+        for key, values in sorted(part.items()):
+            wanted = sorted(values)
+            if key == CATEGORY_KEY:
+                clause: ColumnElement[bool] = category.in_(wanted)
+                if negate:
+                    clause = or_(category.is_(None), category.not_in(wanted))
+            elif key == SET_KEY:
+                member = aliased(ProductSetMember)
+                found = exists().where(member.product_pk == product_pk, member.set_id.in_(wanted))
+                clause = ~found if negate else found
+            else:
+                label = aliased(ProductLabel)
+                found = exists().where(
+                    label.product_pk == product_pk, label.key == key, label.value.in_(wanted)
+                )
+                clause = ~found if negate else found
+            clauses.append(clause)
+    return and_(true(), *clauses)
+
+
+def labels_of(session: Session, product_pks: Sequence[int]) -> dict[int, dict[str, list[str]]]:
+    """Each product's labels (key -> sorted values); products without any map to {}."""
+    found: dict[int, dict[str, list[str]]] = {int(pk): {} for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductLabel.product_pk, ProductLabel.key, ProductLabel.value)
+        .where(ProductLabel.product_pk.in_(list(set(product_pks))))
+        .order_by(ProductLabel.product_pk, ProductLabel.key, ProductLabel.value)
+    )
+    for pk, key, value in session.execute(stmt):
+        found[int(pk)].setdefault(key, []).append(value)
+    return found
+
+
+def replace_labels(session: Session, labels: Mapping[int, Mapping[str, Sequence[str]]]) -> None:
+    """Make each product's labels exactly the ones given (normalised already)."""
+    if not labels:
+        return
+    session.execute(delete(ProductLabel).where(ProductLabel.product_pk.in_(list(labels))))
+    rows = [
+        {"product_id": pk, "key": key, "value": value}
+        for pk, by_key in labels.items()
+        for key, values in by_key.items()
+        for value in values
+    ]
+    if rows:
+        session.execute(insert(_LABELS), rows)
+
+
+def sets_of(session: Session, product_pks: Sequence[int]) -> dict[int, list[str]]:
+    """Each product's sets, sorted."""
+    found: dict[int, list[str]] = {int(pk): [] for pk in product_pks}
+    if not product_pks:
+        return found
+    stmt = (
+        select(ProductSetMember.product_pk, ProductSetMember.set_id)
+        .where(ProductSetMember.product_pk.in_(list(set(product_pks))))
+        .order_by(ProductSetMember.product_pk, ProductSetMember.set_id)
+    )
+    for pk, set_id in session.execute(stmt):
+        found[int(pk)].append(set_id)
+    return found
+
+
+def replace_sets(session: Session, sets: Mapping[int, Sequence[str]]) -> None:
+    """Make each product's set memberships exactly the ones given."""
+    if not sets:
+        return
+    session.execute(delete(ProductSetMember).where(ProductSetMember.product_pk.in_(list(sets))))
+    rows = [{"set_id": s, "product_id": pk} for pk, ids in sets.items() for s in ids]
+    if rows:
+        session.execute(insert(_MEMBERS), rows)
+
+
+def filtered_image_ids(
+    session: Session, where: LabelFilter, model_id: str, limit: int
+) -> list[int]:
+    """Image ids of the products passing `where`, at most `limit` (the caller checks
+    whether it got all of them)."""
+    stmt = (
+        select(ProductImage.id)
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(filter_clause(where, Product.pk, Product.category))
+        .where(ProductImage.model_id == model_id)
+        .limit(limit)
+    )
+    return [int(i) for i in session.scalars(stmt)]
+
+
+def images_passing(session: Session, where: LabelFilter, image_ids: Sequence[int]) -> set[int]:
+    """Which of `image_ids` belong to a product passing `where` (broad-filter checks)."""
+    if not image_ids:
+        return set()
+    stmt = (
+        select(ProductImage.id)
+        .join(Product, Product.pk == ProductImage.product_pk)
+        .where(ProductImage.id.in_(list(set(image_ids))))
+        .where(filter_clause(where, Product.pk, Product.category))
+    )
+    return {int(i) for i in session.scalars(stmt)}
+
+
+def matching_products(session: Session, where: LabelFilter, product_pks: Sequence[int]) -> set[int]:
+    """Which of `product_pks` pass `where`."""
+    if not product_pks:
+        return set()
+    stmt = select(Product.pk).where(
+        Product.pk.in_(list(set(product_pks))), filter_clause(where, Product.pk, Product.category)
+    )
+    return {int(pk) for pk in session.scalars(stmt)}
 
 
 def delete_product(session: Session, product: Product) -> list[int]:
@@ -329,13 +500,22 @@ def count_images(session: Session) -> int:
 
 # change log -----------------------------------------------------------------------------
 def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
-    """Record changes in the caller's transaction (with its transaction id on Postgres)."""
+    """Record changes in the caller's transaction (with its transaction id on Postgres).
+
+    On Postgres the transaction also notifies `CHANGE_CHANNEL` with the writer's
+    application name: the notification is delivered when (and only if) it commits, so a
+    replica listening there catches up at once instead of at its next poll.
+    """
     if not image_ids:
         return
     now = utcnow()
     rows = [{"image_id": i, "op": op, "created_at": now} for i in image_ids]
     if session.get_bind().dialect.name == "postgresql":
         txid = session.execute(text("SELECT pg_current_xact_id()::text::bigint")).scalar_one()
+        session.execute(
+            text("SELECT pg_notify(:channel, current_setting('application_name'))"),
+            {"channel": CHANGE_CHANNEL},
+        )
         if len(rows) >= _COPY_FROM:
             with _copy(session, "COPY change_log (image_id, op, txid, created_at) FROM STDIN") as c:
                 for i in image_ids:
@@ -348,6 +528,15 @@ def log_changes(session: Session, image_ids: Sequence[int], op: str) -> None:
 
 # From this many change-log rows on, Postgres gets them by COPY (bulk imports).
 _COPY_FROM = 256
+
+# The channel a committed change-log write notifies on Postgres (one notification per
+# transaction: Postgres folds identical ones).
+CHANGE_CHANNEL = "vsearch_change_log"
+
+
+def listen_for_changes(connection: Any) -> None:
+    """Subscribe a dedicated autocommit psycopg connection to `CHANGE_CHANNEL`."""
+    connection.execute(f"LISTEN {CHANGE_CHANNEL}")
 
 
 # the index's change feed (app/catalogue/feed.py) ---------------------------------------
@@ -464,17 +653,6 @@ def image_owners(session: Session, image_ids: Sequence[int]) -> dict[int, ImageO
     }
 
 
-def category_image_ids(session: Session, category: str, model_id: str, limit: int) -> list[int]:
-    """Image ids of a category, at most `limit` (the caller checks whether it got all)."""
-    stmt = (
-        select(ProductImage.id)
-        .join(Product, Product.pk == ProductImage.product_pk)
-        .where(Product.category == category, ProductImage.model_id == model_id)
-        .limit(limit)
-    )
-    return [int(i) for i in session.scalars(stmt)]
-
-
 def sibling_image_ids(session: Session, image_ids: Sequence[int]) -> dict[int, list[int]]:
     """For each image id, the ids of every image of its product, itself included
     (product-level scoring). Looked up through the product key's index only: a filter on
@@ -493,11 +671,40 @@ def sibling_image_ids(session: Session, image_ids: Sequence[int]) -> dict[int, l
     return out
 
 
-def product_image_vectors(session: Session, product_pk: int) -> list[tuple[int, bytes]]:
+def product_image_vectors(
+    session: Session, product_pk: int, model_id: str | None = None
+) -> list[tuple[int, bytes]]:
     stmt = select(ProductImage.id, ProductImage.embedding).where(
         ProductImage.product_pk == product_pk
     )
+    if model_id is not None:
+        stmt = stmt.where(ProductImage.model_id == model_id)
     return [(int(i), e) for i, e in session.execute(stmt)]
+
+
+def image_vector(session: Session, image_id: int, model_id: str) -> tuple[int, bytes] | None:
+    """(product pk, embedding) of an image embedded by `model_id`."""
+    row = session.execute(
+        select(ProductImage.product_pk, ProductImage.embedding).where(
+            ProductImage.id == image_id, ProductImage.model_id == model_id
+        )
+    ).first()
+    return None if row is None else (int(row[0]), row[1])
+
+
+def images_with_vectors(
+    session: Session, product_pks: Sequence[int], model_id: str
+) -> dict[int, list[tuple[int, str | None, bytes]]]:
+    """(image id, source, embedding) of each product's images, by product pk."""
+    found: dict[int, list[tuple[int, str | None, bytes]]] = {}
+    if not product_pks:
+        return found
+    stmt = select(
+        ProductImage.product_pk, ProductImage.id, ProductImage.source_url, ProductImage.embedding
+    ).where(ProductImage.product_pk.in_(list(set(product_pks))), ProductImage.model_id == model_id)
+    for pk, image_id, source, embedding in session.execute(stmt):
+        found.setdefault(int(pk), []).append((int(image_id), source, embedding))
+    return found
 
 
 # duplicates -----------------------------------------------------------------------------
@@ -572,7 +779,13 @@ def different_pairs(session: Session) -> set[tuple[int, int]]:
     return {(int(a), int(b)) for a, b in session.execute(stmt)}
 
 
-def _pairs_query(min_score: float, category: str | None, undecided: bool) -> Any:
+def _pairs_query(
+    min_score: float,
+    category: str | None,
+    undecided: bool,
+    where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
+) -> Any:
     a_product = aliased(Product)
     b_product = aliased(Product)
     stmt = (
@@ -603,7 +816,39 @@ def _pairs_query(min_score: float, category: str | None, undecided: bool) -> Any
         stmt = stmt.where(a_product.category == category, b_product.category == category)
     if undecided:
         stmt = stmt.where(DuplicateDecision.decision.is_(None))
+    if where is not None:  # both products pass, as with `category`
+        stmt = stmt.where(
+            filter_clause(where, a_product.pk, a_product.category),
+            filter_clause(where, b_product.pk, b_product.category),
+        )
+    if between is not None:  # one product in each set, whichever order the pair has
+
+        def within(set_id: str, pk: Any) -> ColumnElement[bool]:
+            in_set = LabelFilter.build({SET_KEY: [set_id]})
+            return filter_clause(in_set, pk, None)
+
+        first, second = between
+        stmt = stmt.where(
+            or_(
+                and_(within(first, a_product.pk), within(second, b_product.pk)),
+                and_(within(second, a_product.pk), within(first, b_product.pk)),
+            )
+        )
     return stmt
+
+
+def count_listed_pairs(
+    session: Session,
+    *,
+    min_score: float,
+    category: str | None = None,
+    undecided: bool = False,
+    where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
+) -> int:
+    """How many pairs `list_pairs` pages through (all pages together)."""
+    inner = _pairs_query(min_score, category, undecided, where, between).subquery()
+    return int(session.scalar(select(func.count()).select_from(inner)) or 0)
 
 
 def list_pairs(
@@ -614,12 +859,16 @@ def list_pairs(
     after: tuple[float, int, int] | None = None,
     category: str | None = None,
     undecided: bool = False,
+    where: LabelFilter | None = None,
+    between: tuple[str, str] | None = None,
 ) -> list[PairRow]:
     """Pairs by score (highest first), then by product pair: a stable order for paging."""
-    stmt = _pairs_query(min_score, category, undecided)
+    stmt = _pairs_query(min_score, category, undecided, where, between)
     if after is not None:
         score, a_pk, b_pk = after
-        stmt = stmt.where(
+        # `score <= cursor` first: a bound the database seeks to in the score index, so
+        # a page costs the same deep in the queue as at its top.
+        stmt = stmt.where(DuplicatePair.score <= score).where(
             or_(
                 DuplicatePair.score < score,
                 and_(
@@ -638,9 +887,14 @@ def list_pairs(
 
 
 def all_pairs(
-    session: Session, *, min_score: float, category: str | None = None, limit: int
+    session: Session,
+    *,
+    min_score: float,
+    category: str | None = None,
+    limit: int,
+    where: LabelFilter | None = None,
 ) -> list[PairRow]:
-    stmt = _pairs_query(min_score, category, False).limit(limit)
+    stmt = _pairs_query(min_score, category, False, where).limit(limit)
     return [PairRow(*row) for row in session.execute(stmt)]
 
 
@@ -728,6 +982,17 @@ def list_decisions(
     ]
 
 
+def pair_known(session: Session, a_pk: int, b_pk: int) -> bool:
+    """Whether the pair was found as duplicates (stored now) or decided on before (a
+    pair decided `different` is no longer stored, and may be decided on again)."""
+    a_pk, b_pk = canonical(a_pk, b_pk)
+    found = select(DuplicatePair.a_pk).where(DuplicatePair.a_pk == a_pk, DuplicatePair.b_pk == b_pk)
+    decided = select(DuplicateDecision.a_pk).where(
+        DuplicateDecision.a_pk == a_pk, DuplicateDecision.b_pk == b_pk
+    )
+    return session.execute(found.union_all(decided).limit(1)).first() is not None
+
+
 def delete_decision(session: Session, a_pk: int, b_pk: int) -> bool:
     a_pk, b_pk = canonical(a_pk, b_pk)
     result = session.execute(
@@ -749,6 +1014,19 @@ def images_page(
         .limit(limit)
     )
     return [(int(i), int(p), e) for i, p, e in session.execute(stmt)]
+
+
+def image_product_arrays(session: Session, model_id: str) -> tuple[Any, Any]:
+    """Every image of `model_id` and its product, as two int64 arrays in image-id order
+    (a full duplicates scan maps millions of matches to products with one read)."""
+    stmt = (
+        select(ProductImage.id, ProductImage.product_pk)
+        .where(ProductImage.model_id == model_id)
+        .order_by(ProductImage.id)
+    )
+    rows = session.execute(stmt).all()
+    pairs = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
 def image_products(session: Session, image_ids: Sequence[int]) -> dict[int, int]:

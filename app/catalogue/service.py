@@ -15,20 +15,31 @@ import binascii
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
+from app.catalogue import review_repository as review_repo
+from app.catalogue.filters import LabelFilter, normalise_labels, normalise_sets
 from app.catalogue.models import Product, ProductImage, utcnow
 from app.core.database import Database
-from app.core.errors import ImageTooLarge, ImageUndecodable, ProductNotFound, ServiceError
+from app.core.errors import (
+    ImageNotFound,
+    ImageTooLarge,
+    ImageUndecodable,
+    InvalidRequest,
+    ProductNotFound,
+    ServiceError,
+)
 from app.imaging.crop import Box, original_size
 from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.imaging.fetch import ImageFetcher
+from app.imaging.thumbnail import Thumbnail, make_thumbnail
 from app.inference.admission import Ticket
 from app.inference.worker import BatchWorker
 
@@ -61,6 +72,23 @@ class ProductInput:
     title: str | None = None
     category: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    # None keeps the stored labels (a client or file that knows none); a mapping, even
+    # empty, replaces them.
+    labels: Mapping[str, Sequence[str]] | None = None
+    # Likewise for the product sets it belongs to.
+    sets: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class ProductPatch:
+    """The fields a partial update sets (`fields` names them; the others are kept)."""
+
+    fields: frozenset[str]
+    title: str | None = None
+    category: str | None = None
+    attributes: dict[str, Any] | None = None
+    labels: Mapping[str, Sequence[str]] | None = None
+    sets: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +108,7 @@ class PreparedImage:
     height: int
     embedding: bytes
     reused: bool
+    thumbnail: Thumbnail | None = None  # made when the image was decoded for this product
 
 
 @dataclass
@@ -198,6 +227,7 @@ class CatalogueService:
         if todo:
             started = time.perf_counter()
             decoded = await self.decoder.decode_all([payloads[i] for i in todo])
+            thumbnails = await asyncio.to_thread(_thumbnails, decoded)
             self.timings.add("decode", time.perf_counter() - started)
             started = time.perf_counter()
             vectors = await self.worker.embed(
@@ -212,6 +242,7 @@ class CatalogueService:
                     *original_size(decoded[j]),
                     vectors[j].astype(np.float32).tobytes(),
                     False,
+                    thumbnails[j],
                 )
         self.timings.images_embedded += len(todo)
         self.timings.images_reused += len(payloads) - len(todo)
@@ -241,6 +272,8 @@ class CatalogueService:
             row, created = repo.lock_or_create_product(session, product.id)
             existing = repo.images_of(session, row.pk)
             fields_changed = _set_fields(row, product, created)
+            fields_changed |= _set_labels(session, {row.pk: product}, created)
+            fields_changed |= _set_sets(session, {row.pk: product}, created)
             plan = plan_images(existing, images, self.model_id)
             upserted: list[tuple[int, bytes]] = []
             for position in plan.added:
@@ -261,6 +294,9 @@ class CatalogueService:
             repo.delete_images(session, plan.deleted)
             repo.set_positions(session, plan.moved)
             repo.log_changes(session, [i for i, _ in upserted], repo.OP_UPSERT)
+            review_repo.add_thumbnails(
+                session, [(p.sha256, p.thumbnail) for p in images if p.thumbnail is not None]
+            )
             status = _status(row, created, fields_changed or bool(upserted or plan.changed))
             return StoreOutcome(status, upserted, plan.deleted, row.pk)
 
@@ -277,10 +313,22 @@ class CatalogueService:
         return product
 
     def list_products(
-        self, *, after_pk: int | None, limit: int, category: str | None = None
+        self,
+        *,
+        after_pk: int | None,
+        limit: int,
+        category: str | None = None,
+        where: LabelFilter | None = None,
     ) -> list[Product]:
         with self.db.read() as session:
-            return repo.list_products(session, after_pk=after_pk, limit=limit, category=category)
+            return repo.list_products(
+                session, after_pk=after_pk, limit=limit, category=category, where=where
+            )
+
+    def count_products(self, *, where: LabelFilter | None = None) -> int:
+        """Exact count of the products a list with this filter pages through."""
+        with self.db.read() as session:
+            return repo.count_products(session, where=where)
 
     async def delete_product(self, external_id: str) -> list[int]:
         deleted = await asyncio.to_thread(self._delete, external_id)
@@ -293,6 +341,104 @@ class CatalogueService:
             if product is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
             return repo.delete_product(session, product)
+
+    # partial updates --------------------------------------------------------------------
+    async def patch_product(
+        self, external_id: str, changes: ProductPatch
+    ) -> tuple[Status, Product]:
+        """Set the given fields (title, category, attributes, labels) of a product and keep
+        its images. A change writes a change-log row per image of the product in the same
+        transaction (replicas and the feed see the product changed; the index re-reads
+        the same vectors, so replay is harmless); a patch that changes nothing writes
+        nothing and reports `unchanged`."""
+        status = await asyncio.to_thread(self._patch, external_id, changes)
+        return status, await asyncio.to_thread(self.get_product, external_id)
+
+    def _patch(self, external_id: str, changes: ProductPatch) -> Status:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            changed = False
+            for name in ("title", "category", "attributes"):
+                if name in changes.fields:
+                    value = getattr(changes, name)
+                    value = dict(value or {}) if name == "attributes" else value
+                    if getattr(row, name) != value:
+                        setattr(row, name, value)
+                        changed = True
+            if "labels" in changes.fields:
+                patch = ProductInput(external_id, [], labels=changes.labels or {})
+                changed |= _set_labels(session, {row.pk: patch}, False)
+            if "sets" in changes.fields:
+                patch = ProductInput(external_id, [], sets=changes.sets or [])
+                changed |= _set_sets(session, {row.pk: patch}, False)
+            if not changed:
+                return "unchanged"
+            row.updated_at = utcnow()
+            repo.log_changes(
+                session, [i.id for i in repo.images_of(session, row.pk)], repo.OP_UPSERT
+            )
+            return "updated"
+
+    async def add_image(self, external_id: str, image: ImageInput) -> tuple[Status, ProductImage]:
+        """Add one image to an existing product (fetched, decoded and embedded first, out
+        of any transaction). The same image (bytes and box) already on the product is
+        not added twice: the call reports `unchanged` and returns the stored one."""
+        await asyncio.to_thread(self.get_product, external_id)  # 404 before any fetch
+        prepared = (await self._prepare(ProductInput(external_id, [image])))[0]
+        status, stored, outcome = await asyncio.to_thread(self._add_image, external_id, prepared)
+        await self._publish(outcome)
+        return status, stored
+
+    def _add_image(
+        self, external_id: str, new: PreparedImage
+    ) -> tuple[Status, ProductImage, StoreOutcome]:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            existing = repo.images_of(session, row.pk)
+            key = _image_key(new.sha256, new.box, self.model_id)
+            for img in existing:
+                if _image_key(img.sha256, img.box, img.model_id) == key:
+                    return "unchanged", img, StoreOutcome("unchanged", [], [], row.pk)
+            added = repo.add_image(
+                session,
+                product_pk=row.pk,
+                position=max((img.position for img in existing), default=-1) + 1,
+                source_url=new.source_url,
+                sha256=new.sha256,
+                box=new.box,
+                width=new.width,
+                height=new.height,
+                embedding=new.embedding,
+                model_id=self.model_id,
+            )
+            repo.log_changes(session, [added.id], repo.OP_UPSERT)
+            row.updated_at = utcnow()
+            outcome = StoreOutcome("updated", [(added.id, new.embedding)], [], row.pk)
+            return "updated", added, outcome
+
+    async def remove_image(self, external_id: str, image_id: int) -> None:
+        """Remove one image of a product: gone from search at once, its duplicate pairs
+        dropped (the product's other images keep theirs)."""
+        outcome = await asyncio.to_thread(self._remove_image, external_id, image_id)
+        await self._publish(outcome)
+
+    def _remove_image(self, external_id: str, image_id: int) -> StoreOutcome:
+        with self.db.write() as session:
+            row = repo.get_product(session, external_id, for_update=True)
+            if row is None:
+                raise ProductNotFound(f"No product with id {external_id!r}.")
+            images = repo.images_of(session, row.pk)
+            if image_id not in {img.id for img in images}:
+                raise ImageNotFound(f"Product {external_id!r} has no image {image_id}.")
+            repo.delete_images(session, [image_id])
+            kept = [img.id for img in images if img.id != image_id]
+            repo.delete_stale_pairs_of(session, row.pk, kept)
+            row.updated_at = utcnow()
+            return StoreOutcome("updated", [], [image_id], row.pk)
 
 
 @dataclass
@@ -414,6 +560,69 @@ def _set_fields(row: Product, product: ProductInput, created: bool) -> bool:
     return changed
 
 
+def _set_labels(session: Session, products: Mapping[int, ProductInput], created: bool) -> bool:
+    """Replace the labels of the products that give them (by row id); returns whether any
+    stored label changed. New products have none to compare with."""
+    given = {pk: _normalised(p) for pk, p in products.items() if p.labels is not None}
+    if not given:
+        return False
+    current = {} if created else repo.labels_of(session, list(given))
+    changed = {pk: labels for pk, labels in given.items() if current.get(pk, {}) != labels}
+    repo.replace_labels(session, changed)
+    return bool(changed)
+
+
+def _set_sets(session: Session, products: Mapping[int, ProductInput], created: bool) -> bool:
+    """`_set_labels` for set memberships."""
+    given = {pk: _sets(p) for pk, p in products.items() if p.sets is not None}
+    if not given:
+        return False
+    current = {} if created else repo.sets_of(session, list(given))
+    changed = {pk: ids for pk, ids in given.items() if current.get(pk, []) != ids}
+    repo.replace_sets(session, changed)
+    return bool(changed)
+
+
+def _sets_changed(
+    session: Session, products: Mapping[int, ProductInput], locked: Mapping[str, Product]
+) -> set[int]:
+    """`_set_sets` for a bulk import: the row ids whose sets changed."""
+    given = {pk: _sets(p) for pk, p in products.items() if p.sets is not None}
+    existing = {row.pk for row in locked.values()}
+    current = repo.sets_of(session, [pk for pk in given if pk in existing])
+    changed = {pk: ids for pk, ids in given.items() if current.get(pk, []) != ids}
+    repo.replace_sets(session, changed)
+    return {pk for pk in changed if pk in existing}
+
+
+def _sets(product: ProductInput) -> list[str]:
+    assert product.sets is not None
+    try:
+        return normalise_sets(product.sets)
+    except ValueError as exc:
+        raise InvalidRequest(f"Sets of {product.id!r}: {exc}.") from None
+
+
+def _normalised(product: ProductInput) -> dict[str, list[str]]:
+    assert product.labels is not None
+    try:
+        return normalise_labels(product.labels)
+    except ValueError as exc:
+        raise InvalidRequest(f"Labels of {product.id!r}: {exc}.") from None
+
+
+def _labels_changed(
+    session: Session, products: Mapping[int, ProductInput], locked: Mapping[str, Product]
+) -> set[int]:
+    """`_set_labels` for a bulk import: the row ids whose labels changed."""
+    given = {pk: _normalised(p) for pk, p in products.items() if p.labels is not None}
+    existing = {row.pk for row in locked.values()}
+    current = repo.labels_of(session, [pk for pk in given if pk in existing])
+    changed = {pk: labels for pk, labels in given.items() if current.get(pk, {}) != labels}
+    repo.replace_labels(session, changed)
+    return {pk for pk in changed if pk in existing}
+
+
 def _status(row: Product, created: bool, changed: bool) -> Status:
     if created:
         return "created"
@@ -424,7 +633,11 @@ def _status(row: Product, created: bool, changed: bool) -> Status:
 
 
 def store_products(
-    db: Database, model_id: str, items: Sequence[tuple[ProductInput, list[PreparedImage]]]
+    db: Database,
+    model_id: str,
+    items: Sequence[tuple[ProductInput, list[PreparedImage]]],
+    *,
+    match_vectors: bool = True,
 ) -> list[StoreOutcome]:
     """Store many products with precomputed embeddings in one transaction (bulk imports).
 
@@ -432,7 +645,9 @@ def store_products(
     images, positions, statuses and change-log rows), with bulk statements: one insert
     of the products, one of the images, one of the change-log rows. A product's pairs
     that rest on images it no longer has are dropped in the same transaction. Each
-    product must appear once in `items`.
+    product must appear once in `items`. `match_vectors` as in `plan_images`: on for
+    vectors made elsewhere (imports), off for the service's own embeddings (bulk ingest),
+    where the content decides, as in `_store`.
     """
     with db.write() as session:
         fields = [
@@ -450,11 +665,16 @@ def store_products(
         new_rows: list[dict[str, Any]] = []
         owners: list[int] = []  # index into `items` of each new row
         plans: list[tuple[ImagePlan, bool]] = []
+        by_pk = {pks[p.id]: p for p, _ in items}
+        label_changes = _labels_changed(session, by_pk, locked) | _sets_changed(
+            session, by_pk, locked
+        )
         for n, (product, images) in enumerate(items):
             pk = pks[product.id]
             row = locked.get(product.id)
             fields_changed = False if row is None else _set_fields(row, product, False)
-            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=True)
+            fields_changed |= pk in label_changes
+            plan = plan_images(existing.get(pk, []), images, model_id, match_vectors=match_vectors)
             plans.append((plan, fields_changed))
             for position in plan.added:
                 image = images[position]
@@ -512,6 +732,10 @@ def publish_outcomes(
     if after_commit is not None:
         for outcome in outcomes:
             after_commit(outcome)
+
+
+def _thumbnails(images: Sequence[Any]) -> list[Thumbnail]:
+    return [make_thumbnail(image) for image in images]
 
 
 def decode_base64_image(data: str) -> bytes:

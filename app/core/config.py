@@ -109,11 +109,34 @@ class IndexSettings(BaseModel):
     )
     opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
     nprobe: int = Field(
-        0, ge=0, description="IVF lists scanned per query; 0 = 1/64 of the lists (at least 16)."
+        0,
+        ge=0,
+        description="IVF lists scanned per query; 0 = tuned to reach target_recall "
+        "(1/64 of the lists, at least 16, until measured).",
     )
-    refine: int = Field(32, ge=1, description="PQ candidates per result re-ranked exactly.")
+    refine: int = Field(
+        0,
+        ge=0,
+        description="PQ candidates per result re-ranked exactly; 0 = tuned to reach "
+        "target_recall (32 until measured).",
+    )
+    target_recall: float = Field(
+        0.95,
+        ge=0.0,
+        le=1.0,
+        description="recall@10 the tuned nprobe/refine must reach, measured against exact "
+        "search on a sample of the catalogue at every (re)build; 0 = no tuning.",
+    )
+    retune_growth: float = Field(
+        1.25, gt=1.0, description="Measure and tune again when the index has grown by this factor."
+    )
     catchup_interval_s: float = Field(
         1.0, gt=0, description="How often the change log is tailed (replicas converge)."
+    )
+    notify: bool = Field(
+        True,
+        description="On PostgreSQL, catch up as soon as any replica commits a change "
+        "(LISTEN/NOTIFY); the periodic tail stays as the safety net.",
     )
     save_interval_s: float = Field(
         300.0, gt=0, description="Checkpoint the index files at most this often when changed."
@@ -128,6 +151,33 @@ class DuplicatesSettings(BaseModel):
     )
     neighbours: int = Field(
         20, ge=1, le=1000, description="Nearest images checked per image for pairs."
+    )
+    on_replay: bool = Field(
+        True,
+        description="Recompute the pairs of products other replicas wrote as their changes "
+        "arrive here; off on all replicas but one makes that one the duplicates worker.",
+    )
+    replay_limit: int = Field(
+        1_000,
+        ge=0,
+        description="Most images one catch-up refreshes pairs for; beyond it (a bulk load) "
+        "pairs are left to `vsearch duplicates scan`.",
+    )
+
+    same_probability: float = Field(
+        0.9, gt=0.0, le=1.0, description="Calibrated P(same) from which a pair is tier `same`."
+    )
+    exact_score: float = Field(
+        0.995, ge=-1.0, le=1.0, description="Score from which a pair is tier `exact`."
+    )
+    calibration_min_labels: int = Field(
+        50, ge=4, description="Decisions (at least 5 of each kind) before probabilities exist."
+    )
+    calibration_isotonic_labels: int = Field(
+        1000, ge=10, description="Decisions from which isotonic regression replaces Platt."
+    )
+    calibration_refit_every: int = Field(
+        20, ge=1, description="New decisions after which the calibration is fitted again."
     )
 
 

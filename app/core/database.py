@@ -9,6 +9,8 @@ SQLite runs in WAL mode with a busy timeout, and write transactions start with
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,11 +33,16 @@ class Database:
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # Who this process is on the server (pg_stat_activity, and the origin of the change
+        # notifications it sends, so its own can be told from other replicas').
+        self.application_name = f"vsearch-{os.getpid()}-{secrets.token_hex(4)}"
         if self.is_sqlite:
             _ensure_sqlite_dir(url)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            if self.is_postgres and "application_name" not in url:
+                kwargs["connect_args"] = {"application_name": self.application_name}
         self.engine: Engine = create_engine(url, **kwargs)
         if self.is_sqlite:
             _configure_sqlite(self.engine)

@@ -27,6 +27,13 @@ class InvalidRequest(ServiceError):
     code = "invalid_request"
 
 
+class RequestTooLarge(ServiceError):
+    """The request body passed VS_MAX_REQUEST_BYTES (raised by the body-size middleware)."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
 class ImageUndecodable(ServiceError):
     status_code = 422
     code = "image_undecodable"
@@ -57,9 +64,35 @@ class ProductNotFound(ServiceError):
     code = "product_not_found"
 
 
+class PairNotFound(ServiceError):
+    """A decision on two products that were never found as a duplicate pair."""
+
+    status_code = 404
+    code = "pair_not_found"
+
+
+class ImageNotFound(ServiceError):
+    status_code = 404
+    code = "image_not_found"
+
+
 class DecisionNotFound(ServiceError):
     status_code = 404
     code = "decision_not_found"
+
+
+class ThumbnailNotFound(ServiceError):
+    """No such image, or its thumbnail was not made yet (`vsearch thumbnails backfill`)."""
+
+    status_code = 404
+    code = "thumbnail_not_found"
+
+
+class NotCalibrated(ServiceError):
+    """Probabilities were asked for before enough review decisions exist to fit them."""
+
+    status_code = 409
+    code = "not_calibrated"
 
 
 class Unauthorized(ServiceError):

@@ -6,8 +6,12 @@ It reads through the protocols of app/index/feed.py (a `ChangeFeed` and an
 - start: load the live generation from disk and catch up from the feed; a missing, torn
   or foreign (other model, other dimension) index is rebuilt from the source;
 - apply: committed changes are applied at once by the writer (read-your-writes);
-- tail: a background thread replays the feed every `catchup_interval_s`, so replicas
-  sharing one source converge, and checkpoints the files now and then;
+- tail: a background thread replays the feed every `catchup_interval_s`, or at once when
+  woken (`wake()`: the source announced a change), so replicas sharing one source
+  converge, and checkpoints the files now and then;
+- replay hooks: `on_replay` callbacks learn which images arrived by the feed rather than
+  through this process's own `apply()` (another replica's writes), e.g. to look for
+  duplicate pairs among them;
 - lifecycle: exact shards while small; past `train_threshold` one IVF-PQ template is
   trained on a sample and every shard rebuilt in the background while searches go on,
   then swapped in atomically; again whenever the catalogue grows by `retrain_growth`.
@@ -31,7 +35,7 @@ import numpy as np
 from app.core.config import IndexSettings
 from app.index.build import ivfpq_factory, train_template
 from app.index.feed import ChangeFeed, EmbeddingSource, FeedCursor, Watermark
-from app.index.sharded import SearchKnobs, ShardedIndex
+from app.index.sharded import DEFAULT_REFINE, SearchKnobs, ShardedIndex
 from app.index.store import (
     Manifest,
     generation_dir,
@@ -39,11 +43,16 @@ from app.index.store import (
     remove_other_generations,
     write_manifest,
 )
+from app.index.tuning import Tuning, tune
 from app.index.vectors import ExactVectors
 
 LOG = logging.getLogger(__name__)
 
 PAGE = 5_000
+
+# Image ids published through `apply()` remembered until their change-log row is replayed
+# (so the replay hooks skip them); past this many, forgetting them only costs a hook call.
+PUBLISHED_MEMORY = 100_000
 
 
 @dataclass
@@ -97,10 +106,16 @@ class IndexService:
         self._apply_lock = threading.RLock()
         self._dirty = False
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._published: set[int] = set()
         self._thread: threading.Thread | None = None
         self._retrain: threading.Thread | None = None
+        self._tuner: threading.Thread | None = None
+        self._tuned_index: ShardedIndex | None = None
+        self.tuning: Tuning | None = None
         self._vectors: ExactVectors | None = None
         self.on_swap: list[Callable[[ShardedIndex], None]] = []
+        self.on_replay: list[Callable[[list[int]], None]] = []
 
     # start and stop ---------------------------------------------------------------------
     @property
@@ -128,6 +143,7 @@ class IndexService:
             self.rebuild(reason="no usable index on disk" if manifest is None else "unusable")
         self.catch_up()
         self.maybe_retrain(background=True)
+        self.maybe_tune()
 
     def _try_load(self, manifest: Manifest) -> bool:
         if manifest.model_id != self.model_id or manifest.dim != self.dim:
@@ -187,7 +203,52 @@ class IndexService:
         return self._vectors
 
     def _knobs(self) -> SearchKnobs:
-        return SearchKnobs(nprobe=self.settings.nprobe, refine=self.settings.refine)
+        tuned = self.tuning
+        return SearchKnobs(
+            nprobe=self.settings.nprobe or (tuned.nprobe if tuned else 0),
+            refine=self.settings.refine or (tuned.refine if tuned else DEFAULT_REFINE),
+        )
+
+    # tuning -----------------------------------------------------------------------------
+    def maybe_tune(self, *, background: bool = True) -> bool:
+        """Measure recall and pick search parameters for the live index when it has none
+        yet or has grown by `retune_growth` since (see app.index.tuning)."""
+        index = self._index
+        if (
+            index is None
+            or index.kind == "flat"
+            or not self.settings.target_recall
+            or (self.settings.nprobe and self.settings.refine)
+            or (self._tuner is not None and self._tuner.is_alive())
+        ):
+            return False
+        tuned = self.tuning
+        if tuned is not None and tuned.ntotal > 0 and self._tuned_index is index:
+            if index.ntotal < tuned.ntotal * self.settings.retune_growth:
+                return False
+
+        def run() -> None:
+            try:
+                result = tune(
+                    index,
+                    self.settings.target_recall,
+                    fixed_nprobe=self.settings.nprobe,
+                    fixed_refine=self.settings.refine,
+                )
+            except Exception:  # noqa: BLE001 - the current parameters keep serving
+                LOG.exception("index search tuning failed")
+                return
+            if result is not None and self._index is index:
+                self.tuning = result
+                self._tuned_index = index
+                index.knobs = self._knobs()
+
+        if not background:
+            run()
+            return True
+        self._tuner = threading.Thread(target=run, name="vs-index-tune", daemon=True)
+        self._tuner.start()
+        return True
 
     def start_tailing(self) -> None:
         """Tail the change feed (and checkpoint) on a background thread."""
@@ -195,12 +256,23 @@ class IndexService:
             self._thread = threading.Thread(target=self._tail, name="vs-index-tail", daemon=True)
             self._thread.start()
 
+    def wake(self) -> None:
+        """Catch up now instead of at the next interval (a change was announced).
+
+        Cheap and safe from any thread; wakes arriving during a catch-up fold into one
+        more catch-up right after it.
+        """
+        self._wake.set()
+
     def close(self, *, save: bool = True) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(30)
         if self._retrain is not None:
             self._retrain.join(600)
+        if self._tuner is not None:
+            self._tuner.join(600)
         if save and self._index is not None and self._dirty:
             self.save()
         if self._index is not None:
@@ -209,10 +281,15 @@ class IndexService:
             self._vectors.close()
 
     def _tail(self) -> None:
-        while not self._stop.wait(self.settings.catchup_interval_s):
+        while True:
+            self._wake.wait(self.settings.catchup_interval_s)
+            self._wake.clear()  # before reading: a change announced from now on wakes again
+            if self._stop.is_set():
+                return
             try:
                 self.catch_up()
                 self.maybe_retrain(background=True)
+                self.maybe_tune()
                 if (
                     self._dirty
                     and time.time() - self.stats.last_save > self.settings.save_interval_s
@@ -234,12 +311,16 @@ class IndexService:
                 ids = np.asarray([i for i, _ in upserts], dtype=np.int64)
                 vectors = np.stack([v for _, v in upserts]).astype(np.float32)
                 index.upsert(ids, vectors)
+                if len(self._published) > PUBLISHED_MEMORY:
+                    self._published.clear()
+                self._published.update(int(i) for i in ids)
             self._dirty = True
 
-    def _apply_current_state(self, index: ShardedIndex, image_ids: Sequence[int]) -> None:
-        """Bring `image_ids` to their current state in the source (idempotent)."""
+    def _apply_current_state(self, index: ShardedIndex, image_ids: Sequence[int]) -> list[int]:
+        """Bring `image_ids` to their current state in the source (idempotent); returns
+        the ids that exist (were upserted)."""
         if not image_ids:
-            return
+            return []
         current = self.source.current(image_ids, self.model_id)
         gone = np.asarray([i for i in image_ids if i not in current], dtype=np.int64)
         if len(gone):
@@ -248,26 +329,45 @@ class IndexService:
             ids = np.fromiter(current.keys(), dtype=np.int64, count=len(current))
             vectors = np.stack([current[int(i)] for i in ids]).astype(np.float32, copy=False)
             index.upsert(ids, vectors)
+        return [int(i) for i in current]
 
     def catch_up(self) -> int:
         """Apply the feed past the watermark; returns the number of changes applied."""
         with self._apply_lock:
-            applied = self._replay(self.index, self._cursor)
+            applied, arrived = self._replay(self.index, self._cursor)
             if applied:
                 self._dirty = True
             self.stats.applied_changes += applied
             self.stats.last_catchup = time.time()
             self.stats.applied_seq = self._cursor.watermark.seq
             self.stats.log_head_seq = self.feed.last_seq()
-            return applied
-
-    def _replay(self, index: ShardedIndex, cursor: FeedCursor) -> int:
-        """Apply the changes after `cursor` to `index`, advancing `cursor`."""
-        applied = 0
-        for page in self.feed.changes(cursor, PAGE):
-            self._apply_current_state(index, sorted({c.image_id for c in page}))
-            applied += len(page)
+        self._announce(arrived)
         return applied
+
+    def _replay(self, index: ShardedIndex, cursor: FeedCursor) -> tuple[int, list[int]]:
+        """Apply the changes after `cursor` to `index`, advancing `cursor`; returns the
+        number of changes and the ids of images that arrived by the feed alone (present
+        now, not published through this process's `apply()`)."""
+        applied, arrived = 0, []
+        for page in self.feed.changes(cursor, PAGE):
+            present = self._apply_current_state(index, sorted({c.image_id for c in page}))
+            for image_id in present:
+                if image_id in self._published:
+                    self._published.discard(image_id)
+                else:
+                    arrived.append(image_id)
+            applied += len(page)
+        return applied, arrived
+
+    def _announce(self, arrived: list[int]) -> None:
+        """Tell the replay hooks which images arrived by the feed (outside the lock)."""
+        if not arrived:
+            return
+        for hook in self.on_replay:
+            try:
+                hook(arrived)
+            except Exception:  # noqa: BLE001 - a hook must not stop the index converging
+                LOG.exception("replay hook failed for %d images", len(arrived))
 
     # rebuilds ---------------------------------------------------------------------------
     def rebuild(
@@ -328,7 +428,7 @@ class IndexService:
         with self._apply_lock:
             # Changes committed while we streamed: replay them onto the new generation
             # under the lock, so no direct apply can slip between this and the swap.
-            self._replay(new, start)
+            _, arrived = self._replay(new, start)
             old, self._index = self._index, new
             self._cursor = start
             self._dirty = True
@@ -338,6 +438,8 @@ class IndexService:
             self.save(trained_at_n=(total if trained_now else trained) if use_ivf else 0)
         for hook in self.on_swap:
             hook(new)
+        self._announce(arrived)
+        self.maybe_tune()
         if old is not None:
             old.close()
         LOG.info(
@@ -411,6 +513,12 @@ class IndexService:
         LOG.debug("saved index generation %d (%d vectors)", generation, written)
         return manifest
 
+    def wait_for_tuning(self, timeout: float | None = None) -> None:
+        """Block until a background tuning started by `maybe_tune` has finished."""
+        tuner = self._tuner
+        if tuner is not None:
+            tuner.join(timeout)
+
     def wait_for_retraining(self, timeout: float | None = None) -> None:
         """Block until a background (re)training started by `maybe_retrain` has swapped in."""
         retrain = self._retrain
@@ -438,4 +546,8 @@ class IndexService:
             "catchup_lag": max(0, self.stats.log_head_seq - self.stats.applied_seq),
             "retrain_running": self.stats.retrain_running,
             "last_error": self.stats.last_error,
+            "search": {"nprobe": index.default_nprobe, "refine": index.knobs.refine}
+            if index is not None and index.kind != "flat"
+            else None,
+            "tuning": self.tuning.as_dict() if self.tuning is not None else None,
         }

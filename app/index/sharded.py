@@ -37,12 +37,17 @@ def shard_of(ids: np.ndarray, n_shards: int) -> np.ndarray:
     return (z % np.uint64(n_shards)).astype(np.int64)
 
 
+DEFAULT_REFINE = 32
+"""Re-ranking depth until the index is tuned (measured at 1M: docs/benchmarks.md)."""
+
+
 @dataclass
 class SearchKnobs:
-    """Search-time settings of IVF-PQ shards; nprobe 0 = 1/64 of the lists (>= 16)."""
+    """Search-time settings of IVF-PQ shards; nprobe 0 = 1/64 of the lists (>= 16),
+    refine 0 = DEFAULT_REFINE."""
 
     nprobe: int = 0
-    refine: int = 32
+    refine: int = DEFAULT_REFINE
 
 
 class ShardedIndex:
@@ -141,7 +146,7 @@ class ShardedIndex:
         """Top-`k` (scores, ids) per query; missing results are (-inf, -1)."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
         nq = len(queries)
-        depth = k if self.kind == "flat" else k * max(1, refine or self.knobs.refine)
+        depth = k if self.kind == "flat" else k * (refine or self.knobs.refine or DEFAULT_REFINE)
         depth = max(k, min(depth, self.ntotal))  # more candidates than vectors buys nothing
         nprobe = nprobe or self.default_nprobe
         if self.n_shards == 1:
@@ -196,6 +201,11 @@ class ShardedIndex:
         if self.knobs.nprobe:
             return self.knobs.nprobe
         return min(self.nlist, max(16, self.nlist // 64)) if self.nlist else 16
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per vector code in the IVF lists (0 for exact shards)."""
+        return 0 if self.kind == "flat" else int(self.shards[0]._ivf.code_size)
 
     @property
     def nlist(self) -> int:

@@ -65,25 +65,59 @@ class TestMultipartStrictness:
         assert response.status_code == 422
         assert message in str(response.json()["error"]["details"])
 
-    @pytest.mark.parametrize("path", ["/products", "/search"])
+    @pytest.mark.parametrize(
+        "path",
+        ["/products", "/search", "/products/upload", "/search/upload", "/duplicates/decisions"],
+    )
     async def test_other_content_types_are_415(self, client: httpx.AsyncClient, path: str) -> None:
         response = await client.post(path, content=b"id=1", headers={"content-type": "text/plain"})
-        assert response.status_code == 415
+        assert response.status_code == 415, path
         assert response.json()["error"]["code"] == "unsupported_media_type"
 
 
 async def test_openapi_bodies_come_from_the_same_models(client: httpx.AsyncClient) -> None:
     spec = (await client.get("/openapi.json")).json()
     schemas = spec["components"]["schemas"]
-    for path, json_model, form_model in (
-        ("/products", "ProductsCreate", "ProductUpload"),
-        ("/search", "SearchRequest", "SearchUpload"),
+    for path, media_type, model in (
+        ("/products", "application/json", "ProductsCreate"),
+        ("/products/upload", "multipart/form-data", "ProductUpload"),
+        ("/search", "application/json", "SearchRequest"),
+        ("/search/upload", "multipart/form-data", "SearchUpload"),
+        ("/duplicates/decisions", "application/json", "DecisionCreate"),
     ):
+        # One content type per operation: what generated clients can handle.
         content = spec["paths"][path]["post"]["requestBody"]["content"]
-        assert content["application/json"]["schema"]["$ref"].endswith(f"/{json_model}")
-        assert content["multipart/form-data"]["schema"]["$ref"].endswith(f"/{form_model}")
+        assert list(content) == [media_type]
+        assert content[media_type]["schema"]["$ref"].endswith(f"/{model}")
     upload = schemas["ProductUpload"]
     assert upload["additionalProperties"] is False
     assert upload["properties"]["id"]["maxLength"] == 256  # the JSON model's limit
     assert upload["properties"]["image"]["items"]["format"] == "binary"
     assert schemas["SearchUpload"]["properties"]["k"]["maximum"] == 1000
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [("/products/upload", {"json": {"id": "x"}}), ("/search/upload", {"json": {"k": 1}})],
+)
+async def test_upload_operations_take_only_multipart(
+    client: httpx.AsyncClient, path: str, body: dict[str, object]
+) -> None:
+    response = await client.post(path, **body)  # type: ignore[arg-type]
+    assert response.status_code == 415
+    assert "multipart/form-data" in response.json()["error"]["message"]
+
+
+async def test_the_upload_operations_index_and_find_a_product(db_client: httpx.AsyncClient) -> None:
+    created = await db_client.post(
+        "/products/upload",
+        data={"id": "sku-up", "category": "dairy"},
+        files={"image": ("p.jpg", JPEG, "image/jpeg")},
+    )
+    assert created.status_code == 200, created.text
+    assert created.json()["results"][0]["status"] == "created"
+    found = await db_client.post(
+        "/search/upload", data={"k": "1"}, files={"image": ("q.jpg", JPEG, "image/jpeg")}
+    )
+    assert found.status_code == 200, found.text
+    assert found.json()["results"][0]["id"] == "sku-up"

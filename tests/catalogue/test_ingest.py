@@ -140,3 +140,70 @@ class TestIngestJsonl:
         result = runner.invoke(cli, ["ingest", str(listing), "--json"], env=env)
         assert result.exit_code == 0, result.output
         assert _counts(database_url) == (2, 2)
+
+
+def test_parquet_reads_as_the_same_products_as_csv(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from app.catalogue.ingest import read_products
+
+    csv_path = tmp_path / "products.csv"
+    csv_path.write_text(
+        "id,image,title,category,bbox_x,bbox_y,bbox_w,bbox_h\n"
+        "a,a1.jpg,Apple,fruit,1,2,30,40\n"
+        "a,a2.jpg,Apple,fruit,,,,\n"
+        "b,https://example.com/b.jpg|b2.jpg,Bread,bakery,,,,\n"
+    )
+    table = pa.table(
+        {
+            "id": ["a", "a", "b"],
+            "image": [["a1.jpg"], ["a2.jpg"], ["https://example.com/b.jpg", "b2.jpg"]],
+            "title": ["Apple", "Apple", "Bread"],
+            "category": ["fruit", "fruit", "bakery"],
+            "bbox_x": [1.0, None, None],
+            "bbox_y": [2.0, None, None],
+            "bbox_w": [30.0, None, None],
+            "bbox_h": [40.0, None, None],
+        }
+    )
+    parquet_path = tmp_path / "products.parquet"
+    pq.write_table(table, parquet_path)
+
+    from_csv = list(read_products(csv_path))
+    from_parquet = list(read_products(parquet_path))
+
+    assert from_parquet == from_csv
+    assert [p.id for p in from_parquet] == ["a", "b"]
+    assert [len(p.images) for p in from_parquet] == [2, 2]
+    assert from_parquet[1].images[0].url == "https://example.com/b.jpg"
+
+
+class TestIngestLabelsAndSets:
+    def test_csv_and_jsonl_carry_labels_and_sets(
+        self, tmp_path: Path, tiny_model_dir: Path, database_url: str
+    ) -> None:
+        from app.catalogue import repository as repo
+
+        pattern(100, 80, seed=1).save(tmp_path / "a.jpg")
+        pattern(100, 80, seed=2).save(tmp_path / "b.jpg")
+        listing = tmp_path / "products.csv"
+        listing.write_text(
+            'id,image,labels,sets\nc1,a.jpg,"color=red,color=blue,brand=Acme",feed|catalogue\n'
+        )
+        jsonl = tmp_path / "more.jsonl"
+        record = {"id": "j1", "labels": {"fat": ["whole"]}, "sets": ["feed"]}
+        jsonl.write_text(json.dumps({**record, "images": [{"path": "b.jpg"}]}) + "\n")
+        env = _env(tiny_model_dir, tmp_path / "data", database_url)
+        for path in (listing, jsonl):
+            result = runner.invoke(cli, ["ingest", str(path), "--json"], env=env)
+            assert result.exit_code == 0, result.output
+        db = Database(database_url)
+        with db.read() as session:
+            pks = {p.external_id: p.pk for p in session.scalars(select(Product))}
+            labels = repo.labels_of(session, list(pks.values()))
+            sets = repo.sets_of(session, list(pks.values()))
+        db.dispose()
+        assert labels[pks["c1"]] == {"brand": ["Acme"], "color": ["blue", "red"]}
+        assert sets[pks["c1"]] == ["catalogue", "feed"]
+        assert labels[pks["j1"]] == {"fat": ["whole"]}
+        assert sets[pks["j1"]] == ["feed"]

@@ -4,6 +4,7 @@ on the catalogue's SQLite and Postgres feeds)."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,3 +206,55 @@ class TestRebuild:
         assert read_manifest(tmp_path).trained_at_n == 3000  # type: ignore[union-attr]
         assert nearest(index, vectors[0])[0] == 1
         index.close()
+
+
+class TestReplicas:
+    def test_replay_hooks_hear_only_what_arrived_by_the_feed(
+        self, catalogue: MemoryCatalogue, tmp_path: Path
+    ) -> None:
+        """Images this process published itself are not announced again; images another
+        writer committed are, once, and deleted ones never."""
+        index = service(catalogue, tmp_path)
+        heard: list[list[int]] = []
+        index.on_replay.append(heard.append)
+        own, theirs, gone = clustered(3, DIM, seed=20)
+        catalogue.write({1: own})
+        index.apply([(1, own)], [])  # this replica's write, published after commit
+        catalogue.write({2: theirs, 3: gone})  # another replica's writes
+        catalogue.write(deletes=[3])
+
+        index.catch_up()
+        index.catch_up()
+
+        assert heard == [[2]]
+        assert ids_of(index) == [1, 2]
+
+    def test_a_failing_hook_does_not_stop_the_catch_up(
+        self, catalogue: MemoryCatalogue, tmp_path: Path
+    ) -> None:
+        index = service(catalogue, tmp_path)
+
+        def broken(_ids: list[int]) -> None:
+            raise RuntimeError("hook failed")
+
+        index.on_replay.append(broken)
+        catalogue.write({7: clustered(1, DIM, seed=21)[0]})
+
+        assert index.catch_up() == 1
+        assert ids_of(index) == [7]
+        assert index.catch_up() == 0
+
+    def test_wake_catches_up_before_the_interval(
+        self, catalogue: MemoryCatalogue, tmp_path: Path
+    ) -> None:
+        index = service(catalogue, tmp_path, catchup_interval_s=3600)
+        index.start_tailing()
+        try:
+            catalogue.write({8: clustered(1, DIM, seed=22)[0]})
+            started = time.monotonic()
+            index.wake()
+            while ids_of(index) != [8]:
+                assert time.monotonic() - started < 5, "the wake was not heard"
+                time.sleep(0.01)
+        finally:
+            index.close(save=False)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
+from app.api import examples
+from app.api.bodies import UnsupportedMediaType, read_json, request_body
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
+from app.api.filters import ExcludeLabelQuery, LabelQuery
 from app.api.schemas import (
     DecisionCreate,
     DecisionRead,
@@ -20,13 +23,22 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
-from app.core.cursor import decode_cursor, encode_cursor
+from app.catalogue.filters import LabelFilter
+from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
+from app.core.errors import (
+    DecisionNotFound,
+    InvalidRequest,
+    NotCalibrated,
+    PairNotFound,
+    ProductNotFound,
+    RateLimited,
+)
 
 router = APIRouter(
     prefix="/duplicates",
     tags=["duplicates"],
     dependencies=[RateLimitDep],
-    responses=error_responses(429),
+    responses=error_responses(RateLimited),
 )
 
 MinScore = Annotated[
@@ -36,6 +48,17 @@ MinScore = Annotated[
         le=1.0,
         description="Lowest pair score to return; must be at least the floor "
         "(VS_DUPLICATES__FLOOR, default 0.80).",
+    ),
+]
+
+MinProbability = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="Only pairs whose calibrated P(same) is at least this (409 "
+        "`not_calibrated` until enough review decisions exist). `min_score` still applies; "
+        "a page may then hold fewer than `limit` pairs (follow `next_cursor`).",
     ),
 ]
 
@@ -49,12 +72,17 @@ MinScore = Annotated[
         "a page at a time (follow `next_cursor`; the order is stable). Pairs are kept up to "
         "date on every ingest, re-image and delete. Pairs a reviewer marked `different` "
         "never come back; `undecided=true` hides every reviewed pair. With `category`, both "
-        "products must be in it. A `min_score` below the floor is a 422: such pairs are "
-        "not stored."
+        "products must be in it; likewise both must pass `label` (repeat `key:value`: AND "
+        "across keys, OR within a key) and `exclude_label`; `label=set:<id>` keeps pairs "
+        "inside one product set, `set_a` and `set_b` pairs across two (which incoming "
+        "products already exist in the catalogue). `total` counts the pairs of all pages. "
+        "A `min_score` below the floor is a 422: such pairs are not stored. Each pair "
+        "carries its calibrated `probability` and `tier` (see `GET /duplicates/calibration`)."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(InvalidCursor, NotCalibrated)
+    | examples.ok(examples.DUPLICATE_PAIRS_READ),
 )
-async def list_pairs(
+async def list_duplicate_pairs(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
     min_score: MinScore = 0.9,
@@ -62,7 +90,23 @@ async def list_pairs(
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     undecided: Annotated[bool, Query(description="Only pairs nobody decided on.")] = False,
+    min_probability: MinProbability = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
+    set_a: Annotated[
+        str | None, Query(description="With `set_b`: pairs with one product in each set.")
+    ] = None,
+    set_b: Annotated[str | None, Query(description="The other set (with `set_a`).")] = None,
 ) -> DuplicatePairsRead:
+    where = LabelFilter.parse_terms(label, exclude_label)
+    if (set_a is None) != (set_b is None):
+        raise InvalidRequest("Give both `set_a` and `set_b`, or neither.")
+    between = (set_a, set_b) if set_a is not None and set_b is not None else None
+    if min_probability is not None:
+        lowest = await asyncio.to_thread(duplicates.score_for_probability, min_probability)
+        if lowest is None:  # no score reaches that probability
+            return DuplicatePairsRead(pairs=[], next_cursor=None, calibrated=True, total=0)
+        min_score = max(min_score, lowest)
     rows, next_cursor = await asyncio.to_thread(
         duplicates.list_pairs,
         min_score=min_score,
@@ -70,7 +114,18 @@ async def list_pairs(
         cursor=cursor,
         category=category,
         undecided=undecided,
+        where=where,
+        between=between,
     )
+    total = await asyncio.to_thread(
+        duplicates.count_listed_pairs,
+        min_score=min_score,
+        category=category,
+        undecided=undecided,
+        where=where,
+        between=between,
+    )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[
             DuplicatePairRead(
@@ -81,10 +136,15 @@ async def list_pairs(
                 b_image_id=r.b_image_id,
                 found_at=r.found_at,
                 decision=r.decision,
+                probability=probability,
+                tier=tier,
             )
-            for r in rows
+            for r, (probability, tier) in zip(rows, assessed, strict=True)
+            if min_probability is None or (probability or 0.0) >= min_probability
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
+        total=total,
     )
 
 
@@ -100,17 +160,22 @@ async def list_pairs(
         "Products left out of a group still appear in `GET /duplicates`. Biggest groups "
         "first; `limit`/`cursor` page through them."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(InvalidCursor) | examples.ok(examples.DUPLICATE_GROUPS_READ),
 )
-async def groups(
+async def list_duplicate_groups(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
     min_score: MinScore = 0.9,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
+    label: LabelQuery = None,
+    exclude_label: ExcludeLabelQuery = None,
 ) -> DuplicateGroupsRead:
-    found = await asyncio.to_thread(duplicates.groups, min_score=min_score, category=category)
+    where = LabelFilter.parse_terms(label, exclude_label)
+    found = await asyncio.to_thread(
+        duplicates.groups, min_score=min_score, category=category, where=where
+    )
     if cursor:
         # Keyset paging on the groups' order (size, weakest score, centre): a catalogue
         # change between pages shifts no group the client has not seen past the cursor.
@@ -123,12 +188,20 @@ async def groups(
         if len(found) > limit
         else None
     )
+    calibrated, assessed = await asyncio.to_thread(duplicates.assess_groups, page)
     return DuplicateGroupsRead(
         groups=[
-            DuplicateGroupRead(centre=g.centre, members=g.members, min_score=g.min_score)
-            for g in page
+            DuplicateGroupRead(
+                centre=g.centre,
+                members=g.members,
+                min_score=g.min_score,
+                probability=probability,
+                tier=tier,
+            )
+            for g, (probability, tier) in zip(page, assessed, strict=True)
         ],
         next_cursor=next_cursor,
+        calibrated=calibrated,
     )
 
 
@@ -140,13 +213,18 @@ async def groups(
         "`same`: the two products are one (the pair is kept, marked). `different`: they are "
         "not; the pair disappears from `GET /duplicates` and no later scan brings it back. "
         "A new decision on the same pair replaces the old one. The time and a fingerprint "
-        "of the API key are stored with it."
+        "of the API key are stored with it. Only pairs the service found (in "
+        "`GET /duplicates`, or decided before) can be decided on: others are a 404 "
+        "`pair_not_found`."
     ),
-    responses=error_responses(401, 404, 422),
+    responses=error_responses(ProductNotFound, PairNotFound, UnsupportedMediaType)
+    | examples.ok(examples.DECISION_READ),
+    openapi_extra=request_body(DecisionCreate, example=examples.DECISION_CREATE),
 )
-async def decide(
-    body: DecisionCreate, duplicates: DuplicatesDep, api_key: WriteKeyDep
+async def create_decision(
+    request: Request, duplicates: DuplicatesDep, api_key: WriteKeyDep
 ) -> DecisionRead:
+    body = await read_json(request, DecisionCreate)
     await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key)
     return DecisionRead(a=body.a, b=body.b, decision=body.decision)
 
@@ -159,7 +237,7 @@ async def decide(
         "Every recorded decision, `same` and `different` alike (filter with `decision`), "
         "a page at a time in a stable order; follow `next_cursor`."
     ),
-    responses=error_responses(401, 422),
+    responses=error_responses(InvalidCursor) | examples.ok(examples.DECISIONS_READ),
 )
 async def list_decisions(
     duplicates: DuplicatesDep,
@@ -197,9 +275,9 @@ async def list_decisions(
         "hidden as `different` is looked for again at once and is back in "
         "`GET /duplicates` when its images still match above the floor."
     ),
-    responses=error_responses(401, 404, 422),
+    responses=error_responses(ProductNotFound, DecisionNotFound),
 )
-async def undo_decision(
+async def delete_decision(
     duplicates: DuplicatesDep,
     _key: WriteKeyDep,
     a: Annotated[str, Query(min_length=1, max_length=256, description="One product id.")],

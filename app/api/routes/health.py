@@ -21,7 +21,7 @@ router = APIRouter(tags=["health"])
         "Use `/ready` to decide whether to send traffic."
     ),
 )
-async def health(state: StateDep) -> HealthRead:
+async def get_health(state: StateDep) -> HealthRead:
     return HealthRead(status="ok" if state.services is not None else "starting")
 
 
@@ -37,7 +37,7 @@ async def health(state: StateDep) -> HealthRead:
     ),
     responses={503: {"model": ReadyRead, "description": "Not ready yet."}},
 )
-async def ready(state: StateDep, reader: MayReadDep) -> ReadyRead | JSONResponse:
+async def get_readiness(state: StateDep, reader: MayReadDep) -> ReadyRead | JSONResponse:
     services = state.services
     checks = {
         "model": services is not None,

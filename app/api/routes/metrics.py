@@ -9,7 +9,6 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import StateDep
-from app.api.errors import error_responses
 from app.api.security import require_metrics_key
 
 router = APIRouter(tags=["health"])
@@ -28,10 +27,9 @@ router = APIRouter(tags=["health"])
     response_class=Response,
     responses={
         200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Metrics."},
-        **error_responses(401, 429),
     },
 )
-async def metrics(state: StateDep) -> Response:
+async def get_metrics(state: StateDep) -> Response:
     # Rendering walks every series: off the event loop, like any other bounded work.
     text = await asyncio.to_thread(generate_latest, state.metrics.registry)
     return Response(text, media_type=CONTENT_TYPE_LATEST)

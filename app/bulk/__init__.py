@@ -1,0 +1,2 @@
+"""Bulk work handed to existing distributed engines (Ray Data), writing through the
+catalogue's own code."""
