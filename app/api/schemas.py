@@ -468,7 +468,11 @@ class ImageMatchRead(BaseModel):
 
 class SearchHitRead(BaseModel):
     id: str = Field(description="The product's id.", examples=["sku-123"])
-    score: float = Field(description="Cosine similarity of the best matching image, -1..1.")
+    score: float = Field(
+        description="The product's score, -1..1: the cosine similarity of its best matching "
+        "image, blended with the mean of its best images' when product-level scoring is on "
+        "(the default; VS_SEARCH__PRODUCT_WEIGHT=0 turns it off)."
+    )
     title: str | None
     category: str | None
     image_id: int = Field(description="The product image that matched best.")

@@ -200,14 +200,17 @@ class SearchSettings(BaseModel):
         3.0, ge=0.0, le=20.0, description="Exponent on the neighbours' scores in the expansion."
     )
     product_images: int = Field(
-        1,
+        10,
         ge=1,
         le=100,
         description="Score each product by its best image and the mean of its best this many "
         "images (1: best image only).",
     )
     product_weight: float = Field(
-        0.0, ge=0.0, le=1.0, description="Share of that mean in a product's score."
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="Share of that mean in a product's score (0: best image only).",
     )
     product_candidates: int = Field(
         20, ge=1, le=1000, description="Products re-scored from all their images per search."
