@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from app.catalogue.duplicates import SCAN_NPROBE, SCAN_REFINE
 from app.core.config import Settings
 from app.core.errors import ModelLoadError, ServiceError
 from app.core.logging import configure_logging
@@ -686,8 +687,12 @@ def bench_duplicates(
     dim: Annotated[int, typer.Option(help="Dimension.")] = 512,
     floor: Annotated[float, typer.Option(help="Pair floor.")] = 0.9,
     batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 4096,
-    nprobe: Annotated[int, typer.Option(help="IVF lists probed (0: the tuned search's).")] = 0,
-    refine: Annotated[int, typer.Option(help="Re-ranking depth (0: the tuned search's).")] = 0,
+    nprobe: Annotated[
+        int, typer.Option(help="IVF lists probed per image (0: the tuned search's).")
+    ] = SCAN_NPROBE,
+    refine: Annotated[
+        int, typer.Option(help="Candidates re-ranked per neighbour (0: the tuned search's).")
+    ] = SCAN_REFINE,
     database_url: Annotated[
         str | None, typer.Option(help="Catalogue database (default: a temporary SQLite file).")
     ] = None,
@@ -1033,8 +1038,12 @@ def duplicates_scan(
         float | None, typer.Option(help="Lowest score stored (default VS_DUPLICATES__FLOOR).")
     ] = None,
     batch: Annotated[int, typer.Option(help="Images per kNN batch.")] = 4096,
-    nprobe: Annotated[int, typer.Option(help="IVF lists probed (0: the tuned search's).")] = 0,
-    refine: Annotated[int, typer.Option(help="Re-ranking depth (0: the tuned search's).")] = 0,
+    nprobe: Annotated[
+        int, typer.Option(help="IVF lists probed per image (0: the tuned search's).")
+    ] = SCAN_NPROBE,
+    refine: Annotated[
+        int, typer.Option(help="Candidates re-ranked per neighbour (0: the tuned search's).")
+    ] = SCAN_REFINE,
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an interrupted scan's progress.")
     ] = False,

@@ -20,7 +20,7 @@ from sqlalchemy import insert, select
 
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.catalogue import repository as repo
-from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.duplicates import SCAN_NPROBE, SCAN_REFINE, DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.models import DuplicatePair, Product, ProductImage, utcnow
 from app.core.config import IndexSettings
@@ -92,8 +92,8 @@ def run_duplicates_benchmark(
     floor: float = 0.9,
     batch: int = 4096,
     neighbours: int = 20,
-    nprobe: int = 0,
-    refine: int = 0,
+    nprobe: int = SCAN_NPROBE,
+    refine: int = SCAN_REFINE,
     index_settings: IndexSettings | None = None,
     database_url: str | None = None,
     workdir: Path | None = None,

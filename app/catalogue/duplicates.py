@@ -475,6 +475,13 @@ class DuplicatesService:
         return list(best.values())
 
 
+SCAN_NPROBE = 16
+SCAN_REFINE = 2
+"""What `vsearch duplicates scan` probes and re-ranks by default: pairs sit far above
+ordinary neighbours (floor 0.8-0.9), so far fewer lists and candidates than a search's
+tuned ones find them (planted near-duplicates: 1,999 of 2,000 at 200k, docs/benchmarks.md)."""
+
+
 def _pairs_of(
     image_ids: np.ndarray,
     scores: np.ndarray,
