@@ -147,6 +147,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(search_more.router)
     app.include_router(product_edits.router)  # before products: its routes are more specific
     app.include_router(products.router)
+    app.include_router(product_edits.patch_router)
     app.include_router(duplicates.router)
     app.include_router(calibration.router)
     app.include_router(images.router)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Response
+from starlette.convertors import Convertor, register_url_convertor
 
 from app.api.deps import CatalogueDep, StateDep
 from app.api.errors import IMAGE_ERRORS, error_responses
@@ -33,6 +34,23 @@ from app.core.errors import (
 )
 from app.imaging.crop import Box
 
+
+class ProductIdConvertor(Convertor[str]):
+    """A product id in a path (slashes allowed, as `{product_id:path}`) that does not end
+    in this module's image sub-paths, so `PATCH /products/x/images` is a 405, not a patch
+    of a product named `x/images`."""
+
+    regex = r"(?:(?!/images(?:/upload|/[0-9]+)?$).)+"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("product_id", ProductIdConvertor())
+
 router = APIRouter(
     prefix="/products",
     tags=["products"],
@@ -40,11 +58,20 @@ router = APIRouter(
     responses=error_responses(RateLimited),
 )
 
+# PATCH goes after the products router (an unknown method on /products/{id} is answered by
+# that router's routes first); the image routes go before it (more specific paths).
+patch_router = APIRouter(
+    prefix="/products",
+    tags=["products"],
+    dependencies=[RateLimitDep],
+    responses=error_responses(429),
+)
+
 ProductId = Annotated[str, Path(description="The product's id.", examples=["sku-123"])]
 
 
-@router.patch(
-    "/{product_id:path}",
+@patch_router.patch(
+    "/{product_id:product_id}",
     response_model=ProductUpdateRead,
     operation_id="update_product",
     summary="Update a product's fields and labels",
