@@ -64,7 +64,7 @@ patch_router = APIRouter(
     prefix="/products",
     tags=["products"],
     dependencies=[RateLimitDep],
-    responses=error_responses(429),
+    responses=error_responses(RateLimited),
 )
 
 ProductId = Annotated[str, Path(description="The product's id.", examples=["sku-123"])]
