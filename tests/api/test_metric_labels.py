@@ -25,7 +25,9 @@ class TestClosedLabels:
         text = (await client.get("/metrics")).text
         after = request_series(text)
 
-        assert 'method="OTHER",route="/products/{product_id:path}",status="405"} 300.0' in text
+        assert (
+            'method="OTHER",route="/products/{product_id:product_id}",status="405"} 300.0' in text
+        )
         assert 'method="GET",route="unmatched",status="404"} 300.0' in text
         assert len(after) - len(before) <= 3  # the two above and the first /metrics
         assert not any("X" in line.split('method="')[1][:2] for line in after)
@@ -34,5 +36,5 @@ class TestClosedLabels:
         await client.request("PUT", "/products/a")
         await client.options("/products")
         text = (await client.get("/metrics")).text
-        assert 'method="PUT",route="/products/{product_id:path}",status="405"' in text
+        assert 'method="PUT",route="/products/{product_id:product_id}",status="405"' in text
         assert 'method="OPTIONS",route="/products",status="405"' in text

@@ -30,7 +30,7 @@ class TestMetrics:
         assert (
             'vsearch_http_requests_total{method="POST",route="/products",status="200"} 1.0' in text
         )
-        route = "/products/{product_id:path}"
+        route = "/products/{product_id:product_id}"
         assert (
             f'vsearch_http_requests_total{{method="GET",route="{route}",status="404"}} 1.0' in text
         )

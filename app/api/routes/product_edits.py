@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Path, Response
-from starlette.convertors import Convertor, register_url_convertor
 
+import app.api.paths  # noqa: F401 - registers the `product_id` path convertor
 from app.api.deps import CatalogueDep, StateDep
 from app.api.errors import IMAGE_ERRORS, error_responses
 from app.api.routes.products import image_read, product_read
@@ -33,23 +33,6 @@ from app.core.errors import (
     RequestTooLarge,
 )
 from app.imaging.crop import Box
-
-
-class ProductIdConvertor(Convertor[str]):
-    """A product id in a path (slashes allowed, as `{product_id:path}`) that does not end
-    in this module's image sub-paths, so `PATCH /products/x/images` is a 405, not a patch
-    of a product named `x/images`."""
-
-    regex = r"(?:(?!/images(?:/upload|/[0-9]+)?$).)+"
-
-    def convert(self, value: str) -> str:
-        return value
-
-    def to_string(self, value: str) -> str:
-        return value
-
-
-register_url_convertor("product_id", ProductIdConvertor())
 
 router = APIRouter(
     prefix="/products",
@@ -165,7 +148,7 @@ async def upload_product_image(
 
 
 @router.delete(
-    "/{product_id:path}/images/{image_id}",
+    "/{product_id:path}/images/{image_id:image_id}",
     status_code=204,
     operation_id="delete_product_image",
     summary="Remove one image of a product",

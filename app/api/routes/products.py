@@ -8,6 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Query, Request, Response
 
+import app.api.paths  # noqa: F401 - registers the `product_id` path convertor
 from app.api import examples
 from app.api.bodies import (
     MULTIPART,
@@ -227,7 +228,7 @@ async def list_products(
 
 
 @router.get(
-    "/{product_id:path}",
+    "/{product_id:product_id}",
     response_model=ProductRead,
     summary="Get one product",
     description="The product and its images; `?embeddings=true` adds each image's vector.",
@@ -244,7 +245,7 @@ async def get_product(
 
 
 @router.delete(
-    "/{product_id:path}",
+    "/{product_id:product_id}",
     status_code=204,
     summary="Delete a product",
     description="Removes the product, its images (from search at once) and its duplicate pairs.",
