@@ -72,7 +72,7 @@ async def test_client_flow(db_client: httpx.AsyncClient, generated: str) -> None
     created = await db_client.post("/products", json={"products": products})
     assert [r["status"] for r in created.json()["results"]] == ["created"] * 5
 
-    listed = await call("products.list_products_products_get", label=["brand:acme"])
+    listed = await call("products.list_products", label=["brand:acme"])
     assert listed.total == 2
     assert {p.id for p in listed.products} == {"sku-1", "sku-3"}
     assert listed.products[0].labels.additional_properties == {"brand": ["acme"]}
