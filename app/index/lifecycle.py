@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,7 @@ class IndexService:
         self._thread: threading.Thread | None = None
         self._retrain: threading.Thread | None = None
         self._tuner: threading.Thread | None = None
+        self._announcer: ThreadPoolExecutor | None = None
         self._tuned_index: ShardedIndex | None = None
         self.tuning: Tuning | None = None
         self._vectors: ExactVectors | None = None
@@ -273,6 +275,8 @@ class IndexService:
             self._retrain.join(600)
         if self._tuner is not None:
             self._tuner.join(600)
+        if self._announcer is not None:
+            self._announcer.shutdown(wait=True)  # the hooks search this index
         if save and self._index is not None and self._dirty:
             self.save()
         if self._index is not None:
@@ -287,7 +291,7 @@ class IndexService:
             if self._stop.is_set():
                 return
             try:
-                self.catch_up()
+                self.catch_up(announce_later=True)
                 self.maybe_retrain(background=True)
                 self.maybe_tune()
                 if (
@@ -331,8 +335,12 @@ class IndexService:
             index.upsert(ids, vectors)
         return [int(i) for i in current]
 
-    def catch_up(self) -> int:
-        """Apply the feed past the watermark; returns the number of changes applied."""
+    def catch_up(self, *, announce_later: bool = False) -> int:
+        """Apply the feed past the watermark; returns the number of changes applied.
+
+        The replay hooks (duplicate pairs of products other replicas wrote) run before
+        this returns, or, with `announce_later` (the tailing thread), on their own thread,
+        so refreshing pairs never delays the next change becoming searchable."""
         with self._apply_lock:
             applied, arrived = self._replay(self.index, self._cursor)
             if applied:
@@ -341,7 +349,12 @@ class IndexService:
             self.stats.last_catchup = time.time()
             self.stats.applied_seq = self._cursor.watermark.seq
             self.stats.log_head_seq = self.feed.last_seq()
-        self._announce(arrived)
+        if announce_later and arrived and self.on_replay:
+            if self._announcer is None:
+                self._announcer = ThreadPoolExecutor(1, thread_name_prefix="vs-index-replay")
+            self._announcer.submit(self._announce, arrived)
+        else:
+            self._announce(arrived)
         return applied
 
     def _replay(self, index: ShardedIndex, cursor: FeedCursor) -> tuple[int, list[int]]:
