@@ -12,7 +12,8 @@ from fastapi import APIRouter, Query
 from app.api.deps import DuplicatesDep
 from app.api.errors import error_responses
 from app.api.review_schemas import CalibrationRead, CalibratorRead, CurvePointRead, ScoreBinRead
-from app.api.schemas import DuplicatePairRead, DuplicatePairsRead
+from app.api.routes.duplicates import pair_read
+from app.api.schemas import DuplicatePairsRead
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
 from app.catalogue.calibration import Calibration
 from app.catalogue.duplicates import DuplicatesService
@@ -142,17 +143,7 @@ async def sample_duplicates_for_audit(
     calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[
-            DuplicatePairRead(
-                a=r.a,
-                b=r.b,
-                score=r.score,
-                a_image_id=r.a_image_id,
-                b_image_id=r.b_image_id,
-                found_at=r.found_at,
-                decision=r.decision,
-                probability=probability,
-                tier=tier,
-            )
+            pair_read(r, probability, tier)
             for r, (probability, tier) in zip(rows, assessed, strict=True)
         ],
         next_cursor=None,

@@ -23,7 +23,9 @@ from app.api.schemas import (
     DuplicatePairsRead,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.catalogue.calibration import Tier
 from app.catalogue.filters import LabelFilter
+from app.catalogue.repository import PairRow
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
     DecisionNotFound,
@@ -128,17 +130,7 @@ async def list_duplicate_pairs(
     calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[
-            DuplicatePairRead(
-                a=r.a,
-                b=r.b,
-                score=r.score,
-                a_image_id=r.a_image_id,
-                b_image_id=r.b_image_id,
-                found_at=r.found_at,
-                decision=r.decision,
-                probability=probability,
-                tier=tier,
-            )
+            pair_read(r, probability, tier)
             for r, (probability, tier) in zip(rows, assessed, strict=True)
             if min_probability is None or (probability or 0.0) >= min_probability
         ],
@@ -285,3 +277,18 @@ async def delete_decision(
 ) -> Response:
     await asyncio.to_thread(duplicates.undo, a, b)
     return Response(status_code=204)
+
+
+def pair_read(row: PairRow, probability: float | None, tier: Tier | None) -> DuplicatePairRead:
+    """One stored pair as the API shows it, with its calibrated assessment."""
+    return DuplicatePairRead(
+        a=row.a,
+        b=row.b,
+        score=row.score,
+        a_image_id=row.a_image_id,
+        b_image_id=row.b_image_id,
+        found_at=row.found_at,
+        decision=row.decision,
+        probability=probability,
+        tier=tier,
+    )
