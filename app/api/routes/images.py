@@ -35,7 +35,15 @@ router = APIRouter(
     ),
     response_class=Response,
     responses={
-        200: {"content": {THUMBNAIL_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
+        200: {
+            "description": "The thumbnail, sent as `image/webp`.",
+            "content": {
+                THUMBNAIL_TYPE: {"schema": {"type": "string", "format": "binary"}},
+                # Listed too so generators that know only generic binaries (as
+                # openapi-python-client 0.29) type the answer as bytes instead of dropping it.
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
         304: {"description": "Not modified: the `If-None-Match` ETag is current."},
         **error_responses(ThumbnailNotFound),
     },
