@@ -7,6 +7,7 @@ import os
 import site
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def test_installed_package_migrates_from_any_directory(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     wheel = next(wheels.glob("vsearch-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    # What the service reads from its own package at run time travels with it.
+    for data in (
+        "sample.jpg",
+        "sample.LICENSE",
+        "ui/templates/review.html",
+        "ui/static/workbench.js",
+    ):
+        assert f"app/api/{data}" in names, data
     subprocess.run(
         [
             sys.executable,
