@@ -10,7 +10,6 @@ from pydantic import (
     ConfigDict,
     Field,
     Json,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -23,10 +22,9 @@ from app.api.schemas import (
     SearchRequest,
     Sets,
     Text,
-    check_attributes,
+    optional_attributes,
+    optional_labels,
 )
-from app.catalogue.filters import normalise_labels
-from app.core.config import AttributeSettings
 from app.imaging.crop import Box
 
 # A FieldInfo as the default carries the JSON model's default, limits and docs over
@@ -62,17 +60,8 @@ class ProductUpload(BaseModel):
         description="One or more image files (JPEG, PNG, WebP, GIF), in order.",
     )
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        return None if value is None else normalise_labels(value)
-
-    @field_validator("attributes")
-    @classmethod
-    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if value is not None:
-            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
-        return value
+    _labels = field_validator("labels")(optional_labels)
+    _bounded = field_validator("attributes")(optional_attributes)
 
 
 class SearchUpload(BaseModel):

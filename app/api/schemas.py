@@ -146,6 +146,20 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def optional_labels(value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    """Validator of an optional `labels` field (absent: keep the stored labels)."""
+    return None if value is None else normalise_labels(value)
+
+
+def optional_attributes(
+    value: dict[str, Any] | None, info: ValidationInfo
+) -> dict[str, Any] | None:
+    """Validator of an optional `attributes` field: the bounds, when given."""
+    if value is not None:
+        check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
+    return value
+
+
 class ErrorBody(BaseModel):
     code: str = Field(
         description="Stable machine-readable error code.", examples=["image_undecodable"]
@@ -663,17 +677,8 @@ class ProductPatchIn(RequestModel):
         json_schema_extra={"examples": [{"title": "Organic whole milk 1.5 L", "labels": {}}]},
     )
 
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
-        return None if value is None else normalise_labels(value)
-
-    @field_validator("attributes")
-    @classmethod
-    def _bounded(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
-        if value is not None:
-            check_attributes(value, (info.context or {}).get("attributes") or AttributeSettings())
-        return value
+    _labels = field_validator("labels")(optional_labels)
+    _bounded = field_validator("attributes")(optional_attributes)
 
 
 class ProductUpdateRead(BaseModel):
