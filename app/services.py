@@ -16,6 +16,7 @@ saved, the database pool is disposed), also when start-up fails halfway.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager, contextmanager
@@ -378,6 +379,7 @@ async def open_services(
             quality=SearchQuality(**settings.search.model_dump()),
         )
         LOG.info("ready: %s", model.describe())
+        _freeze_startup_heap(stack)
         yield Services(
             settings=settings,
             db=db,
@@ -391,6 +393,18 @@ async def open_services(
             catalogue=catalogue_service(settings, db, embedding, storage),
             search=search,
         )
+
+
+def _freeze_startup_heap(stack: AsyncExitStack) -> None:
+    """Move everything alive after start-up (modules, the model, the app) out of the
+    garbage collector's sight. Otherwise every full collection walks that heap while
+    holding the GIL: measured on two replicas, one pause of ~0.4 s every few hundred
+    requests stalled every request in flight (docs/benchmarks.md, replicas). Unfrozen at
+    shutdown so a process that opens services again (tests, the CLI) can free the old ones.
+    """
+    gc.collect()
+    gc.freeze()
+    stack.callback(gc.unfreeze)
 
 
 def _ready_embedder(settings: Settings, db: Database | None) -> tuple[Embedder, bool]:
