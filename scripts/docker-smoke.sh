@@ -19,6 +19,8 @@
 #   TORCH_VARIANT     cpu|cuda (default: read from the wheelhouse's torch wheel)
 #   SMOKE_NO_CACHE=1  build with --no-cache (an honest build time on a warm machine)
 #   SMOKE_TIMEOUT     seconds to wait for healthy (default: 600)
+#   SMOKE_REPLICAS    replicas behind the load balancer in the last step, profile
+#                     `replicas` (default: 2; 0 skips the step)
 #
 # Base images: when python:3.11-slim-bookworm or postgres:16 is neither present nor
 # pullable (a machine without registry access), scripts/docker-standins.sh builds a local
@@ -242,4 +244,86 @@ compose up -d --no-build >"$work/up.log" 2>&1 || {
 wait_healthy
 say "restart: healthy again in $((SECONDS - started))s"
 search_finds_oatly
+
+# 8. Profile `replicas`: N more replicas on the same database behind the load balancer.
+# Every replica answers through it, each finds the catalogue, and a product written
+# through the balancer (so on one replica) is found by the next searches (so on all).
+replicas=${SMOKE_REPLICAS:-2}
+if [ "$replicas" -gt 0 ]; then
+  lb_port=$(free_port)
+  export VSEARCH_LB_PORT=$lb_port VSEARCH_REPLICAS=$replicas
+  if [ -z "${VSEARCH_LB_BASE:-}" ] && ! $DOCKER image inspect debian:bookworm-slim >/dev/null 2>&1 \
+    && ! $DOCKER pull -q debian:bookworm-slim >/dev/null 2>&1; then
+    export VSEARCH_LB_BASE=python:3.11-slim-bookworm # any bookworm image will do
+  fi
+  compose --profile replicas build lb >"$work/lb-build.log" 2>&1 || {
+    cat "$work/lb-build.log" >&2
+    fail "build of the load balancer"
+  }
+  started=$SECONDS
+  compose --profile replicas up -d --no-build --scale "vsearch-replica=$replicas" \
+    >"$work/up.log" 2>&1 || {
+    cat "$work/up.log" >&2
+    fail "compose up (profile replicas)"
+  }
+  base_url="http://127.0.0.1:$lb_port"
+  deadline=$((SECONDS + TIMEOUT))
+  until [ "$(curl -s -o /dev/null -w '%{http_code}' "$base_url/ready")" = 200 ]; do
+    [ $SECONDS -lt $deadline ] || fail "the load balancer's /ready never answered 200"
+    sleep 2
+  done
+  say "replicas: $replicas behind the load balancer on $base_url, ready in $((SECONDS - started))s"
+
+  # N searches through the balancer; each must find `expected` first with score ~1.
+  # Writes who answered how often to $work/served-by.
+  through_balancer() { # PHOTO EXPECTED-ID BOX(x,y,w,h or -) N
+    python3 - "$base_url" "$key" "$@" "$work/served-by" <<'PY'
+import base64, json, sys, time, urllib.request
+
+base, key, photo, expected, box, n, out = sys.argv[1:8]
+query = {"image": base64.b64encode(open(photo, "rb").read()).decode(), "k": 1}
+if box != "-":
+    query["bbox"] = dict(zip("xywh", map(int, box.split(","))))
+body = json.dumps(query).encode()
+seen, worst = {}, 0.0
+for _ in range(int(n)):
+    request = urllib.request.Request(
+        base + "/search", body, {"Content-Type": "application/json", "X-API-Key": key})
+    started = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=60) as response:
+        hits = json.load(response)["results"]
+        replica = response.headers["X-Served-By"]
+    worst = max(worst, time.perf_counter() - started)
+    assert hits and hits[0]["id"] == expected and hits[0]["score"] > 0.99, (replica, hits)
+    seen[replica] = seen.get(replica, 0) + 1
+print(f"[smoke] {n} searches through the balancer found {expected} first; "
+      f"served by {seen}, slowest {worst * 1000:.0f} ms")
+open(out, "w").write(str(len(seen)))
+PY
+  }
+  served_by_all() {
+    [ "$(cat "$work/served-by")" -ge "$replicas" ] ||
+      fail "only $(cat "$work/served-by") of $replicas replicas answered"
+  }
+  through_balancer "$photos/oatly-natural-oatghurt.jpg" oatly-natural-oatghurt - $((4 * replicas))
+  served_by_all
+
+  # A new product written through the balancer: a crop of a catalogued photo, so its
+  # own embedding, which only the replica that took the write has computed.
+  box=20,20,140,140
+  python3 - "$photos/tropicana-apple-juice.jpg" "$box" >"$work/crop.json" <<'PY'
+import base64, json, sys
+
+x, y, w, h = map(int, sys.argv[2].split(","))
+data = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
+image = {"data": data, "box": {"x": x, "y": y, "w": w, "h": h}}
+print(json.dumps({"products": [{"id": "tropicana-crop", "images": [image]}]}))
+PY
+  code=$(api POST /products "$work/crop.json")
+  [ "$code" = 200 ] || fail "ingest through the balancer: HTTP $code $(cat "$work/response.json")"
+  sleep 1 # the catch-up poll's interval: notification normally brings it within ~0.1 s
+  through_balancer "$photos/tropicana-apple-juice.jpg" tropicana-crop "$box" $((4 * replicas))
+  served_by_all
+  say "replicas converge: a write through the balancer is found on all $replicas"
+fi
 say "PASS"
