@@ -55,6 +55,7 @@ KINDS = {
     "application/x-jsonlines": "jsonl",
 }
 _COPY_CHUNK = 1024 * 1024
+_RETRY_RUNNER_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,9 @@ class ImportService:
                 raise ImportFinished(f"The import job {public_id!r} has already {job.status}.")
             repo.finish_job(session, job.pk, repo.CANCELLED)
             session.refresh(job)
-        self._cancelled.add(public_id)
-        if self._current != public_id:
+        if self._current == public_id:
+            self._cancelled.add(public_id)  # stops the runner before its next chunk
+        else:
             self._path(job).unlink(missing_ok=True)
         LOG.info("import %s cancelled after %d of %d records", public_id, job.cursor, job.total)
         return job
@@ -168,9 +170,14 @@ class ImportService:
     async def _run(self) -> None:
         while True:
             self._wake.clear()
-            jobs = await asyncio.to_thread(self._runnable)
-            for job in jobs:
-                await self._process(job)
+            try:
+                jobs = await asyncio.to_thread(self._runnable)
+                for job in jobs:
+                    await self._process(job)
+            except Exception:  # the database away: the jobs wait, the runner goes on
+                LOG.exception("import runner: retrying in %.0f s", _RETRY_RUNNER_S)
+                await asyncio.sleep(_RETRY_RUNNER_S)
+                continue
             if not jobs:
                 await self._wake.wait()
 
