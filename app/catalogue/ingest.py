@@ -11,6 +11,10 @@ image column may also be a list of strings. An image value that starts with http
 https:// is a URL, anything else a path relative to the images root (default: the file's
 directory). Box columns `bbox_x, bbox_y, bbox_w, bbox_h` are used when present.
 
+A record that cannot be read (a bad box, labels, attributes, JSON) fails alone, with its
+line, as a product whose image cannot be fetched does; only a file without its id or image
+column is refused as a whole. `POST /imports` reads files with the same reader.
+
 Re-running the same file is a resume: products whose fields and image bytes did not
 change come back `unchanged` and nothing is embedded again.
 """
@@ -346,42 +350,52 @@ def read_products(
 
 async def ingest(
     service: CatalogueService,
-    products: Iterator[ProductInput],
+    products: Iterable[ProductInput | ProductRecord],
     *,
     batch_size: int = 32,
     failures: TextIO | None = None,
-    on_result: Callable[[ProductInput, ProductResult], None] | None = None,
+    on_result: Callable[[ProductInput | None, ProductResult], None] | None = None,
 ) -> IngestSummary:
-    """Send `products` through the service in batches; failures go to a JSONL file."""
+    """Send `products` through the service in batches; failures go to a JSONL file.
+
+    `products` may be records (`read_records`): one that is not a product is a failure
+    (with its line), and the others go on.
+    """
     summary = IngestSummary()
     forward_before = service.worker.stats.forward_seconds
     started = time.perf_counter()
     batch: list[ProductInput] = []
 
+    def fail(entry: dict[str, Any], error: ServiceError | None) -> None:
+        if failures is None:
+            return
+        code = error.code if error else "unknown"
+        message = error.message if error else ""
+        failures.write(json.dumps({**entry, "error": {"code": code, "message": message}}) + "\n")
+
     async def flush() -> None:
         results = await service.upsert_products(batch)
         for product, result in zip(batch, results, strict=True):
             summary.count(result)
-            if result.status == "failed" and failures is not None:
-                failures.write(
-                    json.dumps(
-                        {
-                            "id": product.id,
-                            "error": {
-                                "code": result.error.code if result.error else "unknown",
-                                "message": result.error.message if result.error else "",
-                            },
-                            "images": [img.source for img in product.images],
-                        }
-                    )
-                    + "\n"
-                )
+            if result.status == "failed":
+                images = [img.source for img in product.images]
+                fail({"id": product.id, "images": images}, result.error)
             if on_result is not None:
                 on_result(product, result)
         batch.clear()
 
-    for product in products:
-        batch.append(product)
+    for item in products:
+        if isinstance(item, ProductRecord):
+            if item.error is not None:
+                result = ProductResult("", "failed", 0, item.error)
+                summary.count(result)
+                fail({"id": None, "line": item.line}, item.error)
+                if on_result is not None:
+                    on_result(None, result)
+                continue
+            assert item.product is not None
+            item = item.product
+        batch.append(item)
         if len(batch) >= batch_size:
             await flush()
     if batch:
