@@ -334,3 +334,36 @@ class TestResume:
         assert all(len(p["images"]) == 1 for p in products["products"])
         files = list((Path(settings.data_dir) / "imports").iterdir())
         assert files == []  # a finished job's file is removed
+
+
+class TestQueue:
+    async def test_jobs_run_one_at_a_time_and_a_queued_one_can_be_cancelled(
+        self, db_settings: Settings, images: LocalServer
+    ) -> None:
+        async with app_client(with_imports(db_settings, batch_size=2, concurrency=1)) as client:
+            first = (await upload(client, slow_rows(images, 4))).json()
+            second = (await upload(client, slow_rows(images, 2))).json()
+            third = await upload(client, csv_file([{"id": "p", "image": images.url("/p5.jpg")}]))
+            third_id = third.json()["id"]
+            await wait_for(client, first["id"], lambda j: j["status"] == "running")
+            waiting = (await client.get(f"/imports/{second['id']}")).json()
+            assert (waiting["status"], waiting["done"], waiting["started_at"]) == (
+                "queued",
+                0,
+                None,
+            )
+
+            cancelled = (await client.post(f"/imports/{second['id']}/cancel")).json()
+
+            assert cancelled["status"] == "cancelled"
+            assert (await wait_for(client, first["id"]))["status"] == "succeeded"
+            assert (await wait_for(client, third_id))["status"] == "succeeded"
+            second_after = (await client.get(f"/imports/{second['id']}")).json()
+            assert (second_after["status"], second_after["done"]) == ("cancelled", 0)
+            assert second_after["started_at"] is None
+            ids = {p["id"] for p in (await client.get("/products")).json()["products"]}
+            assert ids == {"slow-0", "slow-1", "slow-2", "slow-3", "p"}
+            page = (await client.get("/imports", params={"limit": 2})).json()
+            assert [j["id"] for j in page["imports"]] == [third_id, second["id"]]
+            rest = (await client.get("/imports", params={"cursor": page["next_cursor"]})).json()
+            assert [j["id"] for j in rest["imports"]] == [first["id"]]
