@@ -341,7 +341,7 @@ def ingest(
         TimeRemainingColumn,
     )
 
-    from app.catalogue.ingest import CsvColumns, read_products
+    from app.catalogue.ingest import CsvColumns, read_records
     from app.catalogue.ingest import ingest as run
     from app.catalogue.service import ProductResult
     from app.services import open_services
@@ -350,7 +350,7 @@ def ingest(
     columns = CsvColumns(
         id=id_column, image=image_column, title=title_column, category=category_column
     )
-    total = sum(1 for _ in read_products(file, images_root=images_root, columns=columns))
+    total = sum(1 for _ in read_records(file, images_root=images_root, columns=columns))
     progress = Progress(
         TextColumn("[bold]ingest"),
         BarColumn(),
@@ -379,7 +379,7 @@ def ingest(
                 with progress:
                     summary = await run(
                         catalogue,
-                        read_products(file, images_root=images_root, columns=columns),
+                        read_records(file, images_root=images_root, columns=columns),
                         batch_size=batch_size,
                         failures=fh,
                         on_result=on_result,

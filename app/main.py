@@ -17,6 +17,7 @@ from app import __version__
 from app.api.docs import install_docs
 from app.api.errors import install_error_handlers
 from app.api.forms import ProductUpload, SearchUpload
+from app.api.import_schemas import ImportUpload
 from app.api.limits import BodySizeLimit, RequestPixelBudget
 from app.api.observability import RequestObservability
 from app.api.openapi import install_openapi
@@ -25,6 +26,7 @@ from app.api.routes import (
     duplicates,
     health,
     images,
+    imports,
     metrics,
     product_edits,
     products,
@@ -96,7 +98,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _hold_services(state: ApiState, stop: asyncio.Event) -> None:
     try:
-        async with open_services(state.settings, on_batch=state.metrics.observe_batch) as s:
+        async with open_services(
+            state.settings, on_batch=state.metrics.observe_batch, run_imports=True
+        ) as s:
             state.services = s
             state.metrics.bind(s)
             state.started.set()
@@ -151,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(duplicates.router)
     app.include_router(calibration.router)
     app.include_router(images.router)
+    app.include_router(imports.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     install_pages(app)
@@ -169,6 +174,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.docs:
         install_docs(app, "/openapi.json")
     install_openapi(
-        app, [ProductsCreate, ProductUpload, SearchRequest, SearchUpload, DecisionCreate], state
+        app,
+        [ProductsCreate, ProductUpload, SearchRequest, SearchUpload, DecisionCreate, ImportUpload],
+        state,
     )
     return app

@@ -28,6 +28,7 @@ from app.catalogue import repository as repo
 from app.catalogue.calibration import CalibrationPolicy
 from app.catalogue.duplicates import DuplicatesService
 from app.catalogue.feed import CatalogueEmbeddings, change_feed
+from app.catalogue.imports import ImportService
 from app.catalogue.notify import ChangeListener
 from app.catalogue.rerank import SearchQuality
 from app.catalogue.search import SearchService
@@ -82,6 +83,7 @@ class Services:
     fetcher: ImageFetcher
     catalogue: CatalogueService
     search: SearchService
+    imports: ImportService
 
 
 # the parts ------------------------------------------------------------------------------
@@ -347,8 +349,10 @@ async def open_services(
     *,
     tail: bool = True,
     on_batch: BatchObserver | None = None,
+    run_imports: bool = False,
 ) -> AsyncIterator[Services]:
-    """Open the database, load the model, open the index, start the worker.
+    """Open the database, load the model, open the index, start the worker (and, with
+    `run_imports`, the runner of the HTTP import jobs: the server's, not a command's).
 
     Blocking start-up work runs in threads, so an event loop that serves probes meanwhile
     stays responsive.
@@ -378,6 +382,19 @@ async def open_services(
             decoder=embedding.decoder,
             quality=SearchQuality(**settings.search.model_dump()),
         )
+        catalogue = catalogue_service(settings, db, embedding, storage)
+        imports = ImportService(
+            db,
+            catalogue,
+            settings.data_dir / "imports",
+            batch_size=settings.imports.batch_size,
+            concurrency=settings.imports.concurrency,
+            max_bytes=settings.imports.max_bytes,
+        )
+        if run_imports:
+            imports.start()
+            # Stopped first (exits run last-in first-out): a batch cut short resumes later.
+            stack.push_async_callback(imports.stop)
         LOG.info("ready: %s", model.describe())
         _freeze_startup_heap(stack)
         yield Services(
@@ -390,8 +407,9 @@ async def open_services(
             admission=embedding.admission,
             worker=embedding.worker,
             fetcher=embedding.fetcher,
-            catalogue=catalogue_service(settings, db, embedding, storage),
+            catalogue=catalogue,
             search=search,
+            imports=imports,
         )
 
 

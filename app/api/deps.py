@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from app.api.state import ApiState
 from app.catalogue.duplicates import DuplicatesService
+from app.catalogue.imports import ImportService
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
 from app.core.errors import NotReady
@@ -43,6 +44,11 @@ def get_duplicates(services: ServicesDep) -> DuplicatesService:
     return services.duplicates
 
 
+def get_imports(services: ServicesDep) -> ImportService:
+    return services.imports
+
+
 CatalogueDep = Annotated[CatalogueService, Depends(get_catalogue)]
 SearchDep = Annotated[SearchService, Depends(get_search)]
 DuplicatesDep = Annotated[DuplicatesService, Depends(get_duplicates)]
+ImportsDep = Annotated[ImportService, Depends(get_imports)]

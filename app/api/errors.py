@@ -40,6 +40,10 @@ CODES: dict[str, str] = {
     "overloaded": "The inference queue or image decoder is full; see Retry-After.",
     "thumbnail_not_found": "No image has this id, or its thumbnail was not made yet "
     "(`vsearch thumbnails backfill`).",
+    "import_not_found": "No import job has this id.",
+    "import_finished": "The import job has already ended (succeeded, failed or cancelled).",
+    "import_file_invalid": "The uploaded file is not a CSV or JSONL file of products (its "
+    "format, its encoding, or a required column; the message names it).",
     "not_calibrated": "Too few review decisions to give probabilities yet (see "
     "`GET /duplicates/calibration`).",
 }

@@ -150,6 +150,39 @@ DECISIONS_READ: dict[str, Any] = {
     "next_cursor": None,
 }
 
+IMPORT_ID = "3f9a1c7e5b2d4f6081a9c3e5d7f90b12"
+_IMPORT_LINKS = {
+    "self": f"/imports/{IMPORT_ID}",
+    "failures": f"/imports/{IMPORT_ID}/failures",
+    "cancel": f"/imports/{IMPORT_ID}/cancel",
+}
+
+IMPORT_JOB_READ: dict[str, Any] = {
+    "id": IMPORT_ID,
+    "status": "running",
+    "filename": "catalogue.csv",
+    "format": "csv",
+    "total": 1200,
+    "done": 480,
+    "succeeded": 470,
+    "skipped": 4,
+    "failed": 6,
+    "progress": 0.4,
+    "error": None,
+    "created_at": _TIME,
+    "started_at": _TIME,
+    "finished_at": None,
+    "links": _IMPORT_LINKS,
+}
+
+IMPORT_JOB_CANCELLED: dict[str, Any] = {
+    **IMPORT_JOB_READ,
+    "status": "cancelled",
+    "finished_at": _TIME,
+}
+
+IMPORT_JOBS_READ: dict[str, Any] = {"imports": [IMPORT_JOB_READ], "next_cursor": None}
+
 
 def ok(example: dict[str, Any]) -> dict[int | str, dict[str, Any]]:
     """`responses=` entry giving the 200 answer's example."""

@@ -232,3 +232,41 @@ class DuplicateCalibration(Base):
     positives: Mapped[int] = mapped_column(Integer)
     params: Mapped[dict[str, Any]] = mapped_column(JSON)
     fitted_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+
+
+class ImportJob(Base):
+    """A file of products uploaded over HTTP (`POST /imports`) and ingested in the
+    background. `cursor` counts the records done; it advances with the counts and the
+    failures of each batch in one transaction, so a restarted job resumes after the last
+    committed batch."""
+
+    __tablename__ = "import_jobs"
+
+    pk: Mapped[int] = mapped_column("id", BigId, primary_key=True, autoincrement=True)
+    public_id: Mapped[str] = mapped_column(String(32), unique=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    filename: Mapped[str | None] = mapped_column(String(256))
+    total: Mapped[int] = mapped_column(Integer)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
+
+
+class ImportFailure(Base):
+    """A record of an import that did not become a product, and why."""
+
+    __tablename__ = "import_failures"
+
+    job_pk: Mapped[int] = mapped_column(
+        "job_id", BigId, ForeignKey("import_jobs.id", ondelete="CASCADE"), primary_key=True
+    )
+    line: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_id: Mapped[str | None] = mapped_column(String(256))
+    code: Mapped[str] = mapped_column(String(64))
+    message: Mapped[str] = mapped_column(Text)

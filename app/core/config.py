@@ -258,6 +258,24 @@ class AttributeSettings(BaseModel):
     )
 
 
+class ImportSettings(BaseModel):
+    """Bulk imports over HTTP (`POST /imports`): run in the background, one job at a time."""
+
+    batch_size: int = Field(
+        32, ge=1, le=10_000, description="Records per committed step (the resume point)."
+    )
+    concurrency: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Products of an import in flight at once (fetching, embedding, storing); "
+        "small, so imports leave the model to searches too.",
+    )
+    max_bytes: int = Field(
+        64 * 1024 * 1024, ge=1, description="Largest uploaded import file (bytes)."
+    )
+
+
 class Settings(BaseSettings):
     """All configuration of the service and the CLI."""
 
@@ -311,6 +329,7 @@ class Settings(BaseSettings):
         "connection's address is the client's.",
     )
     attributes: AttributeSettings = Field(default_factory=AttributeSettings)
+    imports: ImportSettings = Field(default_factory=ImportSettings)
     cors_origins: str = Field(
         "", description="Comma-separated origins allowed by CORS (empty: CORS off)."
     )

@@ -137,6 +137,25 @@ class ParquetUnavailable(ServiceError):
     code = "parquet_unavailable"
 
 
+class ImportNotFound(ServiceError):
+    status_code = 404
+    code = "import_not_found"
+
+
+class ImportFinished(ServiceError):
+    """Cancelling an import job that has already ended."""
+
+    status_code = 409
+    code = "import_finished"
+
+
+class ImportFileInvalid(ServiceError):
+    """An uploaded import file that cannot be read as a whole (format, encoding, columns)."""
+
+    status_code = 422
+    code = "import_file_invalid"
+
+
 class ModelLoadError(Exception):
     """The model directory is missing, malformed, or does not match its config."""
 

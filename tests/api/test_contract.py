@@ -34,6 +34,11 @@ OPERATIONS = {
     ("get", "/duplicates/calibration"): "get_duplicates_calibration",
     ("post", "/duplicates/calibration"): "fit_duplicates_calibration",
     ("get", "/duplicates/audit"): "sample_duplicates_for_audit",
+    ("post", "/imports"): "create_import",
+    ("get", "/imports"): "list_imports",
+    ("get", "/imports/{job_id}"): "get_import",
+    ("get", "/imports/{job_id}/failures"): "list_import_failures",
+    ("post", "/imports/{job_id}/cancel"): "cancel_import",
 }
 
 

@@ -88,6 +88,37 @@ class TestIngestCsv:
         assert not failures.exists()
         assert _counts(database_url) == (4, 6)
 
+    @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+    def test_unreadable_rows_fail_alone_with_their_line(
+        self, tmp_path: Path, tiny_model_dir: Path, database_url: str
+    ) -> None:
+        for i in range(3):
+            pattern(seed=i).save(tmp_path / f"{i}.jpg")
+        listing = tmp_path / "products.csv"
+        listing.write_text(
+            "id,image,labels,bbox_x,bbox_y,bbox_w,bbox_h\n"
+            "good,0.jpg,brand=Acme,,,,\n"
+            "bad-box,1.jpg,,left,0,10,10\n"
+            "bad-labels,2.jpg,no-equals,,,,\n"
+            "also-good,2.jpg,,,,,\n"
+        )
+        failures = tmp_path / "failures.jsonl"
+        env = _env(tiny_model_dir, tmp_path / "data", database_url)
+        args = ["ingest", str(listing), "--json", "--failures", str(failures)]
+
+        result = runner.invoke(cli, args, env=env)
+
+        assert result.exit_code == 2, result.output
+        summary = json.loads(result.stdout[result.stdout.index("{") :])
+        assert (summary["products"], summary["created"], summary["failed"]) == (4, 2, 2)
+        failed = [json.loads(line) for line in failures.read_text().splitlines()]
+        assert [(f["line"], f["error"]["code"]) for f in failed] == [
+            (3, "invalid_request"),
+            (4, "invalid_request"),
+        ]
+        assert "no-equals" in failed[1]["error"]["message"]
+        assert _counts(database_url) == (2, 2)
+
     def test_products_10k_columns_with_boxes(
         self, tmp_path: Path, tiny_model_dir: Path, database_url: str
     ) -> None:
