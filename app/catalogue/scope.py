@@ -7,7 +7,8 @@ the same filter path every list and search already takes, so results stay exact.
 product out of scope is answered as if it did not exist (404), never as forbidden, so a
 scoped client cannot learn which ids other sets hold. Writes must put a product in at
 least one set of the scope and in none outside it (403 otherwise); memberships of a
-product in sets outside the scope are kept when a scoped client replaces its sets.
+product in sets outside the scope are kept when a scoped client replaces its sets, and
+are not shown to it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ def sets_within(sets: Sequence[str] | None, scope: Scope, product_id: str) -> No
         raise Forbidden(
             f"Product {product_id!r}: sets {outside} are outside this key's scope {sorted(scope)}."
         )
+
+
+def shown_sets(sets: Iterable[str], scope: Scope) -> list[str]:
+    """The sets of a product as a caller with `scope` is shown them: the names of other
+    sets (another shop's, say) are not the caller's to learn."""
+    return [s for s in sets if scope is None or s in scope]
 
 
 def merged_sets(given: Sequence[str], current: Iterable[str], scope: Scope) -> list[str]:

@@ -93,7 +93,7 @@ async def update_product(
         sets=body.sets,
     )
     status, product = await catalogue.patch_product(product_id, patch, scope)
-    return ProductUpdateRead(status=status, product=product_read(product))
+    return ProductUpdateRead(status=status, product=product_read(product, scope=scope))
 
 
 @router.post(

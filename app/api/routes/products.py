@@ -34,7 +34,7 @@ from app.api.schemas import (
 from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep, WriteKeyDep
 from app.catalogue.filters import LabelFilter
 from app.catalogue.models import Product, ProductImage
-from app.catalogue.scope import restrict, sets_within
+from app.catalogue.scope import Scope, restrict, sets_within, shown_sets
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
@@ -196,14 +196,14 @@ def image_read(img: ProductImage, *, embeddings: bool = False) -> ImageRead:
     )
 
 
-def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
+def product_read(product: Product, *, embeddings: bool = False, scope: Scope = None) -> ProductRead:
     return ProductRead(
         id=product.external_id,
         title=product.title,
         category=product.category,
         attributes=product.attributes or {},
         labels=label_map(product),
-        sets=[member.set_id for member in product.sets],
+        sets=shown_sets((member.set_id for member in product.sets), scope),
         created_at=product.created_at,
         updated_at=product.updated_at,
         images=[image_read(img, embeddings=embeddings) for img in product.images],
@@ -241,7 +241,9 @@ async def list_products(
     total = await asyncio.to_thread(catalogue.count_products, where=where)
     next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
     return ProductsRead(
-        products=[product_read(p) for p in products], next_cursor=next_cursor, total=total
+        products=[product_read(p, scope=scope) for p in products],
+        next_cursor=next_cursor,
+        total=total,
     )
 
 
@@ -261,7 +263,7 @@ async def get_product(
     embeddings: Annotated[bool, Query(description="Include embedding vectors.")] = False,
 ) -> ProductRead:
     product = await asyncio.to_thread(catalogue.get_product, product_id, scope)
-    return product_read(product, embeddings=embeddings)
+    return product_read(product, embeddings=embeddings, scope=scope)
 
 
 @router.delete(

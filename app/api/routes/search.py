@@ -86,7 +86,7 @@ async def search_by_image(
         flip=body.flip,
         expand=body.expand,
     )
-    return _read(outcome)
+    return _read(outcome, scope)
 
 
 @router.post(
@@ -122,12 +122,12 @@ async def _search_upload(search: SearchService, body: SearchUpload, scope: Scope
         flip=body.flip,
         expand=body.expand,
     )
-    return _read(outcome)
+    return _read(outcome, scope)
 
 
-def _read(outcome: SearchOutcome) -> SearchRead:
+def _read(outcome: SearchOutcome, scope: Scope) -> SearchRead:
     return SearchRead(
-        results=[hit_read(hit) for hit in outcome.hits],
+        results=[hit_read(hit, scope) for hit in outcome.hits],
         model_id=outcome.model_id,
         took_ms=outcome.took_ms,
     )

@@ -23,7 +23,7 @@ from app.api.schemas import (
     SimilarSearchRequest,
 )
 from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep
-from app.catalogue.scope import Scope, restrict
+from app.catalogue.scope import Scope, restrict, shown_sets
 from app.catalogue.search import SearchHit, SearchService
 from app.catalogue.service import decode_base64_image
 from app.core.errors import (
@@ -44,7 +44,7 @@ router = APIRouter(
 )
 
 
-def hit_read(hit: SearchHit) -> SearchHitRead:
+def hit_read(hit: SearchHit, scope: Scope = None) -> SearchHitRead:
     return SearchHitRead(
         id=hit.id,
         score=hit.score,
@@ -53,7 +53,7 @@ def hit_read(hit: SearchHit) -> SearchHitRead:
         image_id=hit.image_id,
         image_url=hit.image_url,
         labels=hit.labels,
-        sets=hit.sets,
+        sets=shown_sets(hit.sets, scope),
         images=[
             ImageMatchRead(image_id=m.image_id, score=m.score, image_url=m.image_url)
             for m in hit.images
@@ -88,7 +88,7 @@ async def search_similar(
         scope=scope,
     )
     return SearchRead(
-        results=[hit_read(h) for h in outcome.hits],
+        results=[hit_read(h, scope) for h in outcome.hits],
         model_id=outcome.model_id,
         took_ms=outcome.took_ms,
     )
@@ -132,4 +132,4 @@ async def _one(search: SearchService, query: SearchRequest, scope: Scope) -> Bat
         outcome = await search.search_image(**arguments)
     except ServiceError as exc:
         return BatchSearchItemRead(error=ErrorBody(code=exc.code, message=exc.message))
-    return BatchSearchItemRead(results=[hit_read(h) for h in outcome.hits])
+    return BatchSearchItemRead(results=[hit_read(h, scope) for h in outcome.hits])
