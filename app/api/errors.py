@@ -31,7 +31,10 @@ CODES: dict[str, str] = {
     "request_too_large": "The request body passes VS_MAX_REQUEST_BYTES.",
     "unsupported_media_type": "This operation takes another content type (see its request body).",
     "unauthorized": "A valid X-API-Key header is required.",
-    "product_not_found": "No product has this id.",
+    "forbidden": "The key is scoped to product sets (VS_API_KEY_SCOPES) and this asks for "
+    "more: products written into sets outside the scope (or into none), or a "
+    "catalogue-wide operation.",
+    "product_not_found": "No product has this id (or none the key's product sets hold).",
     "image_not_found": "No such image (of that product, or embedded by the loaded model).",
     "pair_not_found": "The two products were never found as a duplicate pair.",
     "decision_not_found": "There is no decision on this pair.",

@@ -35,6 +35,7 @@ BEARER = "HTTPBearer"
 
 _STATUS_TEXT = {
     401: "Missing or invalid API key.",
+    403: "The key's product-set scope does not allow this.",
     404: "Not found.",
     413: "Too large.",
     415: "Unsupported content type.",

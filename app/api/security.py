@@ -10,6 +10,10 @@ Which routes stay open when read keys are set (`VS_API_KEYS_READ`):
   (turn them off with `VS_DOCS=false`).
 * `/metrics` needs a read key, as `X-API-Key` or `Authorization: Bearer <key>` (what
   Prometheus' `authorization` scrape option sends).
+
+A key named in `VS_API_KEY_SCOPES` is confined to its product sets (`caller_scope`; what
+that means for each route is in `app.catalogue.scope`); catalogue-wide operations refuse
+it (`require_unscoped`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from fastapi.security import APIKeyHeader
 
 from app.api.deps import StateDep
 from app.api.state import ApiState
-from app.core.errors import RateLimited, Unauthorized
+from app.catalogue.scope import Scope
+from app.core.errors import Forbidden, RateLimited, Unauthorized
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",
@@ -173,3 +178,33 @@ def rate_limit(
 
 
 RateLimitDep = Depends(rate_limit)
+
+
+def caller_scope(
+    state: StateDep, api_key: Annotated[str | None, Security(api_key_header)] = None
+) -> Scope:
+    """The product sets the caller's key is confined to; None for an unscoped key (or no
+    key, which the route's own key check allows only on a service whose scopes are off:
+    scopes need keys on reads and writes). Every scoped key is compared, in constant
+    time."""
+    if not state.key_scopes or not api_key:
+        return None
+    found: Scope = None
+    for key, sets in state.key_scopes.items():
+        if hmac.compare_digest(api_key.encode(), key.encode()):
+            found = sets
+    return found
+
+
+ScopeDep = Annotated[Scope, Depends(caller_scope)]
+
+
+def require_unscoped(scope: ScopeDep) -> None:
+    """403 for a key confined to product sets: the operation spans the whole catalogue."""
+    if scope is not None:
+        raise Forbidden(
+            "This key is scoped to product sets; this operation spans the whole catalogue."
+        )
+
+
+UnscopedDep = Depends(require_unscoped)

@@ -24,6 +24,8 @@ class ApiState:
     write_keys: list[str]
     read_keys: list[str]
     limits: ClientLimits
+    # API key -> the product sets it is confined to; keys not here see everything.
+    key_scopes: dict[str, frozenset[str]] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
     # Set while the lifespan holds the services open; None before start-up ends and after
     # shut-down begins (requests then get 503 not_ready).
@@ -49,5 +51,6 @@ class ApiState:
             metrics=ServiceMetrics(),
             write_keys=settings.write_keys(),
             read_keys=settings.read_keys(),
+            key_scopes=settings.key_scopes(),
             limits=ClientLimits.from_settings(settings.rate_limit),
         )

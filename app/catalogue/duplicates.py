@@ -45,6 +45,7 @@ from app.catalogue.calibration import (
 )
 from app.catalogue.filters import LabelFilter
 from app.catalogue.models import utcnow
+from app.catalogue.scope import Scope, in_scope, restrict
 from app.catalogue.service import StoreOutcome
 from app.core.cursor import decode_cursor, encode_cursor
 from app.core.database import Database
@@ -231,13 +232,15 @@ class DuplicatesService:
         return bounded_groups(pairs)
 
     # decisions --------------------------------------------------------------------------
-    def decide(self, a: str, b: str, decision: str, api_key: str | None) -> tuple[str, str]:
+    def decide(
+        self, a: str, b: str, decision: str, api_key: str | None, scope: Scope = None
+    ) -> tuple[str, str]:
         if decision not in DECISIONS:
             raise InvalidRequest("decision must be 'same' or 'different'.")
         if a == b:
             raise InvalidRequest("A decision needs two different products.")
         with self.db.write() as session:
-            a_pk, b_pk = _pair_pks(session, a, b)
+            a_pk, b_pk = _pair_pks(session, a, b, scope)
             if not repo.pair_known(session, a_pk, b_pk):
                 raise PairNotFound(
                     f"{a!r} and {b!r} were never found as duplicates (pairs below the floor, "
@@ -249,7 +252,7 @@ class DuplicatesService:
         return a, b
 
     def list_decisions(
-        self, *, decision: str | None, cursor: str | None, limit: int
+        self, *, decision: str | None, cursor: str | None, limit: int, scope: Scope = None
     ) -> tuple[list[repo.DecisionRow], str | None]:
         if decision is not None and decision not in DECISIONS:
             raise InvalidRequest("decision must be 'same' or 'different'.")
@@ -258,7 +261,9 @@ class DuplicatesService:
             a_pk, b_pk = decode_cursor(cursor, "decisions", (int, int))
             after = (int(a_pk), int(b_pk))
         with self.db.read() as session:
-            rows = repo.list_decisions(session, decision=decision, after=after, limit=limit)
+            rows = repo.list_decisions(
+                session, decision=decision, after=after, limit=limit, where=restrict(None, scope)
+            )
         next_cursor = (
             encode_cursor("decisions", (rows[-1].a_pk, rows[-1].b_pk))
             if len(rows) == limit
@@ -266,11 +271,11 @@ class DuplicatesService:
         )
         return rows, next_cursor
 
-    def undo(self, a: str, b: str) -> None:
+    def undo(self, a: str, b: str, scope: Scope = None) -> None:
         """Forget the decision on a pair; a pair hidden as `different` is looked for again
         at once, so it is back in the queue when the images still match."""
         with self.db.write() as session:
-            a_pk, b_pk = _pair_pks(session, a, b)
+            a_pk, b_pk = _pair_pks(session, a, b, scope)
             if not repo.delete_decision(session, a_pk, b_pk):
                 raise DecisionNotFound(f"No decision on the pair {a!r}, {b!r}.")
         self.refresh_product(a_pk)
@@ -360,7 +365,9 @@ class DuplicatesService:
             (float(edges[i]), float(min(edges[i + 1], 1.0)), int(counts[i])) for i in range(bins)
         ]
 
-    def audit_sample(self, size: int, strata: int = 10) -> list[repo.PairRow]:
+    def audit_sample(
+        self, size: int, strata: int = 10, where: LabelFilter | None = None
+    ) -> list[repo.PairRow]:
         """Undecided pairs drawn at random from equal-width score strata between the floor
         and 1: decisions on them cover the whole score range, not only the queue's top,
         so the calibration is not fitted on the easiest pairs alone."""
@@ -370,7 +377,9 @@ class DuplicatesService:
         with self.db.read() as session:
             for i in range(strata):
                 high = float(edges[i + 1]) if i < strata - 1 else 1.1
-                found.extend(review_repo.random_open_pairs(session, float(edges[i]), high, per))
+                found.extend(
+                    review_repo.random_open_pairs(session, float(edges[i]), high, per, where)
+                )
         found.sort(key=lambda r: (-r.score, r.a_pk, r.b_pk))
         return found[:size] if len(found) > size else found
 
@@ -533,9 +542,16 @@ def _pairs_of(
     return rows
 
 
-def _pair_pks(session: Session, a: str, b: str) -> tuple[int, int]:
-    """The row ids of products `a` and `b`; 404 naming the first one that does not exist."""
+def _pair_pks(session: Session, a: str, b: str, scope: Scope = None) -> tuple[int, int]:
+    """The row ids of products `a` and `b`; 404 naming the first one that does not exist
+    (or is outside `scope`)."""
     found = {x: repo.get_product(session, x) for x in (a, b)}
+    if scope is not None:
+        pks = [p.pk for p in found.values() if p is not None]
+        sets = repo.sets_of(session, pks)
+        found = {
+            x: p if p is None or in_scope(sets[p.pk], scope) else None for x, p in found.items()
+        }
     for external_id, product in found.items():
         if product is None:
             raise ProductNotFound(f"No product with id {external_id!r}.")

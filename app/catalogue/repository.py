@@ -949,8 +949,10 @@ def list_decisions(
     decision: str | None,
     after: tuple[int, int] | None,
     limit: int,
+    where: LabelFilter | None = None,
 ) -> list[DecisionRow]:
-    """Decisions in (a, b) product order, a page at a time."""
+    """Decisions in (a, b) product order, a page at a time; with `where`, on pairs whose
+    products both pass it."""
     pa, pb = aliased(Product), aliased(Product)
     stmt = (
         select(
@@ -969,6 +971,10 @@ def list_decisions(
     )
     if decision is not None:
         stmt = stmt.where(DuplicateDecision.decision == decision)
+    if where is not None:
+        stmt = stmt.where(
+            filter_clause(where, pa.pk, pa.category), filter_clause(where, pb.pk, pb.category)
+        )
     if after is not None:
         stmt = stmt.where(
             or_(

@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 
 from app.catalogue import repository as repo
+from app.catalogue.filters import LabelFilter
 from app.catalogue.models import (
     DuplicateCalibration,
     DuplicateDecision,
@@ -182,9 +183,12 @@ def open_pair_scores(session: Session, min_score: float) -> list[float]:
     return [float(s) for (s,) in session.execute(stmt)]
 
 
-def random_open_pairs(session: Session, low: float, high: float, size: int) -> list[repo.PairRow]:
-    """Up to `size` undecided pairs drawn at random with `low <= score < high`."""
-    stmt = repo._pairs_query(low, None, True)
+def random_open_pairs(
+    session: Session, low: float, high: float, size: int, where: LabelFilter | None = None
+) -> list[repo.PairRow]:
+    """Up to `size` undecided pairs drawn at random with `low <= score < high` (both
+    products passing `where`)."""
+    stmt = repo._pairs_query(low, None, True, where)
     if high <= 1.0:
         stmt = stmt.where(DuplicatePair.score < high)
     stmt = stmt.order_by(func.random()).limit(size)

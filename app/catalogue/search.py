@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from sqlalchemy.orm import Session
 
 from app.catalogue import repository as repo
 from app.catalogue.filters import LabelFilter
@@ -25,6 +26,7 @@ from app.catalogue.rerank import (
     mirrored,
     product_scores,
 )
+from app.catalogue.scope import Scope, in_scope, restrict
 from app.core.database import Database
 from app.core.errors import (
     ImageNotFound,
@@ -159,12 +161,21 @@ class SearchService:
         where: LabelFilter | None = None,
         min_score: float | None = None,
         group_size: int = 1,
+        scope: Scope = None,
     ) -> SearchOutcome:
         """More like a stored product (all its images) or one stored image, never
-        returning that product itself; nothing is fetched or embedded."""
+        returning that product itself; nothing is fetched or embedded. With a `scope`,
+        the query product must be in it (else 404) and so must the results."""
         started = time.perf_counter()
         hits = await asyncio.to_thread(
-            self._similar, product_id, image_id, k, where, min_score, group_size
+            self._similar,
+            product_id,
+            image_id,
+            k,
+            restrict(where, scope),
+            min_score,
+            group_size,
+            scope,
         )
         took = (time.perf_counter() - started) * 1000
         return SearchOutcome(hits, self.model_id, round(took, 2))
@@ -177,17 +188,18 @@ class SearchService:
         where: LabelFilter | None,
         min_score: float | None,
         group_size: int,
+        scope: Scope = None,
     ) -> list[SearchHit]:
         with self.db.read() as session:
             if image_id is not None:
                 found = repo.image_vector(session, image_id, self.model_id)
-                if found is None:
+                if found is None or not _visible(session, found[0], scope):
                     raise ImageNotFound(f"No image {image_id} embedded by the loaded model.")
                 product_pk, vectors = found[0], [found[1]]
             else:
                 assert product_id is not None
                 product = repo.get_product(session, product_id)
-                if product is None:
+                if product is None or not _visible(session, product.pk, scope):
                     raise ProductNotFound(f"No product with id {product_id!r}.")
                 product_pk = product.pk
                 vectors = [
@@ -421,3 +433,7 @@ class SearchService:
                 sets = repo.sets_of(session, list(seen))
             hits = [replace(h, labels=labels[h.product_pk], sets=sets[h.product_pk]) for h in hits]
         return hits
+
+
+def _visible(session: Session, product_pk: int, scope: Scope) -> bool:
+    return scope is None or in_scope(repo.sets_of(session, [product_pk])[product_pk], scope)

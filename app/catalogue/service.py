@@ -16,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -27,6 +27,7 @@ from app.catalogue import repository as repo
 from app.catalogue import review_repository as review_repo
 from app.catalogue.filters import LabelFilter, normalise_labels, normalise_sets
 from app.catalogue.models import Product, ProductImage, utcnow
+from app.catalogue.scope import Scope, in_scope, merged_sets, sets_within
 from app.core.database import Database
 from app.core.errors import (
     ImageNotFound,
@@ -174,14 +175,17 @@ class CatalogueService:
         return self.worker.embedder.model_id
 
     # ingest -----------------------------------------------------------------------------
-    async def upsert_products(self, products: Sequence[ProductInput]) -> list[ProductResult]:
-        """Index products; one result per product, in order."""
-        return list(await asyncio.gather(*(self._guarded_upsert(p) for p in products)))
+    async def upsert_products(
+        self, products: Sequence[ProductInput], scope: Scope = None
+    ) -> list[ProductResult]:
+        """Index products; one result per product, in order. With a `scope`, a product
+        whose id is held by a product outside it fails (`product_not_found`) untouched."""
+        return list(await asyncio.gather(*(self._guarded_upsert(p, scope) for p in products)))
 
-    async def _guarded_upsert(self, product: ProductInput) -> ProductResult:
+    async def _guarded_upsert(self, product: ProductInput, scope: Scope) -> ProductResult:
         async with self._limit:
             try:
-                return await self.upsert_product(product)
+                return await self.upsert_product(product, scope)
             except ServiceError as exc:
                 LOG.info("product %r failed: %s (%s)", product.id, exc.message, exc.code)
                 return ProductResult(product.id, "failed", 0, exc)
@@ -192,10 +196,11 @@ class CatalogueService:
                 )
                 return ProductResult(product.id, "failed", 0, error)
 
-    async def upsert_product(self, product: ProductInput) -> ProductResult:
+    async def upsert_product(self, product: ProductInput, scope: Scope = None) -> ProductResult:
+        sets_within(product.sets, scope, product.id)
         prepared = await self._prepare(product)
         started = time.perf_counter()
-        outcome = await asyncio.to_thread(self._store, product, prepared)
+        outcome = await asyncio.to_thread(self._store, product, prepared, scope)
         self.timings.add("store", time.perf_counter() - started)
         await self._publish(outcome)
         return ProductResult(product.id, outcome.status, len(prepared))
@@ -267,9 +272,15 @@ class CatalogueService:
         with self.db.read() as session:
             return repo.known_embeddings(session, keys, self.model_id)
 
-    def _store(self, product: ProductInput, images: list[PreparedImage]) -> StoreOutcome:
+    def _store(
+        self, product: ProductInput, images: list[PreparedImage], scope: Scope = None
+    ) -> StoreOutcome:
         with self.db.write() as session:
             row, created = repo.lock_or_create_product(session, product.id)
+            if scope is not None and not created:
+                current = _require_in_scope(session, row, scope)
+                assert product.sets is not None  # `sets_within` made sure
+                product = replace(product, sets=merged_sets(product.sets, current, scope))
             existing = repo.images_of(session, row.pk)
             fields_changed = _set_fields(row, product, created)
             fields_changed |= _set_labels(session, {row.pk: product}, created)
@@ -305,10 +316,10 @@ class CatalogueService:
         await asyncio.to_thread(publish_outcomes, [outcome], self.index, self.after_commit)
 
     # reads and deletes ------------------------------------------------------------------
-    def get_product(self, external_id: str) -> Product:
+    def get_product(self, external_id: str, scope: Scope = None) -> Product:
         with self.db.read() as session:
             product = repo.get_product(session, external_id, with_images=True)
-        if product is None:
+        if product is None or not in_scope((m.set_id for m in product.sets), scope):
             raise ProductNotFound(f"No product with id {external_id!r}.")
         return product
 
@@ -330,35 +341,37 @@ class CatalogueService:
         with self.db.read() as session:
             return repo.count_products(session, where=where)
 
-    async def delete_product(self, external_id: str) -> list[int]:
-        deleted = await asyncio.to_thread(self._delete, external_id)
+    async def delete_product(self, external_id: str, scope: Scope = None) -> list[int]:
+        deleted = await asyncio.to_thread(self._delete, external_id, scope)
         await self._publish(StoreOutcome("updated", [], deleted, -1))
         return deleted
 
-    def _delete(self, external_id: str) -> list[int]:
+    def _delete(self, external_id: str, scope: Scope) -> list[int]:
         with self.db.write() as session:
             product = repo.get_product(session, external_id, for_update=True)
             if product is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
+            _require_in_scope(session, product, scope)
             return repo.delete_product(session, product)
 
     # partial updates --------------------------------------------------------------------
     async def patch_product(
-        self, external_id: str, changes: ProductPatch
+        self, external_id: str, changes: ProductPatch, scope: Scope = None
     ) -> tuple[Status, Product]:
         """Set the given fields (title, category, attributes, labels) of a product and keep
         its images. A change writes a change-log row per image of the product in the same
         transaction (replicas and the feed see the product changed; the index re-reads
         the same vectors, so replay is harmless); a patch that changes nothing writes
         nothing and reports `unchanged`."""
-        status = await asyncio.to_thread(self._patch, external_id, changes)
+        status = await asyncio.to_thread(self._patch, external_id, changes, scope)
         return status, await asyncio.to_thread(self.get_product, external_id)
 
-    def _patch(self, external_id: str, changes: ProductPatch) -> Status:
+    def _patch(self, external_id: str, changes: ProductPatch, scope: Scope) -> Status:
         with self.db.write() as session:
             row = repo.get_product(session, external_id, for_update=True)
             if row is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
+            current = _require_in_scope(session, row, scope)
             changed = False
             for name in ("title", "category", "attributes"):
                 if name in changes.fields:
@@ -371,7 +384,9 @@ class CatalogueService:
                 patch = ProductInput(external_id, [], labels=changes.labels or {})
                 changed |= _set_labels(session, {row.pk: patch}, False)
             if "sets" in changes.fields:
-                patch = ProductInput(external_id, [], sets=changes.sets or [])
+                sets_within(changes.sets, scope, external_id)
+                sets = merged_sets(changes.sets or [], current, scope)
+                patch = ProductInput(external_id, [], sets=sets)
                 changed |= _set_sets(session, {row.pk: patch}, False)
             if not changed:
                 return "unchanged"
@@ -381,23 +396,28 @@ class CatalogueService:
             )
             return "updated"
 
-    async def add_image(self, external_id: str, image: ImageInput) -> tuple[Status, ProductImage]:
+    async def add_image(
+        self, external_id: str, image: ImageInput, scope: Scope = None
+    ) -> tuple[Status, ProductImage]:
         """Add one image to an existing product (fetched, decoded and embedded first, out
         of any transaction). The same image (bytes and box) already on the product is
         not added twice: the call reports `unchanged` and returns the stored one."""
-        await asyncio.to_thread(self.get_product, external_id)  # 404 before any fetch
+        await asyncio.to_thread(self.get_product, external_id, scope)  # 404 before any fetch
         prepared = (await self._prepare(ProductInput(external_id, [image])))[0]
-        status, stored, outcome = await asyncio.to_thread(self._add_image, external_id, prepared)
+        status, stored, outcome = await asyncio.to_thread(
+            self._add_image, external_id, prepared, scope
+        )
         await self._publish(outcome)
         return status, stored
 
     def _add_image(
-        self, external_id: str, new: PreparedImage
+        self, external_id: str, new: PreparedImage, scope: Scope = None
     ) -> tuple[Status, ProductImage, StoreOutcome]:
         with self.db.write() as session:
             row = repo.get_product(session, external_id, for_update=True)
             if row is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
+            _require_in_scope(session, row, scope)
             existing = repo.images_of(session, row.pk)
             key = _image_key(new.sha256, new.box, self.model_id)
             for img in existing:
@@ -420,17 +440,18 @@ class CatalogueService:
             outcome = StoreOutcome("updated", [(added.id, new.embedding)], [], row.pk)
             return "updated", added, outcome
 
-    async def remove_image(self, external_id: str, image_id: int) -> None:
+    async def remove_image(self, external_id: str, image_id: int, scope: Scope = None) -> None:
         """Remove one image of a product: gone from search at once, its duplicate pairs
         dropped (the product's other images keep theirs)."""
-        outcome = await asyncio.to_thread(self._remove_image, external_id, image_id)
+        outcome = await asyncio.to_thread(self._remove_image, external_id, image_id, scope)
         await self._publish(outcome)
 
-    def _remove_image(self, external_id: str, image_id: int) -> StoreOutcome:
+    def _remove_image(self, external_id: str, image_id: int, scope: Scope) -> StoreOutcome:
         with self.db.write() as session:
             row = repo.get_product(session, external_id, for_update=True)
             if row is None:
                 raise ProductNotFound(f"No product with id {external_id!r}.")
+            _require_in_scope(session, row, scope)
             images = repo.images_of(session, row.pk)
             if image_id not in {img.id for img in images}:
                 raise ImageNotFound(f"Product {external_id!r} has no image {image_id}.")
@@ -544,6 +565,18 @@ def plan_images(
     deleted = [img.id for img in existing if img.id not in keep]
     moved = {i: p for i, p in keep.items() if p != _position_of(list(existing), i)}
     return ImagePlan(added, deleted, moved)
+
+
+def _require_in_scope(session: Session, row: Product, scope: Scope) -> list[str]:
+    """The locked product's sets; 404, as for a product that does not exist, when it is
+    outside `scope` (its id is not the caller's to learn about)."""
+    if scope is None:
+        return []
+    current = repo.sets_of(session, [row.pk])[row.pk]
+    if not in_scope(current, scope):
+        # Word for word the answer for a missing product.
+        raise ProductNotFound(f"No product with id {row.external_id!r}.")
+    return current
 
 
 def _set_fields(row: Product, product: ProductInput, created: bool) -> bool:

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.catalogue import repository as repo
 from app.catalogue import review_repository as review_repo
+from app.catalogue.scope import Scope, in_scope
 from app.catalogue.service import _read_file
 from app.core.database import Database
 from app.core.errors import ServiceError, ThumbnailNotFound
@@ -32,9 +34,15 @@ def thumbnail_etag(sha256: str) -> str:
     return f'"{sha256[:32]}-{THUMBNAIL_SIZE}"'
 
 
-def get_thumbnail(db: Database, image_id: int) -> StoredThumbnail:
+def get_thumbnail(db: Database, image_id: int, scope: Scope = None) -> StoredThumbnail:
+    """The stored thumbnail; 404 as well for an image of a product outside `scope`."""
     with db.read() as session:
         found = review_repo.image_thumbnail(session, image_id)
+        if found is not None and scope is not None:
+            owner = repo.image_products(session, [image_id]).get(image_id)
+            sets = repo.sets_of(session, [owner])[owner] if owner is not None else []
+            if not in_scope(sets, scope):
+                found = None
     if found is None:
         raise ThumbnailNotFound(f"No image with id {image_id}.")
     sha, webp = found

@@ -6,6 +6,7 @@ the README's configuration table; a test fails when the two drift apart.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -321,6 +322,15 @@ class Settings(BaseSettings):
     api_keys_read: str = Field(
         "", description="Comma-separated keys for reads; when set, reads need a key too."
     )
+    api_key_scopes: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="JSON object: API key -> the product sets it is confined to "
+        '(`{"key-1": ["shop-a"]}`). Each key must also be in VS_API_KEYS or VS_API_KEYS_READ, '
+        "and both must be set. Keys not named here see every set.",
+    )
+    api_key_scopes_file: Path | None = Field(
+        None, description="JSON file with more key scopes, as VS_API_KEY_SCOPES."
+    )
     rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
     trusted_proxies: str = Field(
         "",
@@ -388,6 +398,45 @@ class Settings(BaseSettings):
         """Keys that may read (read keys plus write keys); empty when reads are open."""
         keys = [k.strip() for k in self.api_keys_read.split(",") if k.strip()]
         return keys + self.write_keys() if keys else []
+
+    def key_scopes(self) -> dict[str, frozenset[str]]:
+        """API key -> the product sets it is confined to (VS_API_KEY_SCOPES and
+        VS_API_KEY_SCOPES_FILE). ValueError when a scope could be side-stepped: a scoped
+        key that is no key of the service, or reads or writes open to anyone without a
+        key (a scoped client would then just leave its key out)."""
+        given: dict[str, list[str]] = dict(self.api_key_scopes)
+        if self.api_key_scopes_file is not None:
+            loaded = json.loads(self.api_key_scopes_file.read_text())
+            if not isinstance(loaded, dict):
+                raise ValueError("VS_API_KEY_SCOPES_FILE must hold a JSON object")
+            given.update(loaded)
+        if not given:
+            return {}
+        write, read = self.write_keys(), self.read_keys()
+        if not write or not read:
+            raise ValueError(
+                "VS_API_KEY_SCOPES needs VS_API_KEYS (or VS_API_KEYS_FILE) and "
+                "VS_API_KEYS_READ: with reads or writes open, a scoped client could leave its "
+                "key out and reach every product"
+            )
+        scopes: dict[str, frozenset[str]] = {}
+        for n, (key, sets) in enumerate(given.items(), start=1):
+            # The key itself is never repeated in an error: it would end up in logs.
+            if key.strip() != key or key not in read:
+                raise ValueError(
+                    f"VS_API_KEY_SCOPES: scoped key #{n} is not in VS_API_KEYS, "
+                    "VS_API_KEYS_FILE or VS_API_KEYS_READ"
+                )
+            if (
+                not isinstance(sets, list)
+                or not sets
+                or not all(isinstance(s, str) and s for s in sets)
+            ):
+                raise ValueError(
+                    f"VS_API_KEY_SCOPES: scoped key #{n} needs a non-empty list of set ids"
+                )
+            scopes[key] = frozenset(sets)
+        return scopes
 
     @property
     def resolved_database_url(self) -> str:

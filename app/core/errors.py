@@ -100,6 +100,14 @@ class Unauthorized(ServiceError):
     code = "unauthorized"
 
 
+class Forbidden(ServiceError):
+    """A valid key asked for what its scope does not allow: writing products into product
+    sets outside the key's scope (or into none), or a catalogue-wide operation."""
+
+    status_code = 403
+    code = "forbidden"
+
+
 class RateLimited(ServiceError):
     status_code = 429
     code = "rate_limited"

@@ -14,16 +14,22 @@ from app.api.errors import error_responses
 from app.api.review_schemas import CalibrationRead, CalibratorRead, CurvePointRead, ScoreBinRead
 from app.api.routes.duplicates import pair_read
 from app.api.schemas import DuplicatePairsRead
-from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep, UnscopedDep, WriteKeyDep
 from app.catalogue.calibration import Calibration
 from app.catalogue.duplicates import DuplicatesService
-from app.core.errors import RateLimited
+from app.catalogue.scope import restrict
+from app.core.errors import Forbidden, RateLimited
 
 router = APIRouter(
     prefix="/duplicates",
     tags=["duplicates"],
     dependencies=[RateLimitDep],
     responses=error_responses(RateLimited),
+)
+
+UNSCOPED = (
+    "It spans the whole catalogue, so a key scoped to product sets (`VS_API_KEY_SCOPES`) "
+    "gets a 403 `forbidden`."
 )
 
 CALIBRATION_DESCRIPTION = (
@@ -95,7 +101,9 @@ def _calibration_read(duplicates: DuplicatesService, calibration: Calibration) -
     response_model=CalibrationRead,
     operation_id="get_duplicates_calibration",
     summary="Show the calibration of duplicate scores",
-    description=CALIBRATION_DESCRIPTION,
+    description=CALIBRATION_DESCRIPTION + " " + UNSCOPED,
+    dependencies=[UnscopedDep],
+    responses=error_responses(Forbidden),
 )
 async def get_duplicates_calibration(
     duplicates: DuplicatesDep, _key: ReadKeyDep
@@ -112,7 +120,9 @@ async def get_duplicates_calibration(
     operation_id="fit_duplicates_calibration",
     summary="Fit the calibration now",
     description="Fit P(same | score) on the decisions stored now (it is also refitted "
-    "automatically every `VS_DUPLICATES__CALIBRATION_REFIT_EVERY` decisions).",
+    "automatically every `VS_DUPLICATES__CALIBRATION_REFIT_EVERY` decisions). " + UNSCOPED,
+    dependencies=[UnscopedDep],
+    responses=error_responses(Forbidden),
 )
 async def fit_duplicates_calibration(
     duplicates: DuplicatesDep, _key: WriteKeyDep
@@ -131,15 +141,17 @@ async def fit_duplicates_calibration(
     description=(
         "Undecided pairs drawn at random from ten equal score strata between the floor and "
         "1, also below the review threshold, so that decisions (and the calibration fitted "
-        "on them) are not biased to the top of the queue. Each call draws anew."
+        "on them) are not biased to the top of the queue. Each call draws anew. A key "
+        "scoped to product sets draws from the pairs of its sets only."
     ),
 )
 async def sample_duplicates_for_audit(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     size: Annotated[int, Query(ge=1, le=500, description="How many pairs.")] = 50,
 ) -> DuplicatePairsRead:
-    rows = await asyncio.to_thread(duplicates.audit_sample, size)
+    rows = await asyncio.to_thread(duplicates.audit_sample, size, where=restrict(None, scope))
     calibrated, assessed = await asyncio.to_thread(duplicates.assess_pairs, rows)
     return DuplicatePairsRead(
         pairs=[

@@ -22,10 +22,11 @@ from app.api.schemas import (
     DuplicatePairRead,
     DuplicatePairsRead,
 )
-from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep, WriteKeyDep
 from app.catalogue.calibration import Tier
-from app.catalogue.filters import LabelFilter
+from app.catalogue.filters import SET_KEY, LabelFilter
 from app.catalogue.repository import PairRow
+from app.catalogue.scope import restrict
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
     DecisionNotFound,
@@ -79,7 +80,9 @@ MinProbability = Annotated[
         "inside one product set, `set_a` and `set_b` pairs across two (which incoming "
         "products already exist in the catalogue). `total` counts the pairs of all pages. "
         "A `min_score` below the floor is a 422: such pairs are not stored. Each pair "
-        "carries its calibrated `probability` and `tier` (see `GET /duplicates/calibration`)."
+        "carries its calibrated `probability` and `tier` (see `GET /duplicates/calibration`). "
+        "A key scoped to product sets sees only pairs whose two products are both in its "
+        "sets; `set_a`/`set_b` or `set` values outside them match nothing."
     ),
     responses=error_responses(InvalidCursor, NotCalibrated)
     | examples.ok(examples.DUPLICATE_PAIRS_READ),
@@ -87,6 +90,7 @@ MinProbability = Annotated[
 async def list_duplicate_pairs(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     min_score: MinScore = 0.9,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
@@ -100,10 +104,12 @@ async def list_duplicate_pairs(
     ] = None,
     set_b: Annotated[str | None, Query(description="The other set (with `set_a`).")] = None,
 ) -> DuplicatePairsRead:
-    where = LabelFilter.parse_terms(label, exclude_label)
+    where = restrict(LabelFilter.parse_terms(label, exclude_label), scope)
     if (set_a is None) != (set_b is None):
         raise InvalidRequest("Give both `set_a` and `set_b`, or neither.")
     between = (set_a, set_b) if set_a is not None and set_b is not None else None
+    if between is not None and scope is not None and not scope.issuperset(between):
+        where = LabelFilter({SET_KEY: frozenset()})  # a set outside the scope: no pair
     if min_probability is not None:
         lowest = await asyncio.to_thread(duplicates.score_for_probability, min_probability)
         if lowest is None:  # no score reaches that probability
@@ -150,13 +156,15 @@ async def list_duplicate_pairs(
         "matches), and a product joins only if it matches the centre and at least half of "
         "the members already in. So A~B and B~C put A and C together only if A~C too. "
         "Products left out of a group still appear in `GET /duplicates`. Biggest groups "
-        "first; `limit`/`cursor` page through them."
+        "first; `limit`/`cursor` page through them. A key scoped to product sets groups "
+        "only the products of its sets."
     ),
     responses=error_responses(InvalidCursor) | examples.ok(examples.DUPLICATE_GROUPS_READ),
 )
 async def list_duplicate_groups(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     min_score: MinScore = 0.9,
     category: Annotated[str | None, Query(description="Both products in this category.")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
@@ -164,7 +172,7 @@ async def list_duplicate_groups(
     label: LabelQuery = None,
     exclude_label: ExcludeLabelQuery = None,
 ) -> DuplicateGroupsRead:
-    where = LabelFilter.parse_terms(label, exclude_label)
+    where = restrict(LabelFilter.parse_terms(label, exclude_label), scope)
     found = await asyncio.to_thread(
         duplicates.groups, min_score=min_score, category=category, where=where
     )
@@ -207,17 +215,18 @@ async def list_duplicate_groups(
         "A new decision on the same pair replaces the old one. The time and a fingerprint "
         "of the API key are stored with it. Only pairs the service found (in "
         "`GET /duplicates`, or decided before) can be decided on: others are a 404 "
-        "`pair_not_found`."
+        "`pair_not_found`. With a key scoped to product sets, a product outside them is a "
+        "404 `product_not_found`, as if it did not exist."
     ),
     responses=error_responses(ProductNotFound, PairNotFound, UnsupportedMediaType)
     | examples.ok(examples.DECISION_READ),
     openapi_extra=request_body(DecisionCreate, example=examples.DECISION_CREATE),
 )
 async def create_decision(
-    request: Request, duplicates: DuplicatesDep, api_key: WriteKeyDep
+    request: Request, duplicates: DuplicatesDep, api_key: WriteKeyDep, scope: ScopeDep
 ) -> DecisionRead:
     body = await read_json(request, DecisionCreate)
-    await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key)
+    await asyncio.to_thread(duplicates.decide, body.a, body.b, body.decision, api_key, scope)
     return DecisionRead(a=body.a, b=body.b, decision=body.decision)
 
 
@@ -227,13 +236,15 @@ async def create_decision(
     summary="List review decisions",
     description=(
         "Every recorded decision, `same` and `different` alike (filter with `decision`), "
-        "a page at a time in a stable order; follow `next_cursor`."
+        "a page at a time in a stable order; follow `next_cursor`. A key scoped to product "
+        "sets sees the decisions on pairs of its sets only."
     ),
     responses=error_responses(InvalidCursor) | examples.ok(examples.DECISIONS_READ),
 )
 async def list_decisions(
     duplicates: DuplicatesDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     decision: Annotated[
         Literal["same", "different"] | None, Query(description="Only this decision.")
     ] = None,
@@ -241,7 +252,7 @@ async def list_decisions(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DecisionsRead:
     rows, next_cursor = await asyncio.to_thread(
-        duplicates.list_decisions, decision=decision, cursor=cursor, limit=limit
+        duplicates.list_decisions, decision=decision, cursor=cursor, limit=limit, scope=scope
     )
     return DecisionsRead(
         decisions=[
@@ -265,17 +276,19 @@ async def list_decisions(
     description=(
         "Forgets the decision on the pair `a`, `b` (in either order). A pair that was "
         "hidden as `different` is looked for again at once and is back in "
-        "`GET /duplicates` when its images still match above the floor."
+        "`GET /duplicates` when its images still match above the floor. With a key scoped "
+        "to product sets, a product outside them is a 404."
     ),
     responses=error_responses(ProductNotFound, DecisionNotFound),
 )
 async def delete_decision(
     duplicates: DuplicatesDep,
     _key: WriteKeyDep,
+    scope: ScopeDep,
     a: Annotated[str, Query(min_length=1, max_length=256, description="One product id.")],
     b: Annotated[str, Query(min_length=1, max_length=256, description="The other.")],
 ) -> Response:
-    await asyncio.to_thread(duplicates.undo, a, b)
+    await asyncio.to_thread(duplicates.undo, a, b, scope)
     return Response(status_code=204)
 
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Path, Response
 
 from app.api.deps import ServicesDep
 from app.api.errors import error_responses
-from app.api.security import RateLimitDep, ReadKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep
 from app.catalogue.thumbnails import get_thumbnail
 from app.core.errors import RateLimited, ThumbnailNotFound
 from app.imaging.thumbnail import THUMBNAIL_SIZE, THUMBNAIL_TYPE
@@ -31,7 +31,8 @@ router = APIRouter(
         "made when the image was ingested (`vsearch thumbnails backfill` makes them for "
         "images ingested before). Image ids come from products, search results and "
         "duplicate pairs. The `ETag` changes only when the image's bytes do: send it back "
-        "as `If-None-Match` for a 304 without a body."
+        "as `If-None-Match` for a 304 without a body. An image of a product outside the "
+        "sets of a scoped key is a 404."
     ),
     response_class=Response,
     responses={
@@ -51,10 +52,11 @@ router = APIRouter(
 async def get_image_thumbnail(
     services: ServicesDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     image_id: Annotated[int, Path(ge=1, le=2**63 - 1, description="The image's id.")],
     if_none_match: Annotated[str | None, Header(description="The ETag of a copy you hold.")] = None,
 ) -> Response:
-    thumbnail = await asyncio.to_thread(get_thumbnail, services.db, image_id)
+    thumbnail = await asyncio.to_thread(get_thumbnail, services.db, image_id, scope)
     headers = {"ETag": thumbnail.etag, "Cache-Control": "private, max-age=3600"}
     if if_none_match and thumbnail.etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)

@@ -22,9 +22,10 @@ from app.api.schemas import (
     ProductUpdateRead,
     check_attributes,
 )
-from app.api.security import RateLimitDep, WriteKeyDep
+from app.api.security import RateLimitDep, ScopeDep, WriteKeyDep
 from app.catalogue.service import ImageInput, ProductPatch
 from app.core.errors import (
+    Forbidden,
     ImageNotFound,
     InvalidRequest,
     Overloaded,
@@ -63,9 +64,12 @@ ProductId = Annotated[str, Path(description="The product's id.", examples=["sku-
         "keeps the "
         "others and every image: nothing is fetched or embedded. A field sent as `null` is "
         "cleared. `labels` and `attributes` are replaced as a whole. A patch that changes "
-        "nothing reports `unchanged`; filters see the change at once."
+        "nothing reports `unchanged`; filters see the change at once. With a key scoped to "
+        "product sets, a product outside them is a 404, and `sets` must name at least one "
+        "set, all within the scope (else 403 `forbidden`); the product's memberships in "
+        "sets outside the scope are kept."
     ),
-    responses=error_responses(ProductNotFound, InvalidRequest),
+    responses=error_responses(ProductNotFound, InvalidRequest, Forbidden),
 )
 async def update_product(
     product_id: ProductId,
@@ -73,6 +77,7 @@ async def update_product(
     state: StateDep,
     catalogue: CatalogueDep,
     _key: WriteKeyDep,
+    scope: ScopeDep,
 ) -> ProductUpdateRead:
     if body.attributes is not None:
         try:
@@ -87,8 +92,8 @@ async def update_product(
         labels=body.labels,
         sets=body.sets,
     )
-    status, product = await catalogue.patch_product(product_id, patch)
-    return ProductUpdateRead(status=status, product=product_read(product))
+    status, product = await catalogue.patch_product(product_id, patch, scope)
+    return ProductUpdateRead(status=status, product=product_read(product, scope=scope))
 
 
 @router.post(
@@ -105,12 +110,16 @@ async def update_product(
     responses=error_responses(ProductNotFound, *IMAGE_ERRORS, RequestTooLarge, Overloaded),
 )
 async def add_product_image(
-    product_id: ProductId, body: ImageIn, catalogue: CatalogueDep, _key: WriteKeyDep
+    product_id: ProductId,
+    body: ImageIn,
+    catalogue: CatalogueDep,
+    _key: WriteKeyDep,
+    scope: ScopeDep,
 ) -> ImageAddRead:
     image = ImageInput(
         url=body.url, data_b64=body.data, box=body.box.as_box() if body.box else None
     )
-    status, stored = await catalogue.add_image(product_id, image)
+    status, stored = await catalogue.add_image(product_id, image, scope)
     return ImageAddRead(status=status, image=image_read(stored))
 
 
@@ -130,6 +139,7 @@ async def upload_product_image(
     image: Annotated[bytes, File(description="The image file (JPEG, PNG, WebP, GIF).")],
     catalogue: CatalogueDep,
     _key: WriteKeyDep,
+    scope: ScopeDep,
     bbox: Annotated[
         str | None, Form(description="Crop box `x,y,w,h` in pixels.", examples=["0,0,300,400"])
     ] = None,
@@ -143,7 +153,7 @@ async def upload_product_image(
             raise InvalidRequest(
                 "`bbox` must be four numbers `x,y,w,h` (x, y >= 0; w, h > 0)."
             ) from None
-    status, stored = await catalogue.add_image(product_id, ImageInput(data=image, box=box))
+    status, stored = await catalogue.add_image(product_id, ImageInput(data=image, box=box), scope)
     return ImageAddRead(status=status, image=image_read(stored))
 
 
@@ -163,6 +173,7 @@ async def delete_product_image(
     image_id: Annotated[int, Path(description="The image's id (`image_id` of the product).")],
     catalogue: CatalogueDep,
     _key: WriteKeyDep,
+    scope: ScopeDep,
 ) -> Response:
-    await catalogue.remove_image(product_id, image_id)
+    await catalogue.remove_image(product_id, image_id, scope)
     return Response(status_code=204)

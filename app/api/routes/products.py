@@ -31,12 +31,14 @@ from app.api.schemas import (
     ProductsCreateRead,
     ProductsRead,
 )
-from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep, WriteKeyDep
 from app.catalogue.filters import LabelFilter
 from app.catalogue.models import Product, ProductImage
+from app.catalogue.scope import Scope, restrict, sets_within, shown_sets
 from app.catalogue.service import ImageInput, ProductInput, ProductResult
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
 from app.core.errors import (
+    Forbidden,
     InvalidRequest,
     NotReady,
     ProductNotFound,
@@ -65,6 +67,12 @@ content reports `unchanged`. Each product is stored in its own transaction: a pr
 that fails (`status: failed`, with its `error`) leaves nothing behind and does not affect
 the others, so the response is 200 whenever the request itself is well-formed. Products
 are searchable as soon as this call returns.
+
+A key scoped to product sets (`VS_API_KEY_SCOPES`) must give every product `sets`, at
+least one and all within its scope, else the whole request is a 403 `forbidden` and
+nothing is stored. An `id` already held by a product outside the key's sets fails
+(`product_not_found`) and that product is not touched. Memberships of a product in sets
+outside the key's scope are kept.
 """
 
 UPLOAD_DESCRIPTION = """
@@ -79,12 +87,14 @@ Index one product from a multipart form: fields `id`, `title`, `category`, `attr
     response_model=ProductsCreateRead,
     summary="Index products (create or replace)",
     description=CREATE_DESCRIPTION,
-    responses=error_responses(*IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady)
+    responses=error_responses(
+        *IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady, Forbidden
+    )
     | examples.ok(examples.PRODUCTS_CREATE_READ),
     openapi_extra=request_body(ProductsCreate, example=examples.PRODUCTS_CREATE),
 )
 async def create_products(
-    request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep
+    request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep, scope: ScopeDep
 ) -> ProductsCreateRead:
     # Multipart is still read here for clients written before /products/upload existed.
     body = await read_body(
@@ -104,7 +114,9 @@ async def create_products(
                 f"At most {limit} products per request (got {len(body.products)}); split the batch."
             )
         inputs = [_product_input(p) for p in body.products]
-    results = await catalogue.upsert_products(inputs)
+    for product in inputs:
+        sets_within(product.sets, scope, product.id)
+    results = await catalogue.upsert_products(inputs, scope)
     return ProductsCreateRead(results=[_result(r) for r in results])
 
 
@@ -113,12 +125,14 @@ async def create_products(
     response_model=ProductsCreateRead,
     summary="Index one product from uploaded image files",
     description=UPLOAD_DESCRIPTION,
-    responses=error_responses(*IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady)
+    responses=error_responses(
+        *IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady, Forbidden
+    )
     | examples.ok(examples.PRODUCTS_CREATE_READ),
     openapi_extra=request_body(ProductUpload, MULTIPART),
 )
 async def upload_product(
-    request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep
+    request: Request, state: StateDep, catalogue: CatalogueDep, _key: WriteKeyDep, scope: ScopeDep
 ) -> ProductsCreateRead:
     body = await read_form(
         request,
@@ -128,7 +142,9 @@ async def upload_product(
         context={"attributes": state.settings.attributes},
         hint=" (JSON products go to POST /products)",
     )
-    results = await catalogue.upsert_products([_upload_input(body)])
+    product = _upload_input(body)
+    sets_within(product.sets, scope, product.id)
+    results = await catalogue.upsert_products([product], scope)
     return ProductsCreateRead(results=[_result(r) for r in results])
 
 
@@ -180,14 +196,14 @@ def image_read(img: ProductImage, *, embeddings: bool = False) -> ImageRead:
     )
 
 
-def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
+def product_read(product: Product, *, embeddings: bool = False, scope: Scope = None) -> ProductRead:
     return ProductRead(
         id=product.external_id,
         title=product.title,
         category=product.category,
         attributes=product.attributes or {},
         labels=label_map(product),
-        sets=[member.set_id for member in product.sets],
+        sets=shown_sets((member.set_id for member in product.sets), scope),
         created_at=product.created_at,
         updated_at=product.updated_at,
         images=[image_read(img, embeddings=embeddings) for img in product.images],
@@ -202,13 +218,15 @@ def product_read(product: Product, *, embeddings: bool = False) -> ProductRead:
         "Products in insertion order, a page at a time; follow `next_cursor`. `label` and "
         "`exclude_label` filter as search's `filters` do: repeat `label=key:value` (AND "
         "across keys, OR within a key; `category:dairy` works too) and "
-        "`exclude_label=key:value`. `total` counts every product passing the filters."
+        "`exclude_label=key:value`. `total` counts every product passing the filters. "
+        "A key scoped to product sets sees only the products of its sets."
     ),
     responses=error_responses(InvalidCursor, NotReady) | examples.ok(examples.PRODUCTS_READ),
 )
 async def list_products(
     catalogue: CatalogueDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     category: Annotated[str | None, Query(description="Only this category.")] = None,
@@ -216,14 +234,16 @@ async def list_products(
     exclude_label: ExcludeLabelQuery = None,
 ) -> ProductsRead:
     after = int(decode_cursor(cursor, "products", (int,))[0]) if cursor else None
-    where = LabelFilter.parse_terms(label, exclude_label, category=category)
+    where = restrict(LabelFilter.parse_terms(label, exclude_label, category=category), scope)
     products = await asyncio.to_thread(
         catalogue.list_products, after_pk=after, limit=limit, where=where
     )
     total = await asyncio.to_thread(catalogue.count_products, where=where)
     next_cursor = encode_cursor("products", (products[-1].pk,)) if len(products) == limit else None
     return ProductsRead(
-        products=[product_read(p) for p in products], next_cursor=next_cursor, total=total
+        products=[product_read(p, scope=scope) for p in products],
+        next_cursor=next_cursor,
+        total=total,
     )
 
 
@@ -231,26 +251,31 @@ async def list_products(
     "/{product_id:product_id}",
     response_model=ProductRead,
     summary="Get one product",
-    description="The product and its images; `?embeddings=true` adds each image's vector.",
+    description="The product and its images; `?embeddings=true` adds each image's vector. "
+    "A product outside the sets of a scoped key is a 404, as if it did not exist.",
     responses=error_responses(ProductNotFound, NotReady) | examples.ok(examples.PRODUCT_READ),
 )
 async def get_product(
     product_id: str,
     catalogue: CatalogueDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     embeddings: Annotated[bool, Query(description="Include embedding vectors.")] = False,
 ) -> ProductRead:
-    product = await asyncio.to_thread(catalogue.get_product, product_id)
-    return product_read(product, embeddings=embeddings)
+    product = await asyncio.to_thread(catalogue.get_product, product_id, scope)
+    return product_read(product, embeddings=embeddings, scope=scope)
 
 
 @router.delete(
     "/{product_id:product_id}",
     status_code=204,
     summary="Delete a product",
-    description="Removes the product, its images (from search at once) and its duplicate pairs.",
+    description="Removes the product, its images (from search at once) and its duplicate pairs. "
+    "A product outside the sets of a scoped key is a 404.",
     responses=error_responses(ProductNotFound, NotReady),
 )
-async def delete_product(product_id: str, catalogue: CatalogueDep, _key: WriteKeyDep) -> Response:
-    await catalogue.delete_product(product_id)
+async def delete_product(
+    product_id: str, catalogue: CatalogueDep, _key: WriteKeyDep, scope: ScopeDep
+) -> Response:
+    await catalogue.delete_product(product_id, scope)
     return Response(status_code=204)

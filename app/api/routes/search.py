@@ -11,7 +11,8 @@ from app.api.errors import IMAGE_ERRORS, error_responses
 from app.api.forms import SearchUpload
 from app.api.routes.search_more import hit_read
 from app.api.schemas import SearchRead, SearchRequest
-from app.api.security import RateLimitDep, ReadKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep
+from app.catalogue.scope import Scope, restrict
 from app.catalogue.search import SearchOutcome, SearchService
 from app.catalogue.service import decode_base64_image
 from app.core.errors import NotReady, Overloaded, RateLimited, RequestTooLarge
@@ -44,7 +45,9 @@ scores are cosine similarities of the embeddings. Filters are exact: a result al
 passes them, and k results come back whenever k products pass (the index is searched
 deeper for broad filters, exactly over the matching images for selective ones). Each hit
 carries the product's labels. Products are
-searchable as soon as `POST /products` returned for them.
+searchable as soon as `POST /products` returned for them. A key scoped to product sets
+finds only the products of its sets (the filter is AND-ed with them, so results stay
+exact); `set` filter values outside its scope match nothing.
 """
 
 UPLOAD_DESCRIPTION = """
@@ -65,23 +68,25 @@ _ERRORS = (*IMAGE_ERRORS, RequestTooLarge, UnsupportedMediaType, NotReady, Overl
     responses=error_responses(*_ERRORS) | examples.ok(examples.SEARCH_READ),
     openapi_extra=request_body(SearchRequest, example=examples.SEARCH_REQUEST),
 )
-async def search_by_image(request: Request, search: SearchDep, _key: ReadKeyDep) -> SearchRead:
+async def search_by_image(
+    request: Request, search: SearchDep, _key: ReadKeyDep, scope: ScopeDep
+) -> SearchRead:
     # Multipart is still read here for clients written before /search/upload existed.
     body = await read_body(request, SearchRequest, SearchUpload, max_files=1, max_fields=16)
     if isinstance(body, SearchUpload):
-        return await _search_upload(search, body)
+        return await _search_upload(search, body, scope)
     outcome = await search.search_image(
         data=decode_base64_image(body.image) if body.image is not None else None,
         url=body.image_url,
         box=body.bbox.as_box() if body.bbox else None,
         k=body.k,
-        where=body.filters.as_filter() if body.filters else None,
+        where=restrict(body.filters.as_filter() if body.filters else None, scope),
         min_score=body.min_score,
         group_size=body.group_size,
         flip=body.flip,
         expand=body.expand,
     )
-    return _read(outcome)
+    return _read(outcome, scope)
 
 
 @router.post(
@@ -92,7 +97,9 @@ async def search_by_image(request: Request, search: SearchDep, _key: ReadKeyDep)
     responses=error_responses(*_ERRORS) | examples.ok(examples.SEARCH_READ),
     openapi_extra=request_body(SearchUpload, MULTIPART),
 )
-async def search_by_upload(request: Request, search: SearchDep, _key: ReadKeyDep) -> SearchRead:
+async def search_by_upload(
+    request: Request, search: SearchDep, _key: ReadKeyDep, scope: ScopeDep
+) -> SearchRead:
     body = await read_form(
         request,
         SearchUpload,
@@ -100,27 +107,27 @@ async def search_by_upload(request: Request, search: SearchDep, _key: ReadKeyDep
         max_fields=16,
         hint=" (JSON searches go to POST /search)",
     )
-    return await _search_upload(search, body)
+    return await _search_upload(search, body, scope)
 
 
-async def _search_upload(search: SearchService, body: SearchUpload) -> SearchRead:
+async def _search_upload(search: SearchService, body: SearchUpload, scope: Scope) -> SearchRead:
     outcome = await search.search_image(
         data=body.image,
         box=body.box,
         k=body.k,
         category=body.category or None,
-        where=body.filters.as_filter() if body.filters else None,
+        where=restrict(body.filters.as_filter() if body.filters else None, scope),
         min_score=body.min_score,
         group_size=body.group_size,
         flip=body.flip,
         expand=body.expand,
     )
-    return _read(outcome)
+    return _read(outcome, scope)
 
 
-def _read(outcome: SearchOutcome) -> SearchRead:
+def _read(outcome: SearchOutcome, scope: Scope) -> SearchRead:
     return SearchRead(
-        results=[hit_read(hit) for hit in outcome.hits],
+        results=[hit_read(hit, scope) for hit in outcome.hits],
         model_id=outcome.model_id,
         took_ms=outcome.took_ms,
     )
