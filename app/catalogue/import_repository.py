@@ -29,10 +29,17 @@ class FailedRecord:
 
 
 def add_job(
-    session: Session, *, public_id: str, kind: str, filename: str | None, total: int
+    session: Session,
+    *,
+    public_id: str,
+    kind: str,
+    filename: str | None,
+    total: int,
+    scope: str | None = None,
 ) -> ImportJob:
     job = ImportJob(
         public_id=public_id,
+        scope=scope,
         status=QUEUED,
         kind=kind,
         filename=filename,
@@ -54,9 +61,13 @@ def get_job(session: Session, public_id: str, *, for_update: bool = False) -> Im
     return session.scalars(query).one_or_none()
 
 
-def list_jobs(session: Session, *, before_pk: int | None, limit: int) -> list[ImportJob]:
-    """Newest first."""
+def list_jobs(
+    session: Session, *, before_pk: int | None, limit: int, scope: str | None = None
+) -> list[ImportJob]:
+    """Newest first; with `scope`, only the jobs uploaded under that scope."""
     query = select(ImportJob).order_by(ImportJob.pk.desc()).limit(limit)
+    if scope is not None:
+        query = query.where(ImportJob.scope == scope)
     if before_pk is not None:
         query = query.where(ImportJob.pk < before_pk)
     return list(session.scalars(query))

@@ -32,6 +32,7 @@ from app.catalogue import import_repository as repo
 from app.catalogue.import_repository import FailedRecord
 from app.catalogue.ingest import ProductRecord, read_records
 from app.catalogue.models import ImportFailure, ImportJob
+from app.catalogue.scope import Scope, sets_within
 from app.catalogue.service import CatalogueService, ProductInput, ProductResult
 from app.core.database import Database
 from app.core.errors import (
@@ -41,6 +42,7 @@ from app.core.errors import (
     InvalidRequest,
     Overloaded,
     RequestTooLarge,
+    ServiceError,
 )
 
 LOG = logging.getLogger(__name__)
@@ -93,8 +95,16 @@ class ImportService:
         self._current: str | None = None
 
     # requests ---------------------------------------------------------------------------
-    def create(self, upload: BinaryIO, filename: str | None, content_type: str | None) -> ImportJob:
-        """Store an uploaded file and queue its job (blocking: call it in a thread)."""
+    def create(
+        self,
+        upload: BinaryIO,
+        filename: str | None,
+        content_type: str | None,
+        scope: Scope = None,
+    ) -> ImportJob:
+        """Store an uploaded file and queue its job (blocking: call it in a thread). A
+        job uploaded with a key scoped to product sets keeps that scope: each of its
+        products must be in those sets, and only keys of that scope see the job."""
         kind = _kind(filename, content_type)
         self.directory.mkdir(parents=True, exist_ok=True)
         public_id = uuid.uuid4().hex
@@ -111,6 +121,7 @@ class ImportService:
                     kind=kind,
                     filename=(filename or "")[:256] or None,
                     total=total,
+                    scope=scope_key(scope),
                 )
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -119,26 +130,29 @@ class ImportService:
         LOG.info("import %s queued: %s, %d records", public_id, filename, total)
         return job
 
-    def get(self, public_id: str) -> ImportJob:
+    def get(self, public_id: str, scope: Scope = None) -> ImportJob:
+        """The job; 404 also for a job of another scope (as if it did not exist)."""
         with self.db.read() as session:
             job = repo.get_job(session, public_id)
-        if job is None:
+        if job is None or not _visible(job, scope):
             raise ImportNotFound(f"No import job with id {public_id!r}.")
         return job
 
-    def list_jobs(self, *, before_pk: int | None, limit: int) -> list[ImportJob]:
+    def list_jobs(
+        self, *, before_pk: int | None, limit: int, scope: Scope = None
+    ) -> list[ImportJob]:
         with self.db.read() as session:
-            return repo.list_jobs(session, before_pk=before_pk, limit=limit)
+            return repo.list_jobs(session, before_pk=before_pk, limit=limit, scope=scope_key(scope))
 
     def failures(self, job: ImportJob, *, after_line: int, limit: int) -> list[ImportFailure]:
         with self.db.read() as session:
             return repo.failures(session, job.pk, after_line=after_line, limit=limit)
 
-    def cancel(self, public_id: str) -> ImportJob:
+    def cancel(self, public_id: str, scope: Scope = None) -> ImportJob:
         """Stop a queued or running job (it keeps what it stored); 409 once it has ended."""
         with self.db.write() as session:
             job = repo.get_job(session, public_id, for_update=True)
-            if job is None:
+            if job is None or not _visible(job, scope):
                 raise ImportNotFound(f"No import job with id {public_id!r}.")
             if job.status not in repo.UNFINISHED:
                 raise ImportFinished(f"The import job {public_id!r} has already {job.status}.")
@@ -250,14 +264,17 @@ class ImportService:
             if job.public_id in self._cancelled:
                 break
             chunk = batch[start : start + self.concurrency]
-            products = [r.product for r in chunk if r.product is not None]
-            outcomes = await self._upsert(products)
+            refused = _out_of_scope(chunk, job_scope(job))
+            products = [r.product for r in chunk if r.product is not None and id(r) not in refused]
+            outcomes = await self._upsert(products, job_scope(job))
             results = dict(zip((id(p) for p in products), outcomes, strict=True))
             for record in chunk:
-                if record.error is not None:
-                    error = record.error
+                if record.error is not None or id(record) in refused:
+                    error = record.error or refused[id(record)]
                     failures.append(
-                        FailedRecord(record.line, None, error.code, error.message[:2000])
+                        FailedRecord(
+                            record.line, record.product_id, error.code, error.message[:2000]
+                        )
                     )
                     continue
                 assert record.product is not None
@@ -273,16 +290,45 @@ class ImportService:
             done += len(chunk)
         return BatchOutcome(done, succeeded, skipped, failures)
 
-    async def _upsert(self, products: list[ProductInput]) -> list[ProductResult]:
+    async def _upsert(self, products: list[ProductInput], scope: Scope) -> list[ProductResult]:
         """Results in order; a product refused because the model is busy (searches come
         first) is tried again, never failed."""
-        results = await self.catalogue.upsert_products(products)
+        results = await self.catalogue.upsert_products(products, scope)
         while busy := [i for i, r in enumerate(results) if isinstance(r.error, Overloaded)]:
             await asyncio.sleep(self.retry_s)
-            again = await self.catalogue.upsert_products([products[i] for i in busy])
+            again = await self.catalogue.upsert_products([products[i] for i in busy], scope)
             for i, result in zip(busy, again, strict=True):
                 results[i] = result
         return results
+
+
+def scope_key(scope: Scope) -> str | None:
+    """A scope as the job stores it: its sets sorted and comma-joined (set ids have no
+    commas)."""
+    return None if scope is None else ",".join(sorted(scope))
+
+
+def job_scope(job: ImportJob) -> Scope:
+    return None if job.scope is None else frozenset(job.scope.split(","))
+
+
+def _visible(job: ImportJob, scope: Scope) -> bool:
+    """Unscoped keys see every job; a scoped key sees the jobs uploaded under its scope."""
+    return scope is None or job.scope == scope_key(scope)
+
+
+def _out_of_scope(records: Sequence[ProductRecord], scope: Scope) -> dict[int, ServiceError]:
+    """The records (by id()) whose product a job of `scope` may not write: no sets, or
+    sets outside it (`forbidden`, as POST /products answers)."""
+    refused: dict[int, ServiceError] = {}
+    for record in records:
+        if record.product is None:
+            continue
+        try:
+            sets_within(record.product.sets, scope, record.product.id)
+        except ServiceError as exc:
+            refused[id(record)] = exc
+    return refused
 
 
 def _kind(filename: str | None, content_type: str | None) -> str:

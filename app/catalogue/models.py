@@ -247,6 +247,9 @@ class ImportJob(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     kind: Mapped[str] = mapped_column(String(8))
     filename: Mapped[str | None] = mapped_column(String(256))
+    scope: Mapped[str | None] = mapped_column(String(4096), index=True)
+    """The product sets of the key that uploaded it, sorted and comma-joined (None: an
+    unscoped key). Its products must stay in them; only keys of that scope see it."""
     total: Mapped[int] = mapped_column(Integer)
     cursor: Mapped[int] = mapped_column(Integer, default=0)
     succeeded: Mapped[int] = mapped_column(Integer, default=0)

@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("kind", sa.String(length=8), nullable=False),
         sa.Column("filename", sa.String(length=256), nullable=True),
+        sa.Column("scope", sa.String(length=4096), nullable=True),
         sa.Column("total", sa.Integer(), nullable=False),
         sa.Column("cursor", sa.Integer(), nullable=False),
         sa.Column("succeeded", sa.Integer(), nullable=False),
@@ -43,6 +44,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("import_jobs", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_import_jobs_status"), ["status"], unique=False)
+        batch_op.create_index(batch_op.f("ix_import_jobs_scope"), ["scope"], unique=False)
     op.create_table(
         "import_failures",
         sa.Column("job_id", _BIG_ID, nullable=False),

@@ -25,6 +25,7 @@ from app.core.config import Settings
 from app.imaging.decode import decode_image
 from app.main import create_app
 from tests.api.test_duplicates import b64
+from tests.api.test_imports import wait_for
 from tests.api.test_search import jpeg
 from tests.conftest import app_client
 from tests.images import encode
@@ -339,6 +340,60 @@ class TestWrites:
         moved = await shop.patch("/products/a-other", json={"sets": ["b"]}, headers=ADMIN)
         assert moved.json()["product"]["sets"] == ["b"]
         assert "a-other" not in await ids_listed(shop, SHOP_A)
+
+    async def test_imports_stay_inside_the_scope(self, shop: httpx.AsyncClient) -> None:
+        """A scoped key's import job writes only into its sets, and only keys of its
+        scope (and unscoped ones) see the job."""
+        image = [{"data": b64(jpeg(8))}]
+        records = [
+            {"id": "imported-a", "sets": ["a"], "images": image},
+            {"id": "imported-b", "sets": ["b"], "images": image},
+            {"id": "imported-none", "images": image},
+            {"id": "b-oat", "sets": ["a"], "images": image},  # held by a product in `b`
+        ]
+        data = "\n".join(json.dumps(r) for r in records).encode()
+        files = {"file": ("feed.jsonl", data, "application/x-ndjson")}
+        created = await shop.post("/imports", files=files, headers=SHOP_A)
+        assert created.status_code == 202, created.text
+        job_id = created.json()["id"]
+        shop.headers.update(SHOP_A)  # wait_for polls without headers of its own
+        try:
+            job = await wait_for(shop, job_id)
+        finally:
+            del shop.headers["X-API-Key"]
+        assert (job["status"], job["succeeded"], job["failed"]) == ("succeeded", 1, 3)
+        failures = await shop.get(f"/imports/{job_id}/failures", headers=SHOP_A)
+        codes = {
+            row["product_id"]: row["code"] for row in map(json.loads, failures.text.splitlines())
+        }
+        assert codes == {
+            "imported-b": "forbidden",
+            "imported-none": "forbidden",
+            "b-oat": "product_not_found",
+        }
+        assert (await shop.get("/products/imported-a", headers=ADMIN)).json()["sets"] == ["a"]
+        for pid in ("imported-b", "imported-none"):
+            assert (await shop.get(f"/products/{pid}", headers=ADMIN)).status_code == 404
+        assert (await shop.get("/products/b-oat", headers=ADMIN)).json()["sets"] == ["b"]
+
+        # the unscoped keys see the job; the scoped key does not see theirs
+        assert (await shop.get(f"/imports/{job_id}", headers=READER)).status_code == 200
+        theirs = await shop.post(
+            "/imports", files={"file": ("x.jsonl", b"{}\n", "application/x-ndjson")}, headers=ADMIN
+        )
+        assert theirs.status_code == 202, theirs.text
+        other = theirs.json()["id"]
+        listed = (await shop.get("/imports", headers=SHOP_A)).json()["imports"]
+        assert [j["id"] for j in listed] == [job_id]
+        everyone = (await shop.get("/imports", headers=ADMIN)).json()["imports"]
+        assert {j["id"] for j in everyone} == {job_id, other}
+        for response in (
+            await shop.get(f"/imports/{other}", headers=SHOP_A),
+            await shop.get(f"/imports/{other}/failures", headers=SHOP_A),
+            await shop.post(f"/imports/{other}/cancel", headers=SHOP_A),
+        ):
+            assert response.status_code == 404
+            assert response.json()["error"]["code"] == "import_not_found"
 
 
 class TestConfiguration:

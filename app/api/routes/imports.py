@@ -18,7 +18,7 @@ from app.api.bodies import MULTIPART, UnsupportedMediaType, request_body
 from app.api.deps import ImportsDep
 from app.api.errors import error_responses
 from app.api.import_schemas import ImportJobRead, ImportJobsRead, ImportUpload
-from app.api.security import RateLimitDep, ReadKeyDep, WriteKeyDep
+from app.api.security import RateLimitDep, ReadKeyDep, ScopeDep, WriteKeyDep
 from app.catalogue.imports import ImportService
 from app.catalogue.models import ImportJob
 from app.core.cursor import InvalidCursor, decode_cursor, encode_cursor
@@ -58,6 +58,10 @@ that cannot be fetched or decoded) is counted in `failed` and listed by
 `GET /imports/{job_id}/failures`, and the others go on. Products are upserts, as in
 `POST /products`: importing a file again changes nothing and embeds nothing twice.
 
+With a key scoped to product sets (`VS_API_KEY_SCOPES`), every product of the file must
+be in at least one set of the scope and in none outside it; a record that is not fails as
+`forbidden`. Only keys of the same scope (and unscoped keys) see the job.
+
 Jobs run one at a time per server, a few products at once, so searches keep the model.
 Progress is committed every `VS_IMPORTS__BATCH_SIZE` records; a server restarted
 mid-job resumes it there.
@@ -77,7 +81,11 @@ mid-job resumes it there.
     openapi_extra=request_body(ImportUpload, MULTIPART),
 )
 async def create_import(
-    request: Request, response: Response, imports: ImportsDep, _key: WriteKeyDep
+    request: Request,
+    response: Response,
+    imports: ImportsDep,
+    _key: WriteKeyDep,
+    scope: ScopeDep,
 ) -> ImportJobRead:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != MULTIPART:
         raise UnsupportedMediaType(f"Send {MULTIPART} with the file in the field `file`.")
@@ -89,7 +97,7 @@ async def create_import(
         if not isinstance(upload, UploadFile):
             raise InvalidRequest("file: send the import file in the form field `file`.")
         job = await asyncio.to_thread(
-            imports.create, upload.file, upload.filename, upload.content_type
+            imports.create, upload.file, upload.filename, upload.content_type, scope
         )
     imports.wake()
     response.headers["Location"] = f"/imports/{job.public_id}"
@@ -106,11 +114,12 @@ async def create_import(
 async def list_imports(
     imports: ImportsDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     cursor: Annotated[str | None, Query(description="From the previous page.")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> ImportJobsRead:
     before = int(decode_cursor(cursor, "imports", (int,))[0]) if cursor else None
-    jobs = await asyncio.to_thread(imports.list_jobs, before_pk=before, limit=limit)
+    jobs = await asyncio.to_thread(imports.list_jobs, before_pk=before, limit=limit, scope=scope)
     next_cursor = encode_cursor("imports", (jobs[-1].pk,)) if len(jobs) == limit else None
     return ImportJobsRead(imports=[ImportJobRead.of(j) for j in jobs], next_cursor=next_cursor)
 
@@ -122,8 +131,10 @@ async def list_imports(
     description="The job's status, counts and progress.",
     responses=error_responses(ImportNotFound, NotReady) | examples.ok(examples.IMPORT_JOB_READ),
 )
-async def get_import(job_id: JobId, imports: ImportsDep, _key: ReadKeyDep) -> ImportJobRead:
-    return ImportJobRead.of(await asyncio.to_thread(imports.get, job_id))
+async def get_import(
+    job_id: JobId, imports: ImportsDep, _key: ReadKeyDep, scope: ScopeDep
+) -> ImportJobRead:
+    return ImportJobRead.of(await asyncio.to_thread(imports.get, job_id, scope))
 
 
 @router.get(
@@ -151,11 +162,12 @@ async def list_import_failures(
     job_id: JobId,
     imports: ImportsDep,
     _key: ReadKeyDep,
+    scope: ScopeDep,
     format: Annotated[
         Literal["jsonl", "csv"], Query(description="jsonl (default) or csv.")
     ] = "jsonl",
 ) -> StreamingResponse:
-    job = await asyncio.to_thread(imports.get, job_id)
+    job = await asyncio.to_thread(imports.get, job_id, scope)
     media = "text/csv; charset=utf-8" if format == "csv" else "application/x-ndjson"
     return StreamingResponse(_failures(imports, job, format), media_type=media)
 
@@ -193,5 +205,7 @@ async def _failures(imports: ImportService, job: ImportJob, format: str) -> Asyn
     responses=error_responses(ImportNotFound, ImportFinished, NotReady)
     | examples.ok(examples.IMPORT_JOB_CANCELLED),
 )
-async def cancel_import(job_id: JobId, imports: ImportsDep, _key: WriteKeyDep) -> ImportJobRead:
-    return ImportJobRead.of(await asyncio.to_thread(imports.cancel, job_id))
+async def cancel_import(
+    job_id: JobId, imports: ImportsDep, _key: WriteKeyDep, scope: ScopeDep
+) -> ImportJobRead:
+    return ImportJobRead.of(await asyncio.to_thread(imports.cancel, job_id, scope))
