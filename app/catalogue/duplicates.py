@@ -418,15 +418,24 @@ class DuplicatesService:
             different = repo.different_pairs(session)
         total = len(ids)
         at = int(np.searchsorted(ids, int(state["after_id"]), side="right"))
+        phases = dict.fromkeys(("read", "knn", "pairs", "write"), 0.0)
         while at < total:
             chunk = ids[at : at + batch]
+            t = time.perf_counter()
             queries = index.vectors.get(chunk).astype(np.float32)
+            phases["read"] += time.perf_counter() - t
+            t = time.perf_counter()
             scores, found = index.search(
                 queries, self.neighbours, nprobe=nprobe or None, refine=refine or None
             )
+            phases["knn"] += time.perf_counter() - t
+            t = time.perf_counter()
             rows = _pairs_of(chunk, scores, found, floor, owners, different)
+            phases["pairs"] += time.perf_counter() - t
+            t = time.perf_counter()
             with self.db.write() as session:
                 repo.upsert_pairs(session, rows)
+            phases["write"] += time.perf_counter() - t  # with the commit
             at += len(chunk)
             state["after_id"], state["done"] = int(chunk[-1]), int(state["done"]) + len(chunk)
             _write_state(state_path, state)
@@ -442,6 +451,9 @@ class DuplicatesService:
             "stale_pairs_removed": removed,
             "floor": floor,
             "seconds": round(time.perf_counter() - t0, 2),
+            # where this run's time went: reading the batch's vectors, the kNN search
+            # (re-ranking included), building the pair rows, and upserting them
+            "phases_s": {name: round(value, 1) for name, value in phases.items()},
         }
 
     def _find_pairs(
