@@ -289,18 +289,7 @@ class CatalogueService:
             upserted: list[tuple[int, bytes]] = []
             for position in plan.added:
                 new = images[position]
-                added = repo.add_image(
-                    session,
-                    product_pk=row.pk,
-                    position=position,
-                    source_url=new.source_url,
-                    sha256=new.sha256,
-                    box=new.box,
-                    width=new.width,
-                    height=new.height,
-                    embedding=new.embedding,
-                    model_id=self.model_id,
-                )
+                added = self._insert_image(session, row.pk, position, new)
                 upserted.append((added.id, new.embedding))
             repo.delete_images(session, plan.deleted)
             repo.set_positions(session, plan.moved)
@@ -310,6 +299,23 @@ class CatalogueService:
             )
             status = _status(row, created, fields_changed or bool(upserted or plan.changed))
             return StoreOutcome(status, upserted, plan.deleted, row.pk)
+
+    def _insert_image(
+        self, session: Session, product_pk: int, position: int, new: PreparedImage
+    ) -> ProductImage:
+        """One prepared image of a product, stored at `position` (its embedding with it)."""
+        return repo.add_image(
+            session,
+            product_pk=product_pk,
+            position=position,
+            source_url=new.source_url,
+            sha256=new.sha256,
+            box=new.box,
+            width=new.width,
+            height=new.height,
+            embedding=new.embedding,
+            model_id=self.model_id,
+        )
 
     async def _publish(self, outcome: StoreOutcome) -> None:
         """Make committed changes searchable at once (read-your-writes)."""
@@ -423,18 +429,8 @@ class CatalogueService:
             for img in existing:
                 if _image_key(img.sha256, img.box, img.model_id) == key:
                     return "unchanged", img, StoreOutcome("unchanged", [], [], row.pk)
-            added = repo.add_image(
-                session,
-                product_pk=row.pk,
-                position=max((img.position for img in existing), default=-1) + 1,
-                source_url=new.source_url,
-                sha256=new.sha256,
-                box=new.box,
-                width=new.width,
-                height=new.height,
-                embedding=new.embedding,
-                model_id=self.model_id,
-            )
+            position = max((img.position for img in existing), default=-1) + 1
+            added = self._insert_image(session, row.pk, position, new)
             repo.log_changes(session, [added.id], repo.OP_UPSERT)
             row.updated_at = utcnow()
             outcome = StoreOutcome("updated", [(added.id, new.embedding)], [], row.pk)
