@@ -923,6 +923,9 @@ def train(
     margin: Annotated[
         float, typer.Option(help="ArcFace margin m (Trendyol: 0.25).")
     ] = _train_default("margin"),
+    subcenters: Annotated[
+        int, typer.Option(help="ArcFace centres per product (sub-center ArcFace; 1: plain).")
+    ] = _train_default("subcenters"),
     xbm_size: Annotated[
         int, typer.Option(help="Cross-batch memory size (0: off).")
     ] = _train_default("xbm_size"),
@@ -936,6 +939,17 @@ def train(
         float,
         typer.Option(help="Keep an average of the weights with this decay (0: off); saved."),
     ] = _train_default("ema_decay"),
+    pooling: Annotated[
+        str | None,
+        typer.Option(help="Pooling of a new head: avg or gem (default: the recipe's)."),
+    ] = None,
+    final_size: Annotated[
+        int | None,
+        typer.Option(help="Train the last --final-epochs at this side (px); served at it."),
+    ] = _train_default("final_size"),
+    final_epochs: Annotated[
+        int, typer.Option(help="Epochs at --final-size at the end.")
+    ] = _train_default("final_epochs"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(
         "workers"
@@ -990,10 +1004,14 @@ def train(
         embedding_dim=embedding_dim,
         scale=scale,
         margin=margin,
+        subcenters=subcenters,
         xbm_size=xbm_size,
         xbm_weight=xbm_weight,
         freeze_epochs=freeze_epochs,
         ema_decay=ema_decay,
+        pooling=pooling,
+        final_size=final_size,
+        final_epochs=final_epochs,
         seed=seed,
         workers=workers,
         device=device,

@@ -9,6 +9,9 @@ names (`backbone.*`, `bn1`, `fc11`, `bn11`) are the published checkpoint's, so i
 Two pooled heads serve generic ImageNet backbones: `"avgpool"` (global average pool -> L2
 normalise; the offline EfficientNet-Lite0 model) and `"pool_linear"` (average pool ->
 Linear -> BatchNorm1d -> L2 normalise; what `vsearch train` gives such a backbone).
+A `pool_linear` head may pool with GeM instead (`"pooling": "gem"`: generalised mean,
+`mean(x^p)^(1/p)` with a learned `p`, Radenovic et al. 2018), which weighs the strongest
+activations more than an average does.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 Head = Literal["flatten", "avgpool", "pool_linear"]
+Pooling = Literal["avg", "gem"]
+GEM_INITIAL_P = 3.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class ModelConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     head: Head = "flatten"
+    pooling: Pooling = "avg"
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
@@ -55,6 +61,7 @@ class ModelConfig:
             mean = tuple(float(v) for v in norm.get("mean", raw.get("mean", IMAGENET_MEAN)))
             std = tuple(float(v) for v in norm.get("std", raw.get("std", IMAGENET_STD)))
             head = raw.get("head", "flatten")
+            pooling = raw.get("pooling", "avg")
             config = cls(
                 backbone_name=str(raw["backbone_name"]),
                 backbone_features=int(raw["backbone_features"]),
@@ -64,6 +71,7 @@ class ModelConfig:
                 mean=(mean[0], mean[1], mean[2]),
                 std=(std[0], std[1], std[2]),
                 head=head,
+                pooling=pooling,
                 extra={k: v for k, v in raw.items() if k not in _KNOWN_KEYS},
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
@@ -72,6 +80,10 @@ class ModelConfig:
             raise ModelLoadError(
                 f"config.json: unknown head {head!r} (flatten, avgpool or pool_linear)"
             )
+        if pooling not in ("avg", "gem"):
+            raise ModelLoadError(f"config.json: unknown pooling {pooling!r} (avg or gem)")
+        if pooling == "gem" and head != "pool_linear":
+            raise ModelLoadError("config.json: GeM pooling needs the pool_linear head")
         if head == "avgpool" and config.embedding_dim != config.backbone_features:
             raise ModelLoadError(
                 "config.json: an avgpool head has embedding_dim == backbone_features, got "
@@ -101,6 +113,7 @@ class ModelConfig:
             "input_size": self.input_size,
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "head": self.head,
+            **({"pooling": self.pooling} if self.pooling != "avg" else {}),
         }
 
 
@@ -115,6 +128,7 @@ _KNOWN_KEYS = frozenset(
         "mean",
         "std",
         "head",
+        "pooling",
     }
 )
 
@@ -126,6 +140,7 @@ class TYArcFace(nn.Module):
     bn1: nn.BatchNorm2d
     fc11: nn.Linear
     bn11: nn.BatchNorm1d
+    gem_p: nn.Parameter
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -140,6 +155,15 @@ class TYArcFace(nn.Module):
         elif config.head == "pool_linear":
             self.fc11 = nn.Linear(config.backbone_features, config.embedding_dim)
             self.bn11 = nn.BatchNorm1d(config.embedding_dim)
+            if config.pooling == "gem":
+                self.gem_p = nn.Parameter(torch.tensor(GEM_INITIAL_P))
+
+    def pool(self, features: torch.Tensor) -> torch.Tensor:
+        """Global pooling of an (N, C, H, W) map: average, or GeM with the learned p."""
+        if self.config.pooling == "gem":
+            p = self.gem_p.clamp(min=1.0)
+            return features.clamp(min=1e-6).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+        return features.mean(dim=(2, 3))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         """Map the backbone's feature map to unit-length embeddings, in fp32.
@@ -151,7 +175,7 @@ class TYArcFace(nn.Module):
         if self.config.head == "avgpool":
             pooled = features.mean(dim=(2, 3))
         elif self.config.head == "pool_linear":
-            pooled = self.bn11(self.fc11(features.mean(dim=(2, 3))))
+            pooled = self.bn11(self.fc11(self.pool(features)))
         else:
             pooled = self.bn11(self.fc11(self.bn1(features).flatten(start_dim=1)))
         return F.normalize(pooled, p=2, dim=1)

@@ -16,13 +16,26 @@ from torch import nn
 
 
 class ArcFace(nn.Module):
-    """Class centres plus the margin-adjusted logits."""
+    """Class centres plus the margin-adjusted logits.
+
+    With `subcenters` K > 1 (sub-center ArcFace, Deng et al., ECCV 2020) each class has K
+    centres and an embedding is scored against the nearest one, so a product whose photos
+    fall into a few distinct looks (loose and bagged fruit, front and back of a pack) need
+    not be pulled into a single point.
+    """
 
     def __init__(
-        self, embedding_dim: int, classes: int, *, scale: float = 30.0, margin: float = 0.3
+        self,
+        embedding_dim: int,
+        classes: int,
+        *,
+        scale: float = 30.0,
+        margin: float = 0.3,
+        subcenters: int = 1,
     ) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(classes, embedding_dim))
+        self.subcenters = subcenters
+        self.weight = nn.Parameter(torch.empty(classes * subcenters, embedding_dim))
         nn.init.xavier_uniform_(self.weight)
         self.scale = scale
         self.margin = margin
@@ -33,6 +46,8 @@ class ArcFace(nn.Module):
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cosine = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float()))
+        if self.subcenters > 1:
+            cosine = cosine.view(cosine.shape[0], -1, self.subcenters).amax(dim=2)
         sine = torch.sqrt((1.0 - cosine.pow(2)).clamp(min=1e-7))
         with_margin = cosine * self.cos_m - sine * self.sin_m
         with_margin = torch.where(cosine > self.threshold, with_margin, cosine - self.extra)

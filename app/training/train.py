@@ -73,11 +73,15 @@ class TrainConfig:
     embedding_dim: int = 512
     scale: float = 30.0
     margin: float = 0.3
+    subcenters: int = 1
     xbm_size: int = 2048
     xbm_weight: float = 1.0
     xbm_start_epoch: int = 1
     freeze_epochs: int = 1
     ema_decay: float = 0.0
+    pooling: str | None = None
+    final_size: int | None = None
+    final_epochs: int = 0
     seed: int = 0
     workers: int = 1
     device: str = "auto"
@@ -154,10 +158,10 @@ class WeightAverage:
     BatchNorm statistics are copied, not averaged.
     """
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, module: TYArcFace, decay: float) -> None:
         self.decay = decay
         self.steps = 0
-        self.module = copy.deepcopy(module).eval()
+        self.module: TYArcFace = copy.deepcopy(module).eval()
         self.module.requires_grad_(False)
 
     @torch.no_grad()
@@ -192,13 +196,29 @@ def _worker_init(worker_id: int) -> None:
     np.random.seed((seed + worker_id) % 2**32)
 
 
-def prepare_module(init: str, embedding_dim: int, input_size: int | None) -> TYArcFace:
-    """The model to fine-tune, with a trainable head."""
+DEFAULT_POOLING = "avg"
+
+
+def prepare_module(
+    init: str, embedding_dim: int, input_size: int | None, pooling: str | None = None
+) -> TYArcFace:
+    """The model to fine-tune, with a trainable head.
+
+    A new head (for an `avgpool` backbone) pools with `pooling` (default `DEFAULT_POOLING`);
+    a model that already has its head keeps its pooling, and asking for another is an error.
+    """
     model_dir, _ = resolve_model_dir(init)
     config = ModelConfig.from_file(model_dir / CONFIG_FILE)
     module = build_module(config)
     load_state_strict(module, load_file(str(model_dir / WEIGHTS_FILE)), str(model_dir))
     size = input_size or config.input_size
+    if pooling not in (None, "avg", "gem"):
+        raise InvalidRequest(f"unknown pooling {pooling!r} (avg or gem)")
+    if config.head != "avgpool" and pooling not in (None, config.pooling):
+        raise InvalidRequest(
+            f"{init} already has its head, which pools with {config.pooling!r}; "
+            "fine-tune it as it is or start from a model without a head"
+        )
     if config.head == "flatten" and size != config.input_size:
         raise ModelLoadError(
             "a flatten head is tied to its input size: train at "
@@ -214,6 +234,7 @@ def prepare_module(init: str, embedding_dim: int, input_size: int | None) -> TYA
             mean=config.mean,
             std=config.std,
             head="pool_linear",
+            pooling="gem" if (pooling or DEFAULT_POOLING) == "gem" else "avg",
         )
         trained = TYArcFace(new_config)
         trained.backbone.load_state_dict(module.backbone.state_dict())
@@ -281,34 +302,50 @@ def train(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
+    if config.subcenters < 1:
+        raise InvalidRequest(f"subcenters must be at least 1, got {config.subcenters}")
     generator = _seed_everything(config.seed)
     device = resolve_device(config.device)
     root = config.images_root or config.data.parent
     samples, names = read_samples(config.data, root)
     check_validation_split(config, samples)
-    module = prepare_module(config.init, config.embedding_dim, config.input_size)
+    module = prepare_module(config.init, config.embedding_dim, config.input_size, config.pooling)
     model_config = module.config
     size = model_config.input_size
+    final_size = config.final_size or size
+    final_epochs = min(config.final_epochs, config.epochs) if final_size != size else 0
+    if final_epochs and model_config.head == "flatten":
+        raise InvalidRequest(
+            "a flatten head is tied to its input size: it cannot change size for the last epochs"
+        )
     module.to(device)
     module.to(memory_format=torch.channels_last)
     arcface = ArcFace(
-        model_config.embedding_dim, len(names), scale=config.scale, margin=config.margin
+        model_config.embedding_dim,
+        len(names),
+        scale=config.scale,
+        margin=config.margin,
+        subcenters=config.subcenters,
     ).to(device)
     xbm = (
         CrossBatchMemory(model_config.embedding_dim, config.xbm_size)
         if config.xbm_size > 0
         else None
     )
-    loader = DataLoader(
-        LabelledImages(samples, model_config, size),
-        batch_size=config.batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=config.workers,
-        generator=generator,
-        worker_init_fn=_worker_init,
-        persistent_workers=config.workers > 0,
-    )
+
+    def make_loader(side: int) -> DataLoader[tuple[torch.Tensor, int]]:
+        return DataLoader(
+            LabelledImages(samples, model_config, side),
+            batch_size=config.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.workers,
+            generator=generator,
+            worker_init_fn=_worker_init,
+            persistent_workers=config.workers > 0,
+        )
+
+    loader = make_loader(size)
     head_params = [p for n, p in module.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(
         [
@@ -367,6 +404,15 @@ def train(
         )
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
+        if final_epochs and epoch == max(start_epoch, config.epochs - final_epochs):
+            # The last epochs train at a higher resolution (FixRes: random resized crops
+            # make objects look larger in training than in a plain resize at test time),
+            # and the model is then served at that size.
+            model_config = ModelConfig(**{**asdict(model_config), "input_size": final_size})
+            module.config = model_config
+            if average is not None:
+                average.module.config = model_config
+            loader = make_loader(final_size)
         frozen = epoch < config.freeze_epochs
         module.train()
         module.backbone.requires_grad_(not frozen)
@@ -402,6 +448,7 @@ def train(
             "epoch": epoch + 1,
             "loss": round(float(np.mean(losses)), 4) if losses else None,
             "frozen_backbone": frozen,
+            "input_size": model_config.input_size,
             "seconds": round(time.perf_counter() - epoch_started, 1),
         }
         val = validate(module, config, device)
@@ -409,7 +456,7 @@ def train(
             record["val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
             record["val_top1"] = round(float(val["top1"]), 4)
         if average is not None:
-            val = validate(average.module, config, device)  # type: ignore[arg-type]
+            val = validate(average.module, config, device)
             if val is not None:
                 record["ema_val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
                 record["ema_val_top1"] = round(float(val["top1"]), 4)

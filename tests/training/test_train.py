@@ -13,9 +13,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from app.cli import cli
+from app.core.errors import InvalidRequest, ModelLoadError
+from app.inference.architecture import GEM_INITIAL_P, ModelConfig, build_module
+from app.inference.builders import randomise, write_model_dir
 from app.inference.runtime import load_model
+from app.training.losses import ArcFace
 from app.training.report import TrainingLog
-from app.training.train import TrainConfig
+from app.training.train import TrainConfig, prepare_module
 
 runner = CliRunner()
 PRODUCTS = ("Fruit/Banana", "Fruit/Kiwi", "Packages/Milk/Arla-Standard-Milk")
@@ -173,3 +177,124 @@ def test_progress_lines_are_spaced_by_the_interval() -> None:
     assert [p["step"] for p in progress[1:]] == [30, 60, 90]
     assert progress[1]["epoch_eta_seconds"] == pytest.approx(70.0)
     assert json.loads(out.getvalue()) == {"event": "epoch", "epoch": 1, "loss": 2.5}
+
+
+@pytest.fixture
+def pooled_model_dir(tmp_path: Path) -> Path:
+    """A random ConvNeXt-Atto at 64 px with a plain average-pooled head (no projection)."""
+    config = ModelConfig(
+        backbone_name="convnext_atto",
+        backbone_features=320,
+        hidden_size=1,
+        embedding_dim=320,
+        input_size=64,
+        head="avgpool",
+    )
+    module = build_module(config)
+    randomise(module, torch.Generator().manual_seed(0))
+    return write_model_dir(tmp_path / "pooled", config, module.state_dict())
+
+
+@pytest.mark.slow
+def test_a_gem_head_trained_at_a_larger_size_for_the_last_epoch_is_served_as_trained(
+    pooled_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "gem"
+    args = _args(pooled_model_dir, material, out, material["queries"]) + [
+        "--pooling",
+        "gem",
+        "--final-size",
+        "96",
+        "--final-epochs",
+        "1",
+    ]
+
+    result = runner.invoke(cli, args)
+
+    assert result.exit_code == 0, result.output
+    epochs = [json.loads(line) for line in result.stdout.splitlines()][:2]
+    assert [e["input_size"] for e in epochs] == [64, 96]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["head"], config["pooling"], config["input_size"]) == ("pool_linear", "gem", 96)
+    saved = load_file(str(out / "model.safetensors"))
+    assert saved["gem_p"].item() != pytest.approx(GEM_INITIAL_P)  # p is learned
+    served = load_model(out, device="cpu", precision="fp32")
+    assert served.config.input_size == 96
+    module = served.module
+    # the service's module pools exactly as GeM says: mean(x^p)^(1/p), then the projection
+    features = torch.rand(2, 320, 3, 3) + 0.1
+    p = saved["gem_p"]
+    expected = torch.nn.functional.normalize(
+        module.bn11(module.fc11(features.pow(p).mean(dim=(2, 3)).pow(1 / p))), dim=1
+    )
+    with torch.inference_mode():
+        assert torch.allclose(module.forward_head(features), expected, atol=1e-5)
+
+
+def test_gem_pooling_lies_between_the_average_and_the_maximum() -> None:
+    config = ModelConfig(
+        backbone_name="convnext_atto",
+        backbone_features=320,
+        hidden_size=1,
+        embedding_dim=16,
+        input_size=64,
+        head="pool_linear",
+        pooling="gem",
+    )
+    module = build_module(config)
+    features = torch.rand(4, 320, 5, 5)
+    with torch.no_grad():
+        module.gem_p.fill_(1.0)
+        assert torch.allclose(module.pool(features), features.mean(dim=(2, 3)), atol=1e-6)
+        module.gem_p.fill_(3.0)
+        gem = module.pool(features)
+    assert (gem > features.mean(dim=(2, 3))).all()
+    assert (gem < features.amax(dim=(2, 3))).all()
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+def test_gem_needs_a_projection_head_and_a_known_name() -> None:
+    base = {
+        "backbone_name": "convnext_atto",
+        "backbone_features": 320,
+        "embedding_dim": 320,
+        "input_size": 64,
+    }
+    with pytest.raises(ModelLoadError, match="GeM pooling needs the pool_linear head"):
+        ModelConfig.from_dict({**base, "head": "avgpool", "pooling": "gem"})
+    with pytest.raises(ModelLoadError, match="unknown pooling 'max'"):
+        ModelConfig.from_dict({**base, "head": "pool_linear", "pooling": "max"})
+    # a config without the key (every model written before GeM) pools by averaging
+    assert ModelConfig.from_dict({**base, "head": "pool_linear"}).pooling == "avg"
+    assert "pooling" not in ModelConfig.from_dict({**base, "head": "pool_linear"}).to_dict()
+
+
+def test_a_model_with_a_head_keeps_its_pooling(tiny_model_dir: Path) -> None:
+    with pytest.raises(InvalidRequest, match="already has its head, which pools with 'avg'"):
+        prepare_module(str(tiny_model_dir), 512, None, "gem")
+    with pytest.raises(InvalidRequest, match="unknown pooling"):
+        prepare_module(str(tiny_model_dir), 512, None, "max")
+
+
+def test_sub_center_arcface_scores_each_product_by_its_nearest_centre() -> None:
+    torch.manual_seed(0)
+    plain = ArcFace(8, 3, margin=0.3)
+    sub = ArcFace(8, 3, margin=0.3, subcenters=2)
+    with torch.no_grad():
+        sub.weight.copy_(torch.randn(6, 8))
+        # one centre per product in the plain loss: the first of each product's pair
+        plain.weight.copy_(sub.weight[0::2])
+    labels = torch.tensor([0, 1, 2])
+    near_first = sub.weight.detach()[0::2].clone()  # each embedding on its first centre
+    near_second = sub.weight.detach()[1::2].clone()  # ... and on its second
+
+    # an embedding on either centre of its product is as well placed as it can be
+    assert sub(near_first, labels).item() < 0.01
+    assert sub(near_second, labels).item() < 0.01
+    # the plain loss knows only the first centres: the second look is far from its product
+    assert plain(near_second, labels).item() > 1.0
+    # with one centre each, sub-center ArcFace is plain ArcFace
+    one = ArcFace(8, 3, margin=0.3, subcenters=1)
+    with torch.no_grad():
+        one.weight.copy_(plain.weight)
+    assert torch.equal(one(near_first, labels), plain(near_first, labels))
