@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 from app.catalogue.duplicates import SCAN_NPROBE, SCAN_REFINE
 from app.core.config import Settings
 from app.core.errors import ModelLoadError, ServiceError
+from app.core.files import scratch_directory
 from app.core.logging import configure_logging
 
 if TYPE_CHECKING:
@@ -730,7 +731,6 @@ def bench_search_quality(
     """Flip TTA, query expansion and product-level scoring through the service's search
     path on a protocol (product-level top-k, MRR, search ms; prints JSON)."""
     import asyncio
-    import tempfile
 
     from app.benchmarks.search_quality import run_search_quality
     from app.services import open_services
@@ -760,7 +760,7 @@ def bench_search_quality(
                 say=lambda msg: err.print(f"[dim]{msg}[/dim]", highlight=False),
             )
 
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         result = asyncio.run(run(Path(tmp)))
     print(json.dumps(result, indent=2))
 
@@ -945,10 +945,13 @@ def train(
     ] = None,
     final_size: Annotated[
         int | None,
-        typer.Option(help="Train the last --final-epochs at this side (px); served at it."),
+        typer.Option(
+            help="Train the last --final-epochs at this side (px) and serve the model at it "
+            "[default: 1.25x the input side, rounded to 32; a flatten head keeps its side]."
+        ),
     ] = _train_default("final_size"),
     final_epochs: Annotated[
-        int, typer.Option(help="Epochs at --final-size at the end.")
+        int, typer.Option(help="Epochs at --final-size at the end (0: none).")
     ] = _train_default("final_epochs"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(

@@ -9,7 +9,6 @@ index is built as the service builds it (exact or IVF-PQ by size), then
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from app.catalogue.feed import CatalogueEmbeddings, change_feed
 from app.catalogue.models import DuplicatePair, Product, ProductImage, utcnow
 from app.core.config import IndexSettings
 from app.core.database import Database
+from app.core.files import scratch_directory
 from app.core.migrations import upgrade
 from app.index.lifecycle import IndexService
 
@@ -103,7 +103,7 @@ def run_duplicates_benchmark(
     settings = index_settings or IndexSettings()
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         db = Database(database_url or f"sqlite:///{tmp}/catalogue.db")
         upgrade(db)
         t0 = time.perf_counter()

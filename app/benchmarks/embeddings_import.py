@@ -30,6 +30,7 @@ from typing import Any
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.catalogue.embeddings import import_embeddings, load_pyarrow, parquet_schema
 from app.core.database import Database
+from app.core.files import scratch_directory
 from app.core.migrations import upgrade
 
 MODEL_ID = "synthetic@0"
@@ -139,7 +140,7 @@ def run_import_benchmark(
     say = progress or (lambda _m: None)
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         path = Path(tmp) / "embeddings.parquet"
         started = time.perf_counter()
         write_synthetic(path, n, dim)

@@ -26,7 +26,6 @@ query per search (the allow-list, or the check of the candidates).
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.core.config import IndexSettings
+from app.core.files import scratch_directory
 from app.index.build import ivfpq_factory, train_template
 from app.index.filtered import (
     EXACT_FILTER_LIMIT,
@@ -145,7 +145,7 @@ def run_filter_benchmark(
     cache = workdir / f"filters-{key}" if keep and workdir is not None else None
     truth_file = None if cache is None else cache / "truth.npz"
     build_s = truth_s = 0.0
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         home = cache or Path(tmp)
         home.mkdir(parents=True, exist_ok=True)
         if truth_file is not None and truth_file.exists():

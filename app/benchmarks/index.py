@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import numpy as np
 
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.core.config import IndexSettings
+from app.core.files import scratch_directory
 from app.index.build import ivfpq_factory, train_template
 from app.index.sharded import SearchKnobs, ShardedIndex
 from app.index.tuning import tune
@@ -413,7 +413,7 @@ def run_index_benchmark(
     rows: list[dict[str, Any]] = []
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         if shipped is not None:
             flat = hnsw = False
             configs = []

@@ -14,7 +14,6 @@ per query.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -27,6 +26,7 @@ from app.catalogue.ingest import CsvColumns, ingest, read_products
 from app.catalogue.rerank import SearchQuality, combine_views, mirrored
 from app.catalogue.search import SearchService
 from app.catalogue.service import CatalogueService
+from app.core.files import scratch_directory
 from app.evaluation.protocols import load_protocol
 
 Say = Callable[[str], None]
@@ -191,7 +191,7 @@ def run_search_latency(
     say(f"{factory}: training")
     template = train_template(mixture.sample(min(n, params["nlist"] * 40), stream=7), factory)
     rows: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+    with scratch_directory(workdir) as tmp:
         vectors = ExactVectors(Path(tmp) / "v.f16", dim)
         index = ShardedIndex.from_template(
             template, shards, vectors, knobs=SearchKnobs(settings.nprobe, settings.refine)

@@ -9,6 +9,7 @@ and the directory fsynced so the rename itself is durable.
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -52,3 +53,11 @@ def atomic_write(path: Path, write: Callable[[Path], object], *, mode: int | Non
 def atomic_write_text(path: Path, text: str, *, mode: int | None = None) -> None:
     """`atomic_write` of a text file (UTF-8)."""
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), mode=mode)
+
+
+def scratch_directory(parent: Path | None) -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory inside `parent` (created first if missing), removed on exit;
+    the system's temporary directory when `parent` is None."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=parent)

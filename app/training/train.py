@@ -73,7 +73,7 @@ class TrainConfig:
     embedding_dim: int = 512
     scale: float = 30.0
     margin: float = 0.3
-    subcenters: int = 1
+    subcenters: int = 3
     xbm_size: int = 2048
     xbm_weight: float = 1.0
     xbm_start_epoch: int = 1
@@ -81,7 +81,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     pooling: str | None = None
     final_size: int | None = None
-    final_epochs: int = 0
+    final_epochs: int = 2
     seed: int = 0
     workers: int = 1
     device: str = "auto"
@@ -245,6 +245,26 @@ def prepare_module(
     return module
 
 
+FINAL_SIZE_SCALE = 1.25
+
+
+def final_side(size: int, requested: int | None, head: str) -> int:
+    """The side the last epochs train at (and the model is served at).
+
+    By default a pooled head moves to 1.25x its side, rounded to a multiple of 32 (224 ->
+    288); a flatten head is tied to its input size and keeps it.
+    """
+    if requested is None:
+        if head == "flatten":
+            return size
+        return max(size, 32 * int(size * FINAL_SIZE_SCALE / 32 + 0.5))
+    if head == "flatten" and requested != size:
+        raise InvalidRequest(
+            "a flatten head is tied to its input size: it cannot change size for the last epochs"
+        )
+    return requested
+
+
 def validate(
     module: TYArcFace, config: TrainConfig, device: torch.device
 ) -> dict[str, float | int] | None:
@@ -312,12 +332,8 @@ def train(
     module = prepare_module(config.init, config.embedding_dim, config.input_size, config.pooling)
     model_config = module.config
     size = model_config.input_size
-    final_size = config.final_size or size
+    final_size = final_side(size, config.final_size, model_config.head)
     final_epochs = min(config.final_epochs, config.epochs) if final_size != size else 0
-    if final_epochs and model_config.head == "flatten":
-        raise InvalidRequest(
-            "a flatten head is tied to its input size: it cannot change size for the last epochs"
-        )
     module.to(device)
     module.to(memory_format=torch.channels_last)
     arcface = ArcFace(

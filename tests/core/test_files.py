@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from app.core.files import atomic_write, atomic_write_text
+from app.core.files import atomic_write, atomic_write_text, scratch_directory
 
 
 class TestAtomicWrite:
@@ -42,3 +42,12 @@ class TestAtomicWrite:
 
         assert target.stat().st_mode & 0o777 == 0o644
         assert target.read_bytes() == b"weights"
+
+
+def test_a_scratch_directory_goes_inside_a_parent_that_does_not_exist_yet(tmp_path: Path) -> None:
+    parent = tmp_path / "bench" / "work"
+    with scratch_directory(parent) as tmp:
+        assert Path(tmp).parent == parent
+        (Path(tmp) / "catalogue.db").write_text("x")
+    assert parent.is_dir()
+    assert list(parent.iterdir()) == []  # the scratch directory is removed on exit

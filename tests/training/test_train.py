@@ -19,7 +19,7 @@ from app.inference.builders import randomise, write_model_dir
 from app.inference.runtime import load_model
 from app.training.losses import ArcFace
 from app.training.report import TrainingLog
-from app.training.train import TrainConfig, prepare_module
+from app.training.train import TrainConfig, final_side, prepare_module
 
 runner = CliRunner()
 PRODUCTS = ("Fruit/Banana", "Fruit/Kiwi", "Packages/Milk/Arla-Standard-Milk")
@@ -157,6 +157,10 @@ def test_the_documented_recipe_is_the_default() -> None:
     config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"))
     assert config.epochs == 10
     assert config.xbm_size == 2048
+    assert config.subcenters == 3
+    assert (config.final_size, config.final_epochs) == (None, 2)  # 224 -> 288 for a pooled head
+    assert config.pooling is None  # measured, not kept
+    assert config.ema_decay == 0.0  # measured, not kept
     result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
     assert "[default: 10]" in result.stdout
     assert "[default: 2048]" in result.stdout
@@ -298,3 +302,15 @@ def test_sub_center_arcface_scores_each_product_by_its_nearest_centre() -> None:
     with torch.no_grad():
         one.weight.copy_(plain.weight)
     assert torch.equal(one(near_first, labels), plain(near_first, labels))
+
+
+def test_the_last_epochs_move_a_pooled_head_to_a_larger_side_by_default() -> None:
+    assert final_side(224, None, "pool_linear") == 288
+    assert final_side(224, None, "avgpool") == 288
+    assert final_side(320, None, "pool_linear") == 416
+    assert final_side(224, 256, "pool_linear") == 256
+    # a flatten head's Linear is sized for one feature map: it keeps its side
+    assert final_side(224, None, "flatten") == 224
+    assert final_side(224, 224, "flatten") == 224
+    with pytest.raises(InvalidRequest, match="flatten head is tied to its input size"):
+        final_side(224, 288, "flatten")
