@@ -25,6 +25,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Container, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -399,62 +400,107 @@ class DuplicatesService:
 
         A self-join in batches: each batch of the index's own vectors (read from its
         exact-vector file, in image-id order) is searched at once, and the strong matches
-        are turned into pairs with array operations against one image -> product map read
-        at the start. `nprobe`/`refine` (0: the search's own, tuned values) trade speed
-        for recall. Pairs found are upserted as the scan goes (GET /duplicates keeps serving
-        the old ones meanwhile); when it finishes, pairs the scan did not find again are
-        removed.
+        are turned into pair rows with array operations against one image -> product map
+        read at the start. `nprobe`/`refine` (0: the search's own, tuned values) trade
+        speed for recall.
+
+        The rows go into an unindexed staging table as the scan goes (binary COPY on
+        PostgreSQL), written on a second thread while the next batch is searched. When the
+        last batch is in, one transaction merges them into the pairs table, best row per
+        pair, and removes the pairs the scan did not find again: GET /duplicates serves
+        the previous scan's pairs until then, never a half-finished one.
         """
         floor = self.floor if floor is None else floor
-        state = _read_state(state_path) if resume else None
-        if state is None or state.get("floor") != floor:
-            state = {"floor": floor, "started": utcnow().isoformat(), "after_id": 0, "done": 0}
+        state = self._scan_state(state_path, floor) if resume else None
+        if state is None:
+            state = {
+                "floor": floor,
+                "started": utcnow().isoformat(),
+                "after_id": 0,
+                "done": 0,
+                "staged": 0,
+            }
+            with self.db.write() as session:
+                repo.clear_scan_pairs(session)
         started_at = datetime.fromisoformat(state["started"])
         t0 = time.perf_counter()
         index = self.index.index
         ids = np.sort(index.all_ids())
         with self.db.read() as session:
             owners = repo.image_product_arrays(session, self.index.model_id)
-            different = repo.different_pairs(session)
         total = len(ids)
         at = int(np.searchsorted(ids, int(state["after_id"]), side="right"))
-        phases = dict.fromkeys(("read", "knn", "pairs", "write"), 0.0)
-        while at < total:
-            chunk = ids[at : at + batch]
-            t = time.perf_counter()
-            queries = index.vectors.get(chunk).astype(np.float32)
-            phases["read"] += time.perf_counter() - t
-            t = time.perf_counter()
-            scores, found = index.search(
-                queries, self.neighbours, nprobe=nprobe or None, refine=refine or None
-            )
-            phases["knn"] += time.perf_counter() - t
-            t = time.perf_counter()
-            rows = _pairs_of(chunk, scores, found, floor, owners, different)
-            phases["pairs"] += time.perf_counter() - t
+        phases = dict.fromkeys(("read", "knn", "pairs", "write", "write_wait", "merge"), 0.0)
+
+        def stage(rows: _PairArrays) -> None:
             t = time.perf_counter()
             with self.db.write() as session:
-                repo.upsert_pairs(session, rows)
+                repo.stage_scan_pairs(session, *rows)
             phases["write"] += time.perf_counter() - t  # with the commit
-            at += len(chunk)
+
+        def staged(future: Future[None], chunk: np.ndarray, rows: int) -> None:
+            """Wait for a batch's rows to be committed, then record it as done."""
+            t = time.perf_counter()
+            future.result()
+            phases["write_wait"] += time.perf_counter() - t
             state["after_id"], state["done"] = int(chunk[-1]), int(state["done"]) + len(chunk)
+            state["staged"] = int(state["staged"]) + rows
             _write_state(state_path, state)
             if progress is not None:
                 progress(int(state["done"]), total)
+
+        # One writer thread: the database write of batch i overlaps the search of batch i+1.
+        with ThreadPoolExecutor(1, thread_name_prefix="duplicates-scan-writer") as writer:
+            pending: tuple[Future[None], np.ndarray, int] | None = None
+            while at < total:
+                chunk = ids[at : at + batch]
+                t = time.perf_counter()
+                queries = index.vectors.get(chunk)
+                phases["read"] += time.perf_counter() - t
+                t = time.perf_counter()
+                scores, found = index.search(
+                    queries, self.neighbours, nprobe=nprobe or None, refine=refine or None
+                )
+                phases["knn"] += time.perf_counter() - t
+                t = time.perf_counter()
+                rows = _pairs_of(chunk, scores, found, floor, owners)
+                phases["pairs"] += time.perf_counter() - t
+                if pending is not None:
+                    staged(*pending)
+                pending = (writer.submit(stage, rows), chunk, len(rows[0]))
+                at += len(chunk)
+            if pending is not None:
+                staged(*pending)
+        t = time.perf_counter()
         with self.db.write() as session:
+            repo.merge_scan_pairs(session, utcnow())
             removed = repo.delete_pairs_found_before(session, started_at)
             pairs = repo.count_pairs(session)
+        phases["merge"] = time.perf_counter() - t
         state_path.unlink(missing_ok=True)
         return {
             "images": int(state["done"]),
             "pairs": pairs,
+            "pairs_staged": int(state["staged"]),
             "stale_pairs_removed": removed,
             "floor": floor,
             "seconds": round(time.perf_counter() - t0, 2),
             # where this run's time went: reading the batch's vectors, the kNN search
-            # (re-ranking included), building the pair rows, and upserting them
+            # (re-ranking included), building the pair rows, staging them (on the writer
+            # thread, overlapping the search), waiting for the writer, and the final merge
             "phases_s": {name: round(value, 1) for name, value in phases.items()},
         }
+
+    def _scan_state(self, state_path: Path, floor: float) -> dict[str, Any] | None:
+        """An interrupted scan's progress, if it can go on: same floor, and its staged
+        rows are still there (a restored database starts the scan over)."""
+        state = _read_state(state_path)
+        if state is None or state.get("floor") != floor or "staged" not in state:
+            return None
+        with self.db.read() as session:
+            if repo.count_scan_pairs(session) < int(state["staged"]):
+                return None
+        return state
 
     def _find_pairs(
         self,
@@ -503,21 +549,21 @@ ordinary neighbours (floor 0.8-0.9), so far fewer lists and candidates than a se
 tuned ones find them (planted near-duplicates: 1,999 of 2,000 at 200k, docs/benchmarks.md)."""
 
 
+_PairArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
 def _pairs_of(
     image_ids: np.ndarray,
     scores: np.ndarray,
     found: np.ndarray,
     floor: float,
     owners: tuple[np.ndarray, np.ndarray],
-    different: Container[tuple[int, int]],
-) -> list[dict[str, Any]]:
-    """Pair rows from a batch's kNN results (the same rule as `_find_pairs`: other
-    products only, the best image pair per product pair, `different` pairs skipped), with
-    array operations; only the few strong matches reach Python objects."""
+) -> _PairArrays:
+    """Pair rows `(a_pk, b_pk, score, a_image_id, b_image_id)` from a batch's kNN results,
+    as arrays: other products only, the best image pair per product pair, `a_pk < b_pk`
+    (the same rule as `_find_pairs`; pairs marked `different` are dropped at the merge)."""
     owner_ids, owner_pks = owners
     q, col = np.nonzero((scores >= floor) & (found >= 0))
-    if len(q) == 0:
-        return []
     mine, theirs, score = image_ids[q], found[q, col], scores[q, col]
 
     def owner(image: np.ndarray) -> np.ndarray:
@@ -535,23 +581,14 @@ def _pairs_of(
     order = np.lexsort((-score, b, a))  # by pair, best score first
     first = np.ones(len(order), bool)
     first[1:] = (a[order][1:] != a[order][:-1]) | (b[order][1:] != b[order][:-1])
-    now = utcnow()
-    rows = []
-    for i in order[first]:
-        pair = (int(a[i]), int(b[i]))
-        if pair in different:
-            continue
-        rows.append(
-            {
-                "a_pk": pair[0],
-                "b_pk": pair[1],
-                "score": min(float(score[i]), 1.0),
-                "a_image_id": int(a_img[i]),
-                "b_image_id": int(b_img[i]),
-                "found_at": now,
-            }
-        )
-    return rows
+    best = order[first]
+    return (
+        a[best].astype(np.int64),
+        b[best].astype(np.int64),
+        np.minimum(score[best], 1.0).astype(np.float64),
+        a_img[best].astype(np.int64),
+        b_img[best].astype(np.int64),
+    )
 
 
 def _pair_pks(session: Session, a: str, b: str, scope: Scope = None) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Column,
     DateTime,
     Float,
     ForeignKey,
@@ -16,6 +17,7 @@ from sqlalchemy import (
     LargeBinary,
     MetaData,
     String,
+    Table,
     Text,
 )
 from sqlalchemy.engine import Dialect
@@ -184,6 +186,21 @@ class DuplicatePair(Base):
         Index("ix_duplicate_pairs_score", "score", "a_product_id", "b_product_id"),
         Index("ix_duplicate_pairs_b", "b_product_id"),
     )
+
+
+# Pairs a full duplicates scan has found so far, before they are merged into
+# duplicate_pairs: no keys and no indexes, so a scan's millions of rows go in at the speed
+# of an append (COPY on PostgreSQL). A pair found from both of its products appears twice;
+# the merge keeps the better row.
+duplicate_scan_pairs = Table(
+    "duplicate_scan_pairs",
+    Base.metadata,
+    Column("a_product_id", BigInteger, nullable=False),
+    Column("b_product_id", BigInteger, nullable=False),
+    Column("score", Float, nullable=False),
+    Column("a_image_id", BigInteger, nullable=False),
+    Column("b_image_id", BigInteger, nullable=False),
+)
 
 
 class DuplicateDecision(Base):

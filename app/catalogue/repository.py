@@ -22,6 +22,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    literal,
     or_,
     select,
     text,
@@ -40,6 +41,8 @@ from app.catalogue.models import (
     ProductImage,
     ProductLabel,
     ProductSetMember,
+    UtcDateTime,
+    duplicate_scan_pairs,
     utcnow,
 )
 
@@ -742,18 +745,23 @@ def upsert_pairs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Insert pairs; an existing pair keeps the higher score (and its image ids)."""
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    ins: Any = (
-        postgresql.insert(DuplicatePair)
-        if dialect == "postgresql"
-        else sqlite.insert(DuplicatePair)
-    )
-    excluded = ins.excluded
-    better = excluded.score > DuplicatePair.score
     # One statement compiled once and executed for many rows (SQLAlchemy batches them into
     # multi-row INSERTs); building `.values(rows)` instead compiles a bind parameter per
     # value, which cost most of a duplicates scan.
-    stmt = ins.on_conflict_do_update(
+    session.execute(_keep_better(_pairs_insert(session)), list(rows))
+
+
+def _pairs_insert(session: Session, target: Any = DuplicatePair) -> Any:
+    dialect = session.get_bind().dialect.name
+    return postgresql.insert(target) if dialect == "postgresql" else sqlite.insert(target)
+
+
+def _keep_better(ins: Any) -> Any:
+    """`ins` as an upsert on the pair: an existing pair keeps the higher score (and its
+    image ids); `found_at` is always refreshed."""
+    excluded = ins.excluded
+    better = excluded.score > DuplicatePair.score
+    return ins.on_conflict_do_update(
         index_elements=[DuplicatePair.a_pk, DuplicatePair.b_pk],
         set_={
             "score": case((better, excluded.score), else_=DuplicatePair.score),
@@ -762,7 +770,107 @@ def upsert_pairs(session: Session, rows: Sequence[dict[str, Any]]) -> None:
             "found_at": excluded.found_at,
         },
     )
-    session.execute(stmt, list(rows))
+
+
+# full-scan staging ----------------------------------------------------------------------
+_SCAN = duplicate_scan_pairs
+_SCAN_COLUMNS = ("a_product_id", "b_product_id", "score", "a_image_id", "b_image_id")
+# PostgreSQL's binary COPY row: a field count, then (length, big-endian value) per field.
+_COPY_ROW = np.dtype(
+    [("fields", ">i2")]
+    + [
+        field
+        for name, kind in zip(_SCAN_COLUMNS, (">i8", ">i8", ">f8", ">i8", ">i8"), strict=True)
+        for field in ((f"{name}_len", ">i4"), (name, kind))
+    ]
+)
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00" * 8  # header, no flags, no extension
+_COPY_TRAILER = b"\xff\xff"
+
+
+def clear_scan_pairs(session: Session) -> None:
+    """Empty the staging table (a scan that starts over)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("TRUNCATE duplicate_scan_pairs"))
+    else:
+        session.execute(delete(_SCAN))
+
+
+def count_scan_pairs(session: Session) -> int:
+    return int(session.scalar(select(func.count()).select_from(_SCAN)) or 0)
+
+
+def stage_scan_pairs(
+    session: Session,
+    a_pk: np.ndarray,
+    b_pk: np.ndarray,
+    score: np.ndarray,
+    a_image_id: np.ndarray,
+    b_image_id: np.ndarray,
+) -> None:
+    """Append pair rows (equal-length arrays) to the staging table: binary `COPY` on
+    PostgreSQL, one executemany of plain tuples on SQLite."""
+    n = len(a_pk)
+    if n == 0:
+        return
+    columns = dict(zip(_SCAN_COLUMNS, (a_pk, b_pk, score, a_image_id, b_image_id), strict=True))
+    if session.get_bind().dialect.name == "postgresql":
+        rows = np.zeros(n, dtype=_COPY_ROW)
+        rows["fields"] = len(_SCAN_COLUMNS)
+        for name, values in columns.items():
+            rows[f"{name}_len"] = 8
+            rows[name] = values
+        with _copy(
+            session,
+            f"COPY duplicate_scan_pairs ({', '.join(_SCAN_COLUMNS)}) FROM STDIN (FORMAT BINARY)",
+        ) as copy:
+            copy.write(_COPY_SIGNATURE + rows.tobytes() + _COPY_TRAILER)
+        return
+    names = ", ".join(_SCAN_COLUMNS)
+    session.connection().exec_driver_sql(
+        f"INSERT INTO duplicate_scan_pairs ({names}) VALUES (?, ?, ?, ?, ?)",
+        list(zip(*(np.asarray(v).tolist() for v in columns.values()), strict=True)),
+    )
+
+
+def merge_scan_pairs(session: Session, found_at: datetime) -> None:
+    """Fold the staged pairs into duplicate_pairs and empty the staging table.
+
+    The best staged row per pair goes in (a pair is often found from both products),
+    unless a reviewer marked the pair `different` or a product was deleted meanwhile;
+    an existing pair keeps the higher score.
+    """
+    s = _SCAN.c
+    ranked = select(
+        *(s[name] for name in _SCAN_COLUMNS),
+        func.row_number()
+        .over(partition_by=(s.a_product_id, s.b_product_id), order_by=s.score.desc())
+        .label("rank"),
+    ).subquery("ranked")
+    r = ranked.c
+    a_product, b_product = aliased(Product), aliased(Product)
+    different = (
+        select(DuplicateDecision.a_pk)
+        .where(
+            DuplicateDecision.a_pk == r.a_product_id,
+            DuplicateDecision.b_pk == r.b_product_id,
+            DuplicateDecision.decision == "different",
+        )
+        .exists()
+    )
+    source = (
+        select(
+            *(r[name] for name in _SCAN_COLUMNS),
+            literal(found_at, UtcDateTime()),
+        )
+        .join(a_product, a_product.pk == r.a_product_id)
+        .join(b_product, b_product.pk == r.b_product_id)
+        # SQLite needs a WHERE in an upsert's SELECT anyway (ON CONFLICT vs a join's ON)
+        .where(r.rank == 1, ~different)
+    )
+    stmt = _keep_better(_pairs_insert(session).from_select([*_SCAN_COLUMNS, "found_at"], source))
+    session.execute(stmt)
+    clear_scan_pairs(session)
 
 
 def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 
 from app.catalogue import repository as repo
@@ -79,3 +80,53 @@ def test_many_pairs_in_one_call(db: Database) -> None:
     pairs = _pairs(db)
     assert len(pairs) == len(rows) == 1770
     assert pairs[(p[3], p[7])] == (0.81, 3, 7)
+
+
+def _stage(db: Database, rows: list[tuple[int, int, float, int, int]]) -> None:
+    columns = list(zip(*rows, strict=True))
+    with db.write() as session:
+        repo.stage_scan_pairs(
+            session,
+            np.array(columns[0], np.int64),
+            np.array(columns[1], np.int64),
+            np.array(columns[2], np.float64),
+            np.array(columns[3], np.int64),
+            np.array(columns[4], np.int64),
+        )
+
+
+def test_scan_staging_merges_the_best_row_per_pair(db: Database) -> None:
+    """A full scan's rows (binary COPY on PostgreSQL) merge into the pairs table: the best
+    row of a pair found twice, an existing pair keeping its higher score, pairs marked
+    `different` and pairs of deleted products left out, the staging table emptied."""
+    p = _products(db, 6)
+    with db.write() as session:
+        repo.upsert_pairs(session, [_row(p[0], p[1], 0.97, (1, 2))])
+        repo.set_decision(session, p[2], p[3], "different", None)
+    _stage(
+        db,
+        [
+            (p[0], p[1], 0.93, 11, 12),  # lower than the stored pair's 0.97
+            (p[0], p[2], 0.91, 1, 3),
+            (p[0], p[2], 0.95, 1, 30),  # the same pair, found from p[2]'s side
+            (p[2], p[3], 0.99, 3, 4),  # a reviewer said different
+        ],
+    )
+    _stage(db, [(p[4], p[5], 0.9, 5, 6), (p[1], p[4], 0.92, 2, 5)])
+    with db.read() as session:
+        assert repo.count_scan_pairs(session) == 6
+    with db.write() as session:
+        session.delete(repo.get_product(session, "p5"))
+    moment = utcnow()
+    with db.write() as session:
+        repo.merge_scan_pairs(session, moment)
+        removed = repo.delete_pairs_found_before(session, moment)
+        left = repo.count_scan_pairs(session)
+
+    assert removed == 0  # the stored pair was found again: its found_at moved on
+    assert left == 0
+    assert _pairs(db) == {
+        (p[0], p[1]): (0.97, 1, 2),
+        (p[0], p[2]): (0.95, 1, 30),
+        (p[1], p[4]): (0.92, 2, 5),
+    }
