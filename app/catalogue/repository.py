@@ -839,15 +839,27 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
     The best staged row per pair goes in (a pair is often found from both products),
     unless a reviewer marked the pair `different` or a product was deleted meanwhile;
     an existing pair keeps the higher score.
+
+    PostgreSQL ranks the rows per pair first (an upsert may not touch a row twice).
+    SQLite's upsert takes a pair's second row as an update of its first, so the rows go
+    in sorted by pair (appends to the primary key); for a large merge, the secondary
+    indexes are dropped and rebuilt inside the transaction (one sort each instead of
+    millions of random inserts; readers keep their snapshot, indexes included).
     """
     s = _SCAN.c
-    ranked = select(
-        *(s[name] for name in _SCAN_COLUMNS),
-        func.row_number()
-        .over(partition_by=(s.a_product_id, s.b_product_id), order_by=s.score.desc())
-        .label("rank"),
-    ).subquery("ranked")
-    r = ranked.c
+    sqlite_ = session.get_bind().dialect.name == "sqlite"
+    if sqlite_:
+        rows: Any = _SCAN
+        best: Any = true()
+    else:
+        rows = select(
+            *(s[name] for name in _SCAN_COLUMNS),
+            func.row_number()
+            .over(partition_by=(s.a_product_id, s.b_product_id), order_by=s.score.desc())
+            .label("rank"),
+        ).subquery("ranked")
+        best = rows.c.rank == 1
+    r = rows.c
     a_product, b_product = aliased(Product), aliased(Product)
     different = (
         select(DuplicateDecision.a_pk)
@@ -859,18 +871,38 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
         .exists()
     )
     source = (
-        select(
-            *(r[name] for name in _SCAN_COLUMNS),
-            literal(found_at, UtcDateTime()),
-        )
+        select(*(r[name] for name in _SCAN_COLUMNS), literal(found_at, UtcDateTime()))
         .join(a_product, a_product.pk == r.a_product_id)
         .join(b_product, b_product.pk == r.b_product_id)
         # SQLite needs a WHERE in an upsert's SELECT anyway (ON CONFLICT vs a join's ON)
-        .where(r.rank == 1, ~different)
+        .where(best, ~different)
     )
+    if sqlite_:
+        source = source.order_by(r.a_product_id, r.b_product_id)
     stmt = _keep_better(_pairs_insert(session).from_select([*_SCAN_COLUMNS, "found_at"], source))
-    session.execute(stmt)
+    rebuild = sqlite_ and count_scan_pairs(session) >= _REBUILD_INDEXES_FROM
+    secondary = sorted(cast(Table, DuplicatePair.__table__).indexes, key=lambda ix: str(ix.name))
+    connection = session.connection()
+    if sqlite_:
+        connection.exec_driver_sql(f"PRAGMA cache_size=-{_MERGE_CACHE_KIB}")
+    try:
+        if rebuild:
+            for index in secondary:
+                index.drop(connection)
+        session.execute(stmt)
+        if rebuild:
+            for index in secondary:
+                index.create(connection)
+    finally:
+        if sqlite_:
+            connection.exec_driver_sql("PRAGMA cache_size=-2000")  # SQLite's default
     clear_scan_pairs(session)
+
+
+# From this many staged rows on, SQLite's merge rebuilds the pairs table's secondary indexes
+# instead of updating them row by row.
+_REBUILD_INDEXES_FROM = 100_000
+_MERGE_CACHE_KIB = 256 * 1024  # SQLite page cache (and sorter memory) for the merge
 
 
 def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:

@@ -155,6 +155,60 @@ class Shard:
             scores, ids = self.index.search(queries, k, params=params)
             return scores, ids
 
+    @property
+    def plain_ivf(self) -> bool:
+        """An IVF index searched as it is (no transform before it): its lists can be
+        searched with a coarse assignment computed elsewhere."""
+        return self._ivf is not None and not isinstance(self.index, faiss.IndexPreTransform)
+
+    def assign(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `nprobe` nearest lists of each query, and their coarse scores, as `search`
+        finds them (the same quantizer parameters)."""
+        params: Any = None
+        if self._hnsw_quantizer:
+            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+            params.efSearch = max(64, 2 * nprobe)
+        with self.lock.read():
+            scores, lists = self._ivf.quantizer.search(queries, nprobe, params=params)
+        return scores, lists
+
+    def search_preassigned(
+        self,
+        queries: np.ndarray,
+        k: int,
+        lists: np.ndarray,
+        coarse: np.ndarray,
+        *,
+        selector: faiss.IDSelector | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search`, given each query's lists (`assign`): shards cloned from one trained
+        template share their quantizer, so a batch is assigned once for all of them."""
+        n, nprobe = lists.shape
+        params: Any = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        if selector is not None:
+            params.sel = selector
+        scores = np.full((n, k), -np.inf, np.float32)
+        found = np.full((n, k), -1, np.int64)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        coarse = np.ascontiguousarray(coarse, dtype=np.float32)
+        with self.lock.read():
+            if self.index.ntotal == 0:
+                return scores, found
+            self._ivf.search_preassigned_c(
+                n,
+                faiss.swig_ptr(queries),
+                k,
+                faiss.swig_ptr(lists),
+                faiss.swig_ptr(coarse),
+                faiss.swig_ptr(scores),
+                faiss.swig_ptr(found),
+                False,
+                params,
+            )
+        return scores, found
+
     def ids(self) -> np.ndarray:
         """All ids in the shard (for consistency checks and tests)."""
         with self.lock.read():

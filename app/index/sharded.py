@@ -24,6 +24,8 @@ from app.index.vectors import ExactVectors
 
 LOG = logging.getLogger(__name__)
 
+# From this many queries on, a batch is assigned to its IVF lists once for all shards.
+_SHARED_ASSIGNMENT_FROM = 32
 _RERANK_ROWS = 262_144  # exact vectors fetched per re-ranking step (~0.5 GB as float32)
 
 
@@ -152,10 +154,21 @@ class ShardedIndex:
         if self.n_shards == 1:
             scores, ids = self.shards[0].search(queries, depth, nprobe=nprobe, selector=selector)
         else:
-            futures = [
-                self._pool.submit(s.search, queries, depth, nprobe=nprobe, selector=selector)
-                for s in self.shards
-            ]
+            if self.kind != "flat" and nq >= _SHARED_ASSIGNMENT_FROM and self._shared_quantizer:
+                # Batches: the shards are clones of one trained template, so their coarse
+                # quantizer is the same; assign the batch once instead of once per shard.
+                coarse, lists = self.shards[0].assign(queries, nprobe)
+                futures = [
+                    self._pool.submit(
+                        s.search_preassigned, queries, depth, lists, coarse, selector=selector
+                    )
+                    for s in self.shards
+                ]
+            else:
+                futures = [
+                    self._pool.submit(s.search, queries, depth, nprobe=nprobe, selector=selector)
+                    for s in self.shards
+                ]
             heap = faiss.ResultHeap(nq, depth, keep_max=True)
             for future in futures:
                 d, i = future.result()
@@ -195,6 +208,11 @@ class ShardedIndex:
         return top.astype(np.float32), found
 
     @property
+    def _shared_quantizer(self) -> bool:
+        """Every shard is a plain IVF over one template's coarse centroids."""
+        return self.template is not None and all(s.plain_ivf for s in self.shards)
+
+    @property
     def default_nprobe(self) -> int:
         """The configured nprobe, or 1/64 of the lists (at least 16): measured at 1M
         vectors to reach recall@10 >= 0.95 with refine 32 (docs/benchmarks.md)."""
@@ -226,7 +244,7 @@ class ShardedIndex:
         nq, depth = ids.shape
         flat_ids = ids.reshape(-1)
         exact = self.vectors.get(np.where(flat_ids >= 0, flat_ids, 0)).reshape(nq, depth, -1)
-        scores = np.einsum("qd,qkd->qk", queries, exact)
+        scores = np.matmul(exact, queries[:, :, None])[:, :, 0]  # batched dot products
         scores[ids < 0] = -np.inf
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)

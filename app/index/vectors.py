@@ -68,11 +68,14 @@ class ExactVectors:
     def get(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows for `ids` (rows never written read as zeros)."""
         ids = np.asarray(ids, dtype=np.int64)
-        out = np.zeros((len(ids), self.dim), dtype=np.float32)
         mm = self._mm
         if mm is None or len(ids) == 0:
-            return out
+            return np.zeros((len(ids), self.dim), dtype=np.float32)
         ok = (ids >= 0) & (ids < mm.shape[0])
+        if ok.all():
+            # one gather and one conversion (a masked assignment into zeros costs 2-3x)
+            return np.asarray(mm[ids]).astype(np.float32)
+        out = np.zeros((len(ids), self.dim), dtype=np.float32)
         out[ok] = mm[ids[ok]]
         return out
 

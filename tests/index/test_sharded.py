@@ -2,11 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
 from app.index.build import train_template
-from app.index.sharded import SearchKnobs, ShardedIndex, shard_of
+from app.index.sharded import _SHARED_ASSIGNMENT_FROM, SearchKnobs, ShardedIndex, shard_of
 from app.index.vectors import ExactVectors
 from tests.index.vectors import brute_force, clustered, recall_at_k
 
@@ -118,6 +119,37 @@ class TestIvfPqShards:
         exact = np.einsum("qd,qkd->qk", queries, x[found])
         assert np.abs(scores - exact).max() < 2e-3  # float16 storage precision
         assert (found[50:, 0] == ids[:50]).all()  # near-duplicates come first
+
+    @pytest.mark.parametrize(
+        "factory", ["IVF64,PQ16", "IVF64_HNSW32,PQ16", "IVF64,PQ32x4fs"], ids=str
+    )
+    def test_a_batch_assigned_once_finds_what_each_query_finds_alone(
+        self, tmp_path: Path, data: tuple[np.ndarray, np.ndarray], factory: str
+    ) -> None:
+        """Batches are assigned to IVF lists once for all shards (the shards share one
+        template's quantizer); single queries go through each shard's own search. Both
+        must return the same neighbours, selector included."""
+        x, ids = data
+        index = ShardedIndex.from_template(
+            train_template(x[:8000], factory),
+            4,
+            ExactVectors(tmp_path / "v.f16", 64),
+            knobs=SearchKnobs(nprobe=8, refine=4),
+        )
+        index.upsert(ids, x)
+        queries = np.concatenate([clustered(40, 64, clusters=200, seed=9), x[:40]])
+        allowed = faiss.IDSelectorRange(0, 10_000)
+
+        for selector in (None, allowed):
+            scores, found = index.search(queries, 10, selector=selector)
+            one_by_one = [index.search(q[None], 10, selector=selector) for q in queries]
+
+            assert len(queries) >= _SHARED_ASSIGNMENT_FROM
+            np.testing.assert_array_equal(found, np.concatenate([f for _, f in one_by_one]))
+            np.testing.assert_allclose(
+                scores, np.concatenate([s for s, _ in one_by_one]), rtol=1e-5, atol=1e-5
+            )
+        assert (found < 10_000).all()
 
     def test_upsert_and_remove(self, tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
         x, ids = data
