@@ -697,10 +697,21 @@ def bench_duplicates(
     database_url: Annotated[
         str | None, typer.Option(help="Catalogue database (default: a temporary SQLite file).")
     ] = None,
+    target: Annotated[
+        str,
+        typer.Option(
+            help="sqlite (a temporary file) or postgres (a throwaway server started here); "
+            "ignored with --database-url."
+        ),
+    ] = "sqlite",
     workdir: Annotated[Path | None, typer.Option(help="Where temporary files go.")] = None,
 ) -> None:
     """Time a full duplicates scan over N synthetic images (prints JSON)."""
     from app.benchmarks.duplicates import run_duplicates_benchmark
+
+    if target not in ("sqlite", "postgres"):
+        err.print(f"[red]--target must be sqlite or postgres, not {target!r}.[/red]")
+        raise typer.Exit(code=2)
 
     settings = _settings()
     result = run_duplicates_benchmark(
@@ -712,6 +723,7 @@ def bench_duplicates(
         refine=refine,
         index_settings=settings.index,
         database_url=database_url,
+        target=target,
         workdir=workdir,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )

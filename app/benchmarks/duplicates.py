@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import insert, select
 
+from app.benchmarks.embeddings_import import throwaway_postgres
 from app.benchmarks.synthetic import EmbeddingMixture
 from app.catalogue import repository as repo
 from app.catalogue.duplicates import SCAN_NPROBE, SCAN_REFINE, DuplicatesService
@@ -96,14 +98,21 @@ def run_duplicates_benchmark(
     refine: int = SCAN_REFINE,
     index_settings: IndexSettings | None = None,
     database_url: str | None = None,
+    target: str = "sqlite",
     workdir: Path | None = None,
     progress: Say | None = None,
 ) -> dict[str, Any]:
+    """Fill, index and scan; `target` "postgres" starts a throwaway PostgreSQL server
+    (durable defaults) unless `database_url` names a database."""
+    if target not in ("sqlite", "postgres"):
+        raise ValueError(f"unknown target {target!r} (sqlite or postgres)")
     say = progress or (lambda _m: None)
     settings = index_settings or IndexSettings()
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-    with scratch_directory(workdir) as tmp:
+    with scratch_directory(workdir) as tmp, ExitStack() as stack:
+        if database_url is None and target == "postgres":
+            database_url = stack.enter_context(throwaway_postgres(workdir))
         db = Database(database_url or f"sqlite:///{tmp}/catalogue.db")
         upgrade(db)
         t0 = time.perf_counter()
@@ -144,6 +153,7 @@ def run_duplicates_benchmark(
             }
         result = {
             "n": n,
+            "database": db.dialect,
             "dim": dim,
             "floor": floor,
             "neighbours": neighbours,
