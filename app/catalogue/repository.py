@@ -885,6 +885,8 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
     connection = session.connection()
     if sqlite_:
         connection.exec_driver_sql(f"PRAGMA cache_size=-{_MERGE_CACHE_KIB}")
+    else:  # the per-pair ranking sorts every staged row: in memory rather than on disk
+        connection.exec_driver_sql(f"SET LOCAL work_mem = '{_MERGE_CACHE_KIB}kB'")
     try:
         if rebuild:
             for index in secondary:
@@ -902,7 +904,7 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
 # From this many staged rows on, SQLite's merge rebuilds the pairs table's secondary indexes
 # instead of updating them row by row.
 _REBUILD_INDEXES_FROM = 100_000
-_MERGE_CACHE_KIB = 256 * 1024  # SQLite page cache (and sorter memory) for the merge
+_MERGE_CACHE_KIB = 256 * 1024  # SQLite page cache and sorter memory, PostgreSQL work_mem
 
 
 def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:
