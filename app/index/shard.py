@@ -138,11 +138,8 @@ class Shard:
         if self.kind == "ivfpq":
             params = faiss.SearchParametersIVF()
             params.nprobe = nprobe or self._ivf.nprobe
-            if self._hnsw_quantizer:
-                # An HNSW coarse quantizer only finds `nprobe` good lists if its beam is at
-                # least that wide; its default (16) silently caps nprobe.
-                quantizer_params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-                quantizer_params.efSearch = max(64, 2 * params.nprobe)
+            quantizer_params = self._quantizer_params(params.nprobe)
+            if quantizer_params is not None:
                 params.quantizer_params = quantizer_params
         elif selector is not None:
             params = faiss.SearchParameters()
@@ -164,13 +161,20 @@ class Shard:
     def assign(self, queries: np.ndarray, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
         """The `nprobe` nearest lists of each query, and their coarse scores, as `search`
         finds them (the same quantizer parameters)."""
-        params: Any = None
-        if self._hnsw_quantizer:
-            params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
-            params.efSearch = max(64, 2 * nprobe)
+        params = self._quantizer_params(nprobe)
         with self.lock.read():
             scores, lists = self._ivf.quantizer.search(queries, nprobe, params=params)
         return scores, lists
+
+    def _quantizer_params(self, nprobe: int) -> Any:
+        """Search parameters for the coarse quantizer, or None. An HNSW quantizer only
+        finds `nprobe` good lists if its beam is at least that wide; its default (16)
+        silently caps nprobe."""
+        if not self._hnsw_quantizer:
+            return None
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = max(64, 2 * nprobe)
+        return params
 
     def search_preassigned(
         self,
