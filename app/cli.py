@@ -527,6 +527,13 @@ def reindex(
         print(json.dumps(storage.index.describe(), indent=2))
 
 
+def _ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: {text!r} is not a list like 16,32") from None
+
+
 @bench_cli.command("index")
 def bench_index(
     n: Annotated[int, typer.Option(help="Database vectors.")] = 1_000_000,
@@ -556,9 +563,33 @@ def bench_index(
             "recall@10 as at every rebuild, measured on queries the tuner never saw.",
         ),
     ] = None,
+    vectors: Annotated[
+        Path | None,
+        typer.Option(
+            help="Real embeddings (.npy, n x d float32, e.g. from `vsearch bench "
+            "augmented-embeddings`) instead of synthetic clusters; the last --queries rows "
+            "are the queries, --n and --dim come from the file.",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
+    hnsw_m: Annotated[str, typer.Option(help="hnswlib M values.")] = "16,32",
+    hnsw_ef: Annotated[str, typer.Option(help="hnswlib ef values.")] = "128,256,512,1024",
+    sq8: Annotated[
+        bool | None,
+        typer.Option("--sq8/--no-sq8", help="FAISS SQ8 refine-in-RAM variant (default: n <= 2M)."),
+    ] = None,
+    cold: Annotated[
+        int,
+        typer.Option(
+            help="Per IVF row, also time this many batch-1 queries with the exact-vector "
+            "file dropped from the page cache (0: skip)."
+        ),
+    ] = 0,
     json_output: Annotated[bool, typer.Option("--json", help="Print only the JSON rows.")] = False,
 ) -> None:
-    """Exact vs the sharded IVF-PQ index vs hnswlib on clustered synthetic vectors."""
+    """Exact vs the sharded IVF-PQ index vs hnswlib on clustered synthetic vectors (or on
+    real embeddings with --vectors)."""
     from app.benchmarks.index import IvfConfig, run_index_benchmark
 
     _settings()
@@ -567,8 +598,8 @@ def bench_index(
         configs = [
             IvfConfig(
                 f,
-                tuple(int(v) for v in nprobe.split(",")),
-                tuple(int(v) for v in refine.split(",")),
+                _ints(nprobe, "--nprobe"),
+                _ints(refine, "--refine"),
             )
             for f in factory
         ]
@@ -584,6 +615,11 @@ def bench_index(
         train_n=train_n,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
         shipped=shipped,
+        vectors=vectors,
+        hnsw_ms=_ints(hnsw_m, "--hnsw-m"),
+        hnsw_efs=_ints(hnsw_ef, "--hnsw-ef"),
+        sq8=sq8,
+        cold=cold,
     )
     print(json.dumps(result["rows"] if json_output else result, indent=2))
 
@@ -680,6 +716,41 @@ def evaluate(
     err.print(f"{result['images_per_s']} images/s")
     if json_output:
         print(json.dumps(result))
+
+
+@bench_cli.command("augmented-embeddings")
+def bench_augmented_embeddings(
+    model: Annotated[str, typer.Option(help="Model directory or hub id.")],
+    images: Annotated[
+        Path, typer.Option(help="Directory of product photos (searched recursively).", exists=True)
+    ],
+    out: Annotated[Path, typer.Option(help="Output .npy (n x d float32).")],
+    n: Annotated[int, typer.Option(help="Augmented views to embed.", min=1)] = 100_000,
+    seed: Annotated[int, typer.Option(help="Seed of the image order and augmentations.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.", min=1)] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16.")] = "auto",
+) -> None:
+    """Embed random crops, flips and colour-jittered views of real photos (for
+    `vsearch bench index --vectors`); prints JSON."""
+    from app.benchmarks.augmented import write_augmented_embeddings
+    from app.inference.runtime import load_model
+
+    _settings()
+    embedder = load_model(model, device=device, precision=precision)
+    progress = _bar("embed")
+    with progress:
+        task = progress.add_task("embed", total=n)
+        result = write_augmented_embeddings(
+            embedder,
+            images,
+            n,
+            out,
+            seed=seed,
+            batch_size=batch_size,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    print(json.dumps(result, indent=2))
 
 
 @bench_cli.command("duplicates")

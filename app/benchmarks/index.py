@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -31,9 +31,45 @@ from app.index.vectors import ExactVectors
 Say = Callable[[str], None]
 
 
+class VectorSource(Protocol):
+    """Where a workload's database vectors come from, in deterministic chunks."""
+
+    dim: int
+
+    def chunk(self, index: int, size: int) -> np.ndarray: ...
+
+    def sample(self, n: int, stream: int = 2) -> np.ndarray: ...
+
+
+class ArrayVectors:
+    """Database vectors from an (n, d) float32 .npy file, e.g. real image embeddings
+    (`vsearch bench augmented-embeddings`), read through a memory map. The last
+    `held_out` rows are the queries and never enter the database; training samples are
+    drawn from the database rows, as the service trains on its own catalogue."""
+
+    def __init__(self, path: Path, held_out: int) -> None:
+        self.data = np.load(path, mmap_mode="r")
+        if self.data.ndim != 2 or len(self.data) <= held_out:
+            raise ValueError(f"{path}: need an (n, d) matrix with more than {held_out} rows")
+        self.n = len(self.data) - held_out
+        self.dim = int(self.data.shape[1])
+
+    def chunk(self, index: int, size: int) -> np.ndarray:
+        start = index * size
+        return np.ascontiguousarray(self.data[start : min(start + size, self.n)], np.float32)
+
+    def sample(self, n: int, stream: int = 2) -> np.ndarray:
+        rng = np.random.default_rng(stream)
+        rows = np.sort(rng.choice(self.n, size=min(n, self.n), replace=False))
+        return np.ascontiguousarray(self.data[rows], np.float32)
+
+    def queries(self) -> np.ndarray:
+        return np.ascontiguousarray(self.data[self.n :], np.float32)
+
+
 @dataclass
 class Workload:
-    mixture: EmbeddingMixture
+    mixture: VectorSource
     n: int
     chunk: int
     queries: np.ndarray
@@ -57,6 +93,27 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return 0
 
 
+def load_workload(path: Path, n_queries: int, chunk: int, say: Say) -> Workload:
+    """A workload from a file of real embeddings: its last `n_queries` rows are the
+    queries (other views of catalogue images, no planted near-duplicates)."""
+    source = ArrayVectors(path, n_queries)
+    queries = source.queries()
+    say(f"exact ground truth over {source.n} vectors from {path.name}")
+    started = time.perf_counter()
+    truth_scores, truth = _ground_truth(source, source.n, chunk, queries)
+    return Workload(
+        source,
+        source.n,
+        chunk,
+        queries,
+        truth,
+        truth_scores,
+        np.zeros(len(queries), dtype=bool),
+        time.perf_counter() - started,
+        np.zeros(0, dtype=np.int64),
+    )
+
+
 def make_workload(n: int, dim: int, n_queries: int, chunk: int, seed: int, say: Say) -> Workload:
     mixture = EmbeddingMixture(dim, seed=seed)
     rng = np.random.default_rng(seed)
@@ -73,8 +130,19 @@ def make_workload(n: int, dim: int, n_queries: int, chunk: int, seed: int, say: 
     # Pass 2: exact top-10 by streaming the database.
     say("exact ground truth (streamed)")
     started = time.perf_counter()
+    truth_scores, truth = _ground_truth(mixture, n, chunk, queries)
+    flags = np.zeros(len(queries), dtype=bool)
+    flags[:half] = True
+    took = time.perf_counter() - started
+    return Workload(mixture, n, chunk, queries, truth, truth_scores, flags, took, sources)
+
+
+def _ground_truth(
+    source: VectorSource, n: int, chunk: int, queries: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-10 (scores, ids) of each query, streaming the database in chunks."""
     heap = faiss.ResultHeap(len(queries), 10, keep_max=True)
-    for start, block in _chunks(mixture, n, chunk):
+    for start, block in _chunks(source, n, chunk):
         scores = queries @ block.T
         top = np.argpartition(-scores, 10, axis=1)[:, :10] if block.shape[0] > 10 else None
         if top is None:
@@ -84,14 +152,10 @@ def make_workload(n: int, dim: int, n_queries: int, chunk: int, seed: int, say: 
             np.ascontiguousarray(top + start, dtype=np.int64),
         )
     heap.finalize()
-    flags = np.zeros(len(queries), dtype=bool)
-    flags[:half] = True
-    return Workload(
-        mixture, n, chunk, queries, heap.I, heap.D, flags, time.perf_counter() - started, sources
-    )
+    return heap.D, heap.I
 
 
-def _chunks(mixture: EmbeddingMixture, n: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
+def _chunks(mixture: VectorSource, n: int, chunk: int) -> Iterator[tuple[int, np.ndarray]]:
     for c, start in enumerate(range(0, n, chunk)):
         yield start, mixture.chunk(c, chunk)[: min(chunk, n - start)]
 
@@ -125,14 +189,42 @@ def time_searches(
     }
 
 
-def quality(found: np.ndarray, w: Workload) -> dict[str, float]:
+def cold_searches(
+    search: Callable[[np.ndarray, int], np.ndarray],
+    queries: np.ndarray,
+    vectors: ExactVectors,
+    count: int,
+) -> dict[str, float]:
+    """Batch-1 QPS with the exact-vector file dropped from the page cache first: each
+    re-ranked candidate is then a random read from disk until its page is cached again.
+    The file is read back in afterwards, so later rows are measured warm."""
+    vectors.evict()
+    latencies = []
+    for q in queries[-count:]:
+        t0 = time.perf_counter()
+        search(q[None, :], 10)
+        latencies.append(time.perf_counter() - t0)
+    lat = np.asarray(latencies) * 1000
+    with open(vectors.path, "rb") as fh:  # warm again
+        while fh.read(1 << 24):
+            pass
+    return {
+        "cold_qps_batch1": round(len(lat) / (lat.sum() / 1000), 1),
+        "cold_p50_ms": round(float(np.percentile(lat, 50)), 3),
+        "cold_p99_ms": round(float(np.percentile(lat, 99)), 3),
+    }
+
+
+def quality(found: np.ndarray, w: Workload) -> dict[str, float | None]:
     """10-recall@10 against exact search, and how often the item a near-duplicate query
     was made from is among the 10 results (what duplicate detection needs)."""
     nd = w.near_duplicate
     source_found = [src in row for src, row in zip(w.sources, found[nd, :10].tolist(), strict=True)]
     return {
         "recall_at_10": round(recall_at_10(found, w.truth), 4),
-        "near_duplicate_source_in_top10": round(float(np.mean(source_found)), 4),
+        "near_duplicate_source_in_top10": (
+            round(float(np.mean(source_found)), 4) if source_found else None
+        ),
     }
 
 
@@ -203,7 +295,10 @@ def bench_ivf(
     say: Say,
     *,
     sq8_variant: bool = True,
+    cold: int = 0,
 ) -> list[dict[str, Any]]:
+    """`cold`: also time this many batch-1 queries per row with the exact-vector file
+    dropped from the page cache."""
     index, train_s, add_s = build_sharded(w, config, shards, workdir, train_n, say)
     resident = index.memory_bytes() / w.n
     on_disk = file_bytes(index, workdir) / w.n
@@ -228,6 +323,7 @@ def bench_ivf(
                     "bytes_per_vector_resident": round(resident, 1),
                     "bytes_per_vector_file": round(on_disk, 1),
                     "exact_vectors": "float16 memory-mapped file (page cache)",
+                    **(cold_searches(search, w.queries, index.vectors, cold) if cold else {}),
                 }
             )
             say(f"{rows[-1]['name']}: recall {rows[-1]['recall_at_10']}")
@@ -375,13 +471,14 @@ def bench_shipped(
 def default_configs(n: int, dim: int) -> list[IvfConfig]:
     """The service's codec (8-bit PQ, 64 bytes) across nprobe/refine, and 4-bit fast-scan
     PQ of the same size. (OPQ and 32-byte codes were measured and did not pay.)"""
+    code_bytes = IndexSettings().pq_m
     nlist = int(2 ** round(np.log2(max(4 * np.sqrt(n), 16))))
     nlist = max(16, min(nlist, n // 39))
     hnsw = "_HNSW32" if nlist >= 1024 else ""
     probes = tuple(p for p in (nlist // 128, nlist // 64, nlist // 32, nlist // 16) if p >= 1)
     return [
-        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 8}", probes, (16, 32, 64)),
-        IvfConfig(f"IVF{nlist}{hnsw},PQ{dim // 4}x4fs", probes[1::2], (32, 128)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ{code_bytes}", probes, (16, 32, 64)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ{2 * code_bytes}x4fs", probes[1::2], (32, 128)),
     ]
 
 
@@ -401,12 +498,23 @@ def run_index_benchmark(
     workdir: Path | None = None,
     progress: Say | None = None,
     shipped: float | None = None,
+    vectors: Path | None = None,
+    hnsw_ms: tuple[int, ...] = (16, 32),
+    hnsw_efs: tuple[int, ...] = (128, 256, 512, 1024),
+    sq8: bool | None = None,
+    cold: int = 0,
 ) -> dict[str, Any]:
-    """`shipped`: only the service's own index at its defaults, tuned to this recall."""
+    """`shipped`: only the service's own index at its defaults, tuned to this recall.
+    `vectors`: a file of real embeddings instead of the synthetic mixture (`n` and `dim`
+    then come from the file)."""
     say = progress or (lambda _m: None)
     started = time.perf_counter()
     rss0 = rss_bytes()
-    w = make_workload(n, dim, n_queries, chunk, seed, say)
+    if vectors is not None:
+        w = load_workload(vectors, n_queries, chunk, say)
+        n, dim = w.n, int(w.queries.shape[1])
+    else:
+        w = make_workload(n, dim, n_queries, chunk, seed, say)
     flat = n <= 2_000_000 if flat is None else flat
     hnsw = n <= 2_000_000 if hnsw is None else hnsw
     configs = configs or default_configs(n, dim)
@@ -424,12 +532,21 @@ def run_index_benchmark(
             nlist = int(config.factory.split("IVF")[1].split("_")[0].split(",")[0])
             train = train_n or min(n, max(nlist * 40, 50_000))
             rows += bench_ivf(
-                w, config, shards, Path(tmp), train, batch1, say, sq8_variant=n <= 2_000_000
+                w,
+                config,
+                shards,
+                Path(tmp),
+                train,
+                batch1,
+                say,
+                sq8_variant=n <= 2_000_000 if sq8 is None else sq8,
+                cold=cold,
             )
         if hnsw:
-            rows += bench_hnswlib(w, 16, (128, 256, 512, 1024), batch1, say)
-            rows += bench_hnswlib(w, 32, (128, 256, 512, 1024), batch1, say)
+            for m in hnsw_ms:
+                rows += bench_hnswlib(w, m, hnsw_efs, batch1, say)
     return {
+        "workload": f"file {vectors.name}" if vectors is not None else "synthetic clusters",
         "n": n,
         "dim": dim,
         "queries": n_queries,

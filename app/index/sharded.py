@@ -24,8 +24,8 @@ from app.index.vectors import ExactVectors
 
 LOG = logging.getLogger(__name__)
 
-# From this many queries on, a batch is assigned to its IVF lists once for all shards.
-_SHARED_ASSIGNMENT_FROM = 32
+# From this many queries on, the shards are searched in parallel on the pool.
+_POOL_FROM = 32
 # Exact vectors fetched per re-ranking step (16 MB as float32): buffers this small are
 # reused by the allocator, where a 0.5 GB step page-faulted fresh memory every batch (1M
 # scan batch of 4,096 x 40 candidates: 0.18-0.2 s in 8k-row steps, 0.3-1.9 s in 256k).
@@ -157,24 +157,28 @@ class ShardedIndex:
         if self.n_shards == 1:
             scores, ids = self.shards[0].search(queries, depth, nprobe=nprobe, selector=selector)
         else:
-            if self.kind != "flat" and nq >= _SHARED_ASSIGNMENT_FROM and self._shared_quantizer:
-                # Batches: the shards are clones of one trained template, so their coarse
-                # quantizer is the same; assign the batch once instead of once per shard.
+            if self.kind != "flat" and self._shared_quantizer:
+                # The shards are clones of one trained template, so their coarse quantizer
+                # is the same: assign the queries to their lists once, not once per shard.
                 coarse, lists = self.shards[0].assign(queries, nprobe)
-                futures = [
-                    self._pool.submit(
-                        s.search_preassigned, queries, depth, lists, coarse, selector=selector
+
+                def one(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+                    return shard.search_preassigned(
+                        queries, depth, lists, coarse, selector=selector
                     )
-                    for s in self.shards
-                ]
             else:
-                futures = [
-                    self._pool.submit(s.search, queries, depth, nprobe=nprobe, selector=selector)
-                    for s in self.shards
-                ]
+
+                def one(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
+                    return shard.search(queries, depth, nprobe=nprobe, selector=selector)
+
+            if nq < _POOL_FROM:
+                # A few queries scan a few lists per shard: handing them to the pool costs
+                # more than the scans, and concurrent requests already use the cores.
+                results = [one(s) for s in self.shards]
+            else:
+                results = [f.result() for f in [self._pool.submit(one, s) for s in self.shards]]
             heap = faiss.ResultHeap(nq, depth, keep_max=True)
-            for future in futures:
-                d, i = future.result()
+            for d, i in results:
                 heap.add_result(np.ascontiguousarray(d, np.float32), np.ascontiguousarray(i))
             heap.finalize()
             scores, ids = heap.D, heap.I

@@ -8,13 +8,17 @@ disk space. Writes are idempotent upserts, which is what change-log replay needs
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 _GROW_MIN_ROWS = 1 << 16
+# Elements converted per step: below torch's parallel grain size (32,768).
+_SERIAL_ELEMENTS = 16_384
 
 
 class ExactVectors:
@@ -45,6 +49,11 @@ class ExactVectors:
             if rows
             else None
         )
+        raw = getattr(self._mm, "_mmap", None)
+        if raw is not None and hasattr(mmap, "MADV_RANDOM"):
+            # Re-ranking reads scattered rows: without this, each cold 1 KB row read pulls
+            # the kernel's read-ahead window (128 KB) from disk.
+            raw.madvise(mmap.MADV_RANDOM)
 
     def _grow(self, needed_rows: int) -> None:
         rows = max(needed_rows, int(self.capacity * 1.5), _GROW_MIN_ROWS)
@@ -74,10 +83,23 @@ class ExactVectors:
         ok = (ids >= 0) & (ids < mm.shape[0])
         if ok.all():
             # one gather and one conversion (a masked assignment into zeros costs 2-3x)
-            return np.asarray(mm[ids]).astype(np.float32)
+            return _float32(np.asarray(mm[ids]))
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        out[ok] = mm[ids[ok]]
+        out[ok] = _float32(np.asarray(mm[ids[ok]]))
         return out
+
+    def evict(self) -> None:
+        """Drop this file's pages from the page cache (for cold-cache measurements): the
+        mapping is closed first, since the kernel keeps pages that a process maps."""
+        with self._lock:
+            self.flush()
+            self._mm = None
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            self._remap()
 
     def flush(self) -> None:
         """msync: rows written so far survive a power failure."""
@@ -92,3 +114,15 @@ class ExactVectors:
     def close(self) -> None:
         self.flush()
         self._mm = None
+
+
+def _float32(rows: np.ndarray) -> np.ndarray:
+    """float16 -> float32 with the CPU's conversion instructions: numpy converts element
+    by element (320 rows of 512: 225 us, against 26 us here), which dominated re-ranking.
+    Steps stay under torch's parallel grain, so no OpenMP team wakes up: its threads spin
+    after each region and starve the index search on a small machine."""
+    out = np.empty(rows.shape, dtype=np.float32)
+    step = max(1, _SERIAL_ELEMENTS // max(rows.shape[-1], 1))
+    for i in range(0, len(rows), step):
+        torch.from_numpy(out[i : i + step]).copy_(torch.from_numpy(rows[i : i + step]))
+    return out

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from app.index.build import train_template
-from app.index.sharded import _SHARED_ASSIGNMENT_FROM, SearchKnobs, ShardedIndex, shard_of
+from app.index.sharded import _POOL_FROM, SearchKnobs, ShardedIndex, shard_of
 from app.index.vectors import ExactVectors
 from tests.index.vectors import brute_force, clustered, recall_at_k
 
@@ -38,6 +38,26 @@ class TestExactVectors:
 
         again = ExactVectors(tmp_path / "v.f16", 8)
         np.testing.assert_allclose(again.get(np.array([100_000]))[0], vectors[1], atol=1e-3)
+
+    def test_reads_are_the_stored_float16_values_exactly(self, tmp_path: Path) -> None:
+        """The float16 -> float32 conversion (done in steps, outside numpy) is exact for
+        every value, zero, subnormals and the largest rows included."""
+        store = ExactVectors(tmp_path / "v.f16", 512)
+        rng = np.random.default_rng(0)
+        halves = rng.normal(size=(300, 512)).astype(np.float16)
+        halves[0, :8] = [0.0, -0.0, 6e-8, -6e-8, 3e-5, 65504.0, -65504.0, 1e-4]
+        store.put(np.arange(300), halves.astype(np.float32))
+        ids = rng.permutation(300)
+        np.testing.assert_array_equal(store.get(ids), halves[ids].astype(np.float32))
+
+    def test_evict_keeps_every_row(self, tmp_path: Path) -> None:
+        store = ExactVectors(tmp_path / "v.f16", 8)
+        vectors = clustered(50, 8)
+        store.put(np.arange(50), vectors)
+        store.evict()
+        np.testing.assert_allclose(store.get(np.arange(50)), vectors, atol=1e-3)
+        store.put(np.array([60]), vectors[:1])  # still writable
+        np.testing.assert_allclose(store.get(np.array([60]))[0], vectors[0], atol=1e-3)
 
 
 def _flat(tmp_path: Path, dim: int, shards: int = 3) -> ShardedIndex:
@@ -123,12 +143,13 @@ class TestIvfPqShards:
     @pytest.mark.parametrize(
         "factory", ["IVF64,PQ16", "IVF64_HNSW32,PQ16", "IVF64,PQ32x4fs"], ids=str
     )
-    def test_a_batch_assigned_once_finds_what_each_query_finds_alone(
+    def test_queries_assigned_once_find_what_each_shard_finds_itself(
         self, tmp_path: Path, data: tuple[np.ndarray, np.ndarray], factory: str
     ) -> None:
-        """Batches are assigned to IVF lists once for all shards (the shards share one
-        template's quantizer); single queries go through each shard's own search. Both
-        must return the same neighbours, selector included."""
+        """Queries are assigned to IVF lists once for all shards (the shards share one
+        template's quantizer); without the template each shard assigns them itself.
+        Batches go to the shards on the pool, single queries one shard after another.
+        All must return the same neighbours, selector included."""
         x, ids = data
         index = ShardedIndex.from_template(
             train_template(x[:8000], factory),
@@ -140,15 +161,24 @@ class TestIvfPqShards:
         queries = np.concatenate([clustered(40, 64, clusters=200, seed=9), x[:40]])
         allowed = faiss.IDSelectorRange(0, 10_000)
 
+        own = ShardedIndex(
+            index.shards, kind="ivfpq", dim=64, vectors=index.vectors, knobs=index.knobs
+        )
+        assert index._shared_quantizer
+        assert not own._shared_quantizer
+
         for selector in (None, allowed):
             scores, found = index.search(queries, 10, selector=selector)
             one_by_one = [index.search(q[None], 10, selector=selector) for q in queries]
+            own_scores, own_found = own.search(queries, 10, selector=selector)
 
-            assert len(queries) >= _SHARED_ASSIGNMENT_FROM
+            assert len(queries) >= _POOL_FROM
             np.testing.assert_array_equal(found, np.concatenate([f for _, f in one_by_one]))
             np.testing.assert_allclose(
                 scores, np.concatenate([s for s, _ in one_by_one]), rtol=1e-5, atol=1e-5
             )
+            np.testing.assert_array_equal(found, own_found)
+            np.testing.assert_allclose(scores, own_scores, rtol=1e-5, atol=1e-5)
         assert (found < 10_000).all()
 
     def test_upsert_and_remove(self, tmp_path: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
