@@ -548,7 +548,10 @@ def bench_index(
     ] = None,
     factory: Annotated[
         list[str] | None,
-        typer.Option(help="IVF-PQ factory strings to test (default: a measured set)."),
+        typer.Option(
+            help="IVF-PQ factory strings to test (default: a measured set); FACTORY@S "
+            "gives that index S shards instead of --shards."
+        ),
     ] = None,
     nprobe: Annotated[str, typer.Option(help="nprobe values for --factory.")] = "16,32,64",
     refine: Annotated[str, typer.Option(help="refine factors for --factory.")] = "4,8",
@@ -595,14 +598,13 @@ def bench_index(
     _settings()
     configs = None
     if factory:
-        configs = [
-            IvfConfig(
-                f,
-                _ints(nprobe, "--nprobe"),
-                _ints(refine, "--refine"),
-            )
-            for f in factory
-        ]
+        try:
+            configs = [
+                IvfConfig.parse(f, _ints(nprobe, "--nprobe"), _ints(refine, "--refine"))
+                for f in factory
+            ]
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--factory") from None
     result = run_index_benchmark(
         n=n,
         dim=dim,

@@ -255,6 +255,16 @@ class IvfConfig:
     factory: str
     nprobes: tuple[int, ...]
     refines: tuple[int, ...]
+    shards: int | None = None
+    """Shards of this index (None: the run's)."""
+
+    @classmethod
+    def parse(cls, spec: str, nprobes: tuple[int, ...], refines: tuple[int, ...]) -> IvfConfig:
+        """`FACTORY` or `FACTORY@SHARDS` (e.g. `IVF1024,PQ256x4fsr@1`)."""
+        factory, _, shards = spec.partition("@")
+        if shards and not (shards.isdigit() and int(shards) >= 1):
+            raise ValueError(f"{spec!r}: the shard count after @ must be a positive integer")
+        return cls(factory, nprobes, refines, int(shards) if shards else None)
 
 
 def build_sharded(
@@ -299,6 +309,7 @@ def bench_ivf(
 ) -> list[dict[str, Any]]:
     """`cold`: also time this many batch-1 queries per row with the exact-vector file
     dropped from the page cache."""
+    shards = config.shards or shards
     index, train_s, add_s = build_sharded(w, config, shards, workdir, train_n, say)
     resident = index.memory_bytes() / w.n
     on_disk = file_bytes(index, workdir) / w.n
@@ -478,7 +489,7 @@ def default_configs(n: int, dim: int) -> list[IvfConfig]:
     probes = tuple(p for p in (nlist // 128, nlist // 64, nlist // 32, nlist // 16) if p >= 1)
     return [
         IvfConfig(f"IVF{nlist}{hnsw},PQ{code_bytes}", probes, (16, 32, 64)),
-        IvfConfig(f"IVF{nlist}{hnsw},PQ{2 * code_bytes}x4fs", probes[1::2], (32, 128)),
+        IvfConfig(f"IVF{nlist}{hnsw},PQ{2 * code_bytes}x4fsr", probes[1::2], (32, 128)),
     ]
 
 

@@ -23,7 +23,7 @@ def ivfpq_factory(n: int, dim: int, settings: IndexSettings) -> tuple[str, dict[
     code_bytes = settings.pq_m
     if settings.fast_scan and n >= 1000 and dim % (2 * code_bytes) == 0:
         # 4-bit codes: two sub-quantizers per byte, scanned with SIMD lookups.
-        m, nbits, pq = 2 * code_bytes, 4, f"PQ{2 * code_bytes}x4fs"
+        m, nbits, pq = 2 * code_bytes, 4, f"PQ{2 * code_bytes}x4fsr"
     else:
         m = code_bytes
         while dim % m:

@@ -18,7 +18,7 @@ import torch
 
 _GROW_MIN_ROWS = 1 << 16
 # Elements converted per step: below torch's parallel grain size (32,768).
-_SERIAL_ELEMENTS = 16_384
+_SERIAL_ELEMENTS = 32_767
 
 
 class ExactVectors:
@@ -81,11 +81,12 @@ class ExactVectors:
         if mm is None or len(ids) == 0:
             return np.zeros((len(ids), self.dim), dtype=np.float32)
         ok = (ids >= 0) & (ids < mm.shape[0])
+        rows = mm.view(np.ndarray)  # plain ndarray indexing: no memmap subclass per call
         if ok.all():
             # one gather and one conversion (a masked assignment into zeros costs 2-3x)
-            return _float32(np.asarray(mm[ids]))
+            return _float32(np.take(rows, ids, axis=0))
         out = np.zeros((len(ids), self.dim), dtype=np.float32)
-        out[ok] = _float32(np.asarray(mm[ids[ok]]))
+        out[ok] = _float32(np.take(rows, ids[ok], axis=0))
         return out
 
     def evict(self) -> None:

@@ -70,6 +70,7 @@ def test_index_benchmark_on_real_embeddings(embeddings: tuple[Path, Any]) -> Non
 
     rows = invoke(
         "bench", "index", "--vectors", str(out), "--queries", "50", "--factory", "IVF8,PQ16",
+        "--factory", "IVF8,PQ32x4fsr@1",
         "--nprobe", "8", "--refine", "8", "--hnsw-m", "8", "--hnsw-ef", "64", "--no-sq8",
         "--cold", "10", "--json",
     )  # fmt: skip
@@ -81,4 +82,6 @@ def test_index_benchmark_on_real_embeddings(embeddings: tuple[Path, Any]) -> Non
     assert ivf["recall_at_10"] > 0.9
     assert ivf["near_duplicate_source_in_top10"] is None  # no planted duplicates here
     assert ivf["cold_qps_batch1"] > 0
+    one_shard = by_name["ivf8_pq32x4fsr_np8_refine8_x1"]  # FACTORY@1: its own shard count
+    assert one_shard["recall_at_10"] > 0.9
     assert "hnswlib_m8_ef64" in by_name

@@ -141,7 +141,7 @@ class TestIvfPqShards:
         assert (found[50:, 0] == ids[:50]).all()  # near-duplicates come first
 
     @pytest.mark.parametrize(
-        "factory", ["IVF64,PQ16", "IVF64_HNSW32,PQ16", "IVF64,PQ32x4fs"], ids=str
+        "factory", ["IVF64,PQ16", "IVF64_HNSW32,PQ16", "IVF64,PQ32x4fsr"], ids=str
     )
     def test_queries_assigned_once_find_what_each_shard_finds_itself(
         self, tmp_path: Path, data: tuple[np.ndarray, np.ndarray], factory: str
