@@ -741,16 +741,22 @@ def bench_augmented_embeddings(
     _settings()
     embedder = load_model(model, device=device, precision=precision)
     progress = _bar("embed")
+    started = last = time.monotonic()
+
+    def advance(done: int, total: int) -> None:
+        nonlocal last
+        progress.update(task, completed=done, total=total)
+        now = time.monotonic()
+        if not err.is_terminal and (now - last >= 30 or done == total):
+            # No live bar in a log file: a line every 30 s shows the run moving.
+            last = now
+            rate = done / max(now - started, 1e-9)
+            err.print(f"embed {done}/{total} ({rate:.1f} images/s)")
+
     with progress:
         task = progress.add_task("embed", total=n)
         result = write_augmented_embeddings(
-            embedder,
-            images,
-            n,
-            out,
-            seed=seed,
-            batch_size=batch_size,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            embedder, images, n, out, seed=seed, batch_size=batch_size, progress=advance
         )
     print(json.dumps(result, indent=2))
 

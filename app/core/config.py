@@ -105,8 +105,9 @@ class IndexSettings(BaseModel):
     pq_m: int = Field(64, ge=1, description="Bytes per PQ vector code.")
     fast_scan: bool = Field(
         False,
-        description="4-bit fast-scan PQ codes: faster scans, but measured less accurate than "
-        "8-bit codes of the same size (docs/benchmarks.md).",
+        description="4-bit fast-scan PQ codes of residuals (2 x pq_m sub-quantizers in pq_m "
+        "bytes), scanned with SIMD lookups: at 128 bytes (pq_m 128) with 1,024 lists and "
+        "one shard, the fastest batch-1 setting measured at 1M (docs/benchmarks.md).",
     )
     opq: bool = Field(False, description="Learn an OPQ rotation before PQ.")
     nprobe: int = Field(
