@@ -576,6 +576,15 @@ def bench_index(
             dir_okay=False,
         ),
     ] = None,
+    unseen: Annotated[
+        bool,
+        typer.Option(
+            "--unseen/--seen",
+            help="With --vectors: leave every view of the query images out of the database "
+            "(a query is a photo of something not yet listed), or keep them (a query is one "
+            "more view of a listed image).",
+        ),
+    ] = False,
     hnsw_m: Annotated[str, typer.Option(help="hnswlib M values.")] = "16,32",
     hnsw_ef: Annotated[str, typer.Option(help="hnswlib ef values.")] = "128,256,512,1024",
     sq8: Annotated[
@@ -618,6 +627,7 @@ def bench_index(
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
         shipped=shipped,
         vectors=vectors,
+        unseen=unseen,
         hnsw_ms=_ints(hnsw_m, "--hnsw-m"),
         hnsw_efs=_ints(hnsw_ef, "--hnsw-ef"),
         sq8=sq8,

@@ -45,26 +45,39 @@ class ArrayVectors:
     """Database vectors from an (n, d) float32 .npy file, e.g. real image embeddings
     (`vsearch bench augmented-embeddings`), read through a memory map. The last
     `held_out` rows are the queries and never enter the database; training samples are
-    drawn from the database rows, as the service trains on its own catalogue."""
+    drawn from the database rows, as the service trains on its own catalogue.
 
-    def __init__(self, path: Path, held_out: int) -> None:
+    `images`: the source image of each row. Given, the database also leaves out every
+    other view of the query images, so a query is a photo of something the catalogue has
+    no photo of (its neighbours are other images), not one more view of a listed image.
+    """
+
+    def __init__(self, path: Path, held_out: int, images: np.ndarray | None = None) -> None:
         self.data = np.load(path, mmap_mode="r")
         if self.data.ndim != 2 or len(self.data) <= held_out:
             raise ValueError(f"{path}: need an (n, d) matrix with more than {held_out} rows")
-        self.n = len(self.data) - held_out
+        first_query = len(self.data) - held_out
+        keep = np.ones(first_query, dtype=bool)
+        if images is not None:
+            if len(images) != len(self.data):
+                raise ValueError(f"{path}: {len(images)} image numbers for {len(self.data)} rows")
+            keep = ~np.isin(images[:first_query], images[first_query:])
+        self.rows = np.flatnonzero(keep)
+        self.first_query = first_query
+        self.n = len(self.rows)
         self.dim = int(self.data.shape[1])
 
     def chunk(self, index: int, size: int) -> np.ndarray:
-        start = index * size
-        return np.ascontiguousarray(self.data[start : min(start + size, self.n)], np.float32)
+        rows = self.rows[index * size : (index + 1) * size]
+        return np.ascontiguousarray(self.data[rows], np.float32)
 
     def sample(self, n: int, stream: int = 2) -> np.ndarray:
         rng = np.random.default_rng(stream)
-        rows = np.sort(rng.choice(self.n, size=min(n, self.n), replace=False))
+        rows = np.sort(rng.choice(self.rows, size=min(n, self.n), replace=False))
         return np.ascontiguousarray(self.data[rows], np.float32)
 
     def queries(self) -> np.ndarray:
-        return np.ascontiguousarray(self.data[self.n :], np.float32)
+        return np.ascontiguousarray(self.data[self.first_query :], np.float32)
 
 
 @dataclass
@@ -93,10 +106,21 @@ def rss_bytes(field: str = "VmRSS") -> int:
     return 0
 
 
-def load_workload(path: Path, n_queries: int, chunk: int, say: Say) -> Workload:
+def load_workload(
+    path: Path, n_queries: int, chunk: int, say: Say, *, unseen: bool = False
+) -> Workload:
     """A workload from a file of real embeddings: its last `n_queries` rows are the
-    queries (other views of catalogue images, no planted near-duplicates)."""
-    source = ArrayVectors(path, n_queries)
+    queries (no planted near-duplicates). `unseen`: leave every view of the query images
+    out of the database (needs the `.images.npy` file written beside the vectors)."""
+    images = None
+    if unseen:
+        from app.benchmarks.augmented import images_path
+
+        source_images = images_path(path)
+        if not source_images.exists():
+            raise ValueError(f"{source_images} not found: it says which image each row is")
+        images = np.load(source_images)
+    source = ArrayVectors(path, n_queries, images)
     queries = source.queries()
     say(f"exact ground truth over {source.n} vectors from {path.name}")
     started = time.perf_counter()
@@ -510,6 +534,7 @@ def run_index_benchmark(
     progress: Say | None = None,
     shipped: float | None = None,
     vectors: Path | None = None,
+    unseen: bool = False,
     hnsw_ms: tuple[int, ...] = (16, 32),
     hnsw_efs: tuple[int, ...] = (128, 256, 512, 1024),
     sq8: bool | None = None,
@@ -522,7 +547,7 @@ def run_index_benchmark(
     started = time.perf_counter()
     rss0 = rss_bytes()
     if vectors is not None:
-        w = load_workload(vectors, n_queries, chunk, say)
+        w = load_workload(vectors, n_queries, chunk, say, unseen=unseen)
         n, dim = w.n, int(w.queries.shape[1])
     else:
         w = make_workload(n, dim, n_queries, chunk, seed, say)
@@ -557,7 +582,11 @@ def run_index_benchmark(
             for m in hnsw_ms:
                 rows += bench_hnswlib(w, m, hnsw_efs, batch1, say)
     return {
-        "workload": f"file {vectors.name}" if vectors is not None else "synthetic clusters",
+        "workload": (
+            f"file {vectors.name}" + (", query images left out of the database" if unseen else "")
+            if vectors is not None
+            else "synthetic clusters"
+        ),
         "n": n,
         "dim": dim,
         "queries": n_queries,
