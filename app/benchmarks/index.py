@@ -489,6 +489,7 @@ def bench_shipped(
             "nprobe": tuned.nprobe,
             "refine": tuned.refine,
             "recall_on_sample": tuned.recall,
+            "recall_lower_bound_on_sample": tuned.recall_lower_bound,
             "reached": tuned.reached,
             "sample": tuned.queries,
             "tuning_s": tuned.took_s,

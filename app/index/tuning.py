@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 from typing import Any
 
 import faiss
@@ -36,6 +37,8 @@ class Tuning:
     target: float
     recall: float
     """recall@k of the chosen parameters on the sample (its own vector left out)."""
+    recall_lower_bound: float
+    """One-sided lower confidence bound of that recall (what must reach the target)."""
     reached: bool
     nprobe: int
     refine: int
@@ -63,10 +66,11 @@ def tune(
     target: float,
     *,
     k: int = 10,
-    queries: int = 256,
+    queries: int = 512,
     fixed_nprobe: int = 0,
     fixed_refine: int = 0,
     seed: int = 0,
+    confidence: float = 0.95,
 ) -> Tuning | None:
     """Measure and pick `(nprobe, refine)`; None for exact (flat) or tiny indexes.
 
@@ -76,6 +80,10 @@ def tune(
     unlike timings on a busy machine; the measured time is reported beside it). When none
     reaches the target, the most accurate pair is kept and `reached` is False. A fixed
     (configured) nprobe or refine is kept as it is.
+
+    "Reach" means the one-sided `confidence` lower bound of the sample's recall (mean
+    minus z times the standard error of the per-query recalls) is at least `target`: at
+    1M vectors, parameters whose 256-query estimate was 0.955 gave 0.943 on other queries.
     """
     if index.kind == "flat" or index.ntotal < 20 * (k + 1):
         return None
@@ -92,17 +100,24 @@ def tune(
     def cost(nprobe: int, refine: int) -> float:
         return nprobe * per_list + k * refine * index.dim * 2
 
-    # (cost, recall, nprobe, refine, ms per query)
-    passing: list[tuple[float, float, int, int, float]] = []
-    best: tuple[float, float, int, int, float] | None = None  # highest recall seen
+    z = NormalDist().inv_cdf(confidence)
+    # (cost, recall, nprobe, refine, ms per query, lower bound)
+    Point = tuple[float, float, int, int, float, float]
+    passing: list[Point] = []
+    best: Point | None = None  # highest recall seen
 
-    def measure(nprobe: int, refine: int) -> tuple[float, float, int, int, float]:
+    def measure(nprobe: int, refine: int) -> Point:
         nonlocal best
         t0 = time.perf_counter()
         _, found = index.search(xq, k + 1, nprobe=nprobe, refine=refine)
         ms = (time.perf_counter() - t0) * 1000 / len(xq)
-        recall = float(knn_intersection_measure(_drop_self(found, chosen, k), truth))
-        point = (cost(nprobe, refine), recall, nprobe, refine, ms)
+        found = _drop_self(found, chosen, k)
+        recall = float(knn_intersection_measure(found, truth))
+        per_query = [
+            knn_intersection_measure(found[i : i + 1], truth[i : i + 1]) for i in range(len(xq))
+        ]
+        bound = recall - z * float(np.std(per_query, ddof=1)) / np.sqrt(len(per_query))
+        point = (cost(nprobe, refine), recall, nprobe, refine, ms, bound)
         if best is None or recall > best[1]:
             best = point
         return point
@@ -113,12 +128,12 @@ def tune(
     r = len(refines) - 1
     for nprobe in nprobes:
         point = measure(nprobe, refines[r])
-        if point[1] < target:
+        if point[5] < target:
             continue  # even the deepest re-rank misses at this nprobe: probe more lists
         passing.append(point)
         while r > 0:
             lower = measure(nprobe, refines[r - 1])
-            if lower[1] < target:
+            if lower[5] < target:
                 break
             r -= 1
             passing.append(lower)
@@ -126,10 +141,11 @@ def tune(
             break  # refine at its floor, or far past the first passing nprobe
     pick = min(passing) if passing else best
     assert pick is not None
-    _, recall, nprobe, refine, ms = pick
+    _, recall, nprobe, refine, ms, bound = pick
     tuning = Tuning(
         target=target,
         recall=round(recall, 4),
+        recall_lower_bound=round(bound, 4),
         reached=bool(passing),
         nprobe=nprobe,
         refine=refine,
@@ -142,12 +158,14 @@ def tune(
     )
     log = LOG.info if tuning.reached else LOG.warning
     log(
-        "index search tuned on %d vectors: nprobe %d, refine %d, recall@%d %.3f (target %.2f%s)",
+        "index search tuned on %d vectors: nprobe %d, refine %d, recall@%d %.3f, lower "
+        "bound %.3f (target %.2f%s)",
         tuning.ntotal,
         nprobe,
         refine,
         k,
         recall,
+        bound,
         target,
         "" if tuning.reached else ", NOT reached: raise nlist or pq_m, or lower the target",
     )

@@ -43,16 +43,17 @@ def test_the_chosen_parameters_reach_the_target_on_fresh_queries(
     tuned = tune(built, target)
     assert tuned is not None
     assert tuned.reached
-    assert tuned.recall >= target
+    assert tuned.recall >= tuned.recall_lower_bound >= target
     assert tuned.ntotal == 20_000
-    assert tuned.queries == 256
+    assert tuned.queries == 512
     # The sample's estimate holds on other queries (within sampling error).
     assert independent_recall(built, x, tuned.nprobe, tuned.refine) >= target - 0.03
     # Cheapest: half the lists at the same re-ranking depth no longer reach the target.
     if tuned.nprobe > 4:
         lower = tune(built, target, fixed_nprobe=tuned.nprobe // 2, fixed_refine=tuned.refine)
         assert lower is not None
-        assert lower.recall < target
+        assert not lower.reached
+        assert lower.recall_lower_bound < target
 
 
 def test_a_higher_target_costs_more_search(index: tuple[ShardedIndex, np.ndarray]) -> None:
