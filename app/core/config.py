@@ -127,7 +127,8 @@ class IndexSettings(BaseModel):
         ge=0.0,
         le=1.0,
         description="recall@10 the tuned nprobe/refine must reach, measured against exact "
-        "search on a sample of the catalogue at every (re)build; 0 = no tuning.",
+        "search on 512 catalogue vectors at every (re)build (its 95% lower confidence "
+        "bound must reach it); 0 = no tuning.",
     )
     retune_growth: float = Field(
         1.25, gt=1.0, description="Measure and tune again when the index has grown by this factor."
