@@ -1,8 +1,10 @@
 """ShardedIndex: S FAISS shards behind one add/remove/search interface.
 
 Image ids go to a shard by a stable hash (splitmix64), so an id always lands in the same
-shard across processes and restarts. A search fans out to the shards on a thread pool
-(FAISS releases the GIL) and merges with `faiss.ResultHeap` (keep max: inner product).
+shard across processes and restarts. IVF-PQ queries are assigned to their lists once for
+all shards (clones of one trained template share its quantizer); a batch then fans out
+to the shards on a thread pool (FAISS releases the GIL), a few queries visit them in turn,
+and the results merge with `faiss.ResultHeap` (keep max: inner product).
 IVF-PQ shards return `k * refine` candidates that are re-scored with the exact vectors,
 so every returned score is a true cosine (to float16 storage precision).
 """
