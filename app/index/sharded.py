@@ -3,8 +3,8 @@
 Image ids go to a shard by a stable hash (splitmix64), so an id always lands in the same
 shard across processes and restarts. IVF-PQ queries are assigned to their lists once for
 all shards (clones of one trained template share its quantizer); a batch then fans out
-to the shards on a thread pool (FAISS releases the GIL), a few queries visit them in turn,
-and the results merge with `faiss.ResultHeap` (keep max: inner product).
+to the shards on a thread pool (FAISS releases the GIL), a few IVF-PQ queries visit them
+in turn, and the results merge with `faiss.ResultHeap` (keep max: inner product).
 IVF-PQ shards return `k * refine` candidates that are re-scored with the exact vectors,
 so every returned score is a true cosine (to float16 storage precision).
 """
@@ -173,9 +173,10 @@ class ShardedIndex:
                 def one(shard: Shard) -> tuple[np.ndarray, np.ndarray]:
                     return shard.search(queries, depth, nprobe=nprobe, selector=selector)
 
-            if nq < _POOL_FROM:
+            if nq < _POOL_FROM and self.kind != "flat":
                 # A few queries scan a few lists per shard: handing them to the pool costs
                 # more than the scans, and concurrent requests already use the cores.
+                # (Exact shards scan everything: they stay on the pool.)
                 results = [one(s) for s in self.shards]
             else:
                 results = [f.result() for f in [self._pool.submit(one, s) for s in self.shards]]
