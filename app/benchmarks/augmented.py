@@ -25,19 +25,11 @@ import numpy as np
 import torch
 import torchvision.transforms as T
 
-from app.benchmarks.embed import IMAGE_SUFFIXES
-from app.core.errors import InvalidRequest
+from app.benchmarks.embed import image_files
 from app.imaging.decode import decode_image
 from app.inference.runtime import Embedder
 
 Progress = Callable[[int, int], None]
-
-
-def image_files(root: Path) -> list[Path]:
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InvalidRequest(f"no images under {root} (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return files
 
 
 def augmentation(size: int, seed: int) -> Callable[[Any], Any]:

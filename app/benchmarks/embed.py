@@ -38,14 +38,20 @@ from app.inference.worker import BatchWorker
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
+def image_files(root: Path) -> list[Path]:
+    """Image files under `root` (recursively, sorted); an error when there are none."""
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InvalidRequest(
+            f"no images under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    return files
+
+
 def load_image_bytes(count: int, images_dir: Path | None) -> list[bytes]:
     """`count` encoded images: files from `images_dir` (sorted, cycled) or synthetic JPEGs."""
     if images_dir is not None:
-        files = sorted(p for p in images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise InvalidRequest(
-                f"no images under {images_dir} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
+        files = image_files(images_dir)
         return [files[i % len(files)].read_bytes() for i in range(count)]
     rng = np.random.default_rng(0)
     out = []
