@@ -12,7 +12,10 @@ from typing import Any, cast
 
 import numpy as np
 from sqlalchemy import (
+    Column,
     ColumnElement,
+    Index,
+    MetaData,
     Select,
     Table,
     and_,
@@ -27,6 +30,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -48,6 +52,7 @@ from app.catalogue.models import (
 
 # Core tables, for bulk statements that skip the ORM's per-row bookkeeping.
 _PRODUCTS = cast(Table, Product.__table__)
+_PAIRS = cast(Table, DuplicatePair.__table__)
 _IMAGES = cast(Table, ProductImage.__table__)
 _CHANGES = cast(Table, ChangeLog.__table__)
 _LABELS = cast(Table, ProductLabel.__table__)
@@ -840,25 +845,59 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
     unless a reviewer marked the pair `different` or a product was deleted meanwhile;
     an existing pair keeps the higher score.
 
-    PostgreSQL ranks the rows per pair first (an upsert may not touch a row twice).
-    SQLite's upsert takes a pair's second row as an update of its first, so the rows go
-    in sorted by pair (appends to the primary key); for a large merge, the secondary
-    indexes are dropped and rebuilt inside the transaction (one sort each instead of
-    millions of random inserts; readers keep their snapshot, indexes included).
+    A small merge is one upsert. From `_REBUILD_INDEXES_FROM` staged rows on, the work
+    that a row-by-row upsert repeats millions of times is done once per table instead:
+    SQLite takes the rows sorted by pair (appends to the primary key) with the secondary
+    indexes dropped and rebuilt inside the transaction (one sort each; readers keep their
+    snapshot, indexes included). PostgreSQL writes the merged table anew and swaps it in
+    (`_rebuild_pairs_table`): its per-row foreign-key checks and index inserts were most
+    of a large upsert's time.
     """
-    s = _SCAN.c
-    sqlite_ = session.get_bind().dialect.name == "sqlite"
-    if sqlite_:
-        rows: Any = _SCAN
-        best: Any = true()
-    else:
-        rows = select(
-            *(s[name] for name in _SCAN_COLUMNS),
-            func.row_number()
-            .over(partition_by=(s.a_product_id, s.b_product_id), order_by=s.score.desc())
-            .label("rank"),
-        ).subquery("ranked")
-        best = rows.c.rank == 1
+    large = count_scan_pairs(session) >= _REBUILD_INDEXES_FROM
+    if session.get_bind().dialect.name == "postgresql":
+        if large:
+            _rebuild_pairs_table(session, found_at)
+        else:
+            ranked = select(
+                *(_SCAN.c[name] for name in _SCAN_COLUMNS),
+                func.row_number()
+                .over(
+                    partition_by=(_SCAN.c.a_product_id, _SCAN.c.b_product_id),
+                    order_by=_SCAN.c.score.desc(),
+                )
+                .label("rank"),
+            ).subquery("ranked")
+            source = _live_pairs(ranked, found_at).where(ranked.c.rank == 1)
+            session.execute(
+                _keep_better(
+                    _pairs_insert(session).from_select([*_SCAN_COLUMNS, "found_at"], source)
+                )
+            )
+        clear_scan_pairs(session)
+        return
+    # SQLite's upsert takes a pair's second row as an update of its first: no ranking,
+    # rows sorted by pair
+    source = _live_pairs(_SCAN, found_at).order_by(_SCAN.c.a_product_id, _SCAN.c.b_product_id)
+    stmt = _keep_better(_pairs_insert(session).from_select([*_SCAN_COLUMNS, "found_at"], source))
+    secondary = sorted(_PAIRS.indexes, key=lambda ix: str(ix.name))
+    connection = session.connection()
+    connection.exec_driver_sql(f"PRAGMA cache_size=-{_MERGE_CACHE_KIB}")
+    try:
+        if large:
+            for index in secondary:
+                index.drop(connection)
+        session.execute(stmt)
+        if large:
+            for index in secondary:
+                index.create(connection)
+    finally:
+        connection.exec_driver_sql("PRAGMA cache_size=-2000")  # SQLite's default
+    clear_scan_pairs(session)
+
+
+def _live_pairs(rows: Any, found_at: datetime) -> Select[Any]:
+    """The staged `rows` (a table or subquery with the staging columns) whose products
+    both still exist and which no reviewer marked `different`, with `found_at`."""
     r = rows.c
     a_product, b_product = aliased(Product), aliased(Product)
     different = (
@@ -870,39 +909,89 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
         )
         .exists()
     )
-    source = (
+    return (
         select(*(r[name] for name in _SCAN_COLUMNS), literal(found_at, UtcDateTime()))
         .join(a_product, a_product.pk == r.a_product_id)
         .join(b_product, b_product.pk == r.b_product_id)
         # SQLite needs a WHERE in an upsert's SELECT anyway (ON CONFLICT vs a join's ON)
-        .where(best, ~different)
+        .where(true(), ~different)
     )
-    if sqlite_:
-        source = source.order_by(r.a_product_id, r.b_product_id)
-    stmt = _keep_better(_pairs_insert(session).from_select([*_SCAN_COLUMNS, "found_at"], source))
-    rebuild = sqlite_ and count_scan_pairs(session) >= _REBUILD_INDEXES_FROM
-    secondary = sorted(cast(Table, DuplicatePair.__table__).indexes, key=lambda ix: str(ix.name))
+
+
+def _rebuild_pairs_table(session: Session, found_at: datetime) -> None:
+    """PostgreSQL's large merge: write the merged pairs into a new table, build its key,
+    indexes and foreign keys once each, and swap it in under the old one's name.
+
+    The result is the upsert's: per pair the best row of the staged ones and the stored
+    one (the stored one wins a tie), with `found_at` moved on when the scan found it.
+    Locks, taken first and in the order catalogue writes take them (products, then
+    pairs): product writes wait for the merge (the new foreign keys need them to); pair
+    writes wait too, so none is lost in the swap; reads go on against the old table and
+    only wait for the swap itself, at the end.
+    """
+    pairs, columns = _PAIRS.name, [*_SCAN_COLUMNS, "found_at"]
+    staging = f"{pairs}_next"
     connection = session.connection()
-    if sqlite_:
-        connection.exec_driver_sql(f"PRAGMA cache_size=-{_MERGE_CACHE_KIB}")
-    else:  # the per-pair ranking sorts every staged row: in memory rather than on disk
-        connection.exec_driver_sql(f"SET LOCAL work_mem = '{_MERGE_CACHE_KIB}kB'")
-    try:
-        if rebuild:
-            for index in secondary:
-                index.drop(connection)
-        session.execute(stmt)
-        if rebuild:
-            for index in secondary:
-                index.create(connection)
-    finally:
-        if sqlite_:
-            connection.exec_driver_sql("PRAGMA cache_size=-2000")  # SQLite's default
-    clear_scan_pairs(session)
+    for statement in (
+        f"LOCK TABLE {_PRODUCTS.name} IN SHARE ROW EXCLUSIVE MODE",
+        f"LOCK TABLE {pairs} IN EXCLUSIVE MODE",
+        # the merge sorts every row once and builds three indexes
+        f"SET LOCAL work_mem = '{_MERGE_CACHE_KIB}kB'",
+        f"SET LOCAL maintenance_work_mem = '{_MERGE_CACHE_KIB}kB'",
+        f"DROP TABLE IF EXISTS {staging}",
+        f"CREATE TABLE {staging} (LIKE {pairs} INCLUDING DEFAULTS INCLUDING STORAGE)",
+    ):
+        connection.exec_driver_sql(statement)
+    p = _PAIRS.c
+    candidates = union_all(
+        select(*(p[name] for name in columns), literal(0).label("found")),
+        _live_pairs(_SCAN, found_at).add_columns(literal(1).label("found")),
+    ).subquery("candidates")
+    c = candidates.c
+    pair = (c.a_product_id, c.b_product_id)
+    best = (
+        select(
+            *(c[name] for name in _SCAN_COLUMNS),
+            func.max(c.found_at).over(partition_by=pair),
+        )
+        .ext(postgresql.distinct_on(*pair))
+        .order_by(*pair, c.score.desc(), c.found)
+    )
+    target = Table(staging, MetaData(), *(Column(name, _PAIRS.c[name].type) for name in columns))
+    session.execute(insert(target).from_select(columns, best))
+    # key, indexes and foreign keys under provisional names (index names are per schema),
+    # then the swap and the final names
+    renames: list[str] = []
+    key = _PAIRS.primary_key
+    connection.exec_driver_sql(
+        f"ALTER TABLE {staging} ADD CONSTRAINT {key.name}_next "
+        f"PRIMARY KEY ({', '.join(col.name for col in key.columns)})"
+    )
+    renames.append(f"ALTER TABLE {pairs} RENAME CONSTRAINT {key.name}_next TO {key.name}")
+    for index in sorted(_PAIRS.indexes, key=lambda ix: str(ix.name)):
+        Index(f"{index.name}_next", *(target.c[col.name] for col in index.columns)).create(
+            connection
+        )
+        renames.append(f"ALTER INDEX {index.name}_next RENAME TO {index.name}")
+    for fk in sorted(_PAIRS.foreign_key_constraints, key=lambda fk: str(fk.name)):
+        (element,) = fk.elements
+        connection.exec_driver_sql(
+            f"ALTER TABLE {staging} ADD CONSTRAINT {fk.name}_next "
+            f"FOREIGN KEY ({element.parent.name}) REFERENCES "
+            f"{element.column.table.name} ({element.column.name}) ON DELETE {fk.ondelete}"
+        )
+        renames.append(f"ALTER TABLE {pairs} RENAME CONSTRAINT {fk.name}_next TO {fk.name}")
+    for statement in (
+        f"DROP TABLE {pairs}",
+        f"ALTER TABLE {staging} RENAME TO {pairs}",
+        *renames,
+        f"ANALYZE {pairs}",
+    ):
+        connection.exec_driver_sql(statement)
 
 
-# From this many staged rows on, SQLite's merge rebuilds the pairs table's secondary indexes
-# instead of updating them row by row.
+# From this many staged rows on, a merge rebuilds the pairs table's indexes (SQLite) or
+# the whole table (PostgreSQL) instead of updating them row by row.
 _REBUILD_INDEXES_FROM = 100_000
 _MERGE_CACHE_KIB = 256 * 1024  # SQLite page cache and sorter memory, PostgreSQL work_mem
 

@@ -5,10 +5,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select
 
 from app.catalogue import repository as repo
-from app.catalogue.models import DuplicatePair, utcnow
+from app.catalogue.models import Base, DuplicatePair, utcnow
 from app.core.database import Database
 
 
@@ -142,3 +144,28 @@ def test_scan_staging_merges_the_best_row_per_pair(
             ix["name"] for ix in inspect(session.connection()).get_indexes("duplicate_pairs")
         }
     assert {"ix_duplicate_pairs_score", "ix_duplicate_pairs_b"} <= indexes
+
+
+@pytest.mark.parametrize("rebuild", [False, True], ids=["in-place", "rebuilt"])
+def test_a_merged_pairs_table_is_still_the_migrated_one(
+    db: Database, rebuild: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A large merge rebuilds the pairs table (PostgreSQL swaps in a new one): the same key,
+    indexes and foreign keys, names included, as the migrations made, so later migrations
+    and the cascade on product deletion still apply; a stored pair wins a tie."""
+    if rebuild:
+        monkeypatch.setattr(repo, "_REBUILD_INDEXES_FROM", 0)
+    p = _products(db, 3)
+    with db.write() as session:
+        repo.upsert_pairs(session, [_row(p[0], p[1], 0.95, (1, 2))])
+    _stage(db, [(p[0], p[1], 0.95, 10, 20), (p[1], p[2], 0.93, 2, 3)])
+    with db.write() as session:
+        repo.merge_scan_pairs(session, utcnow())
+    with db.read() as session:
+        drift = compare_metadata(MigrationContext.configure(session.connection()), Base.metadata)
+
+    assert drift == []
+    assert _pairs(db) == {(p[0], p[1]): (0.95, 1, 2), (p[1], p[2]): (0.93, 2, 3)}
+    with db.write() as session:
+        session.delete(repo.get_product(session, "p0"))
+    assert _pairs(db) == {(p[1], p[2]): (0.93, 2, 3)}
