@@ -191,6 +191,11 @@ class ModelRead(BaseModel):
     device: str
     precision: str
     precision_min_cosine_vs_fp32: float | None = None
+    precision_speedup_vs_fp32: float | None = Field(
+        None,
+        description="With VS_PRECISION=auto on a CPU: fp32's time over the tried low "
+        "precision's on the calibration images at start (below 1: it was slower, fp32 runs).",
+    )
     compiled: bool = False
     fallback: bool = Field(
         False, description="True when the hub model was unreachable and the generic model runs."

@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -248,18 +248,53 @@ class TestPrecision:
             pytest.skip("this CPU has no native bf16")
         images = [pattern(seed=i) for i in range(4)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
+        bf16 = load_model(tiny_model_dir, device="cpu", precision="bf16")
+
+        assert bf16.precision == "bf16"
+        assert bf16.precision_cosine is not None
+        assert bf16.precision_cosine >= 0.999
+        assert np.min(np.sum(bf16.embed(images) * fp32, axis=1)) >= 0.999
+
+    def test_auto_keeps_bf16_only_where_it_is_faster(
+        self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The pass timings are scripted (real ones depend on the CPU): fp32's first, then
+        the low precision's; the real measurement shows in `precision_speedup`."""
+        monkeypatch.setattr(precision_mod, "cpu_supports_bf16", lambda: True)
+        images = [pattern(seed=i) for i in range(3)]
+        fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
+        for fp32_s, bf16_s, expected in ((1.0, 0.4, "bf16"), (1.0, 1.9, "fp32")):
+            timings = iter((fp32_s, bf16_s))
+
+            def scripted(run: Callable[[], object], timings: Iterator[float] = timings) -> float:
+                run()
+                return next(timings)
+
+            monkeypatch.setattr(precision_mod, "timed_pass", scripted)
+            auto = load_model(tiny_model_dir, device="cpu", precision="auto")
+
+            assert auto.precision == expected
+            assert auto.precision_speedup == round(fp32_s / bf16_s, 3)
+            assert auto.describe()["precision_speedup_vs_fp32"] == auto.precision_speedup
+            if expected == "fp32":  # the exact fp32 weights are back
+                assert next(auto.module.backbone.parameters()).dtype == torch.float32
+                np.testing.assert_array_equal(auto.embed(images), fp32)
+
+    def test_auto_on_this_cpu_measures_its_speedup(self, tiny_model_dir: Path) -> None:
+        if not precision_mod.cpu_supports_bf16():
+            pytest.skip("this CPU has no native bf16")
         auto = load_model(tiny_model_dir, device="cpu", precision="auto")
 
-        assert auto.precision == "bf16"
-        assert auto.precision_cosine is not None
-        assert auto.precision_cosine >= 0.999
-        assert np.min(np.sum(auto.embed(images) * fp32, axis=1)) >= 0.999
+        assert auto.precision_speedup is not None
+        assert auto.precision_speedup > 0
+        assert auto.precision == ("bf16" if auto.precision_speedup >= 1.0 else "fp32")
 
     def test_falls_back_to_exact_fp32_when_low_precision_disagrees(
         self, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         monkeypatch.setattr(precision_mod, "cpu_supports_bf16", lambda: True)
         monkeypatch.setattr(precision_mod, "PRECISION_MIN_COSINE", 1.01)  # nothing can pass
+        monkeypatch.setattr(precision_mod, "timed_pass", lambda run: (run(), 1.0)[1])  # a tie
         images = [pattern(seed=i) for i in range(3)]
         fp32 = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
 
