@@ -4,6 +4,7 @@ commit; the caller's `Database.write()` / `read()` does."""
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, selectinload
 
 from app.catalogue.filters import CATEGORY_KEY, SET_KEY, LabelFilter
@@ -49,6 +51,8 @@ from app.catalogue.models import (
     duplicate_scan_pairs,
     utcnow,
 )
+
+LOG = logging.getLogger(__name__)
 
 # Core tables, for bulk statements that skip the ORM's per-row bookkeeping.
 _PRODUCTS = cast(Table, Product.__table__)
@@ -851,13 +855,23 @@ def merge_scan_pairs(session: Session, found_at: datetime) -> None:
     indexes dropped and rebuilt inside the transaction (one sort each; readers keep their
     snapshot, indexes included). PostgreSQL writes the merged table anew and swaps it in
     (`_rebuild_pairs_table`): its per-row foreign-key checks and index inserts were most
-    of a large upsert's time.
+    of a large upsert's time. A role that may not create tables there, or does not own
+    the pairs table, gets the upsert (and a warning in the log).
     """
     large = count_scan_pairs(session) >= _REBUILD_INDEXES_FROM
     if session.get_bind().dialect.name == "postgresql":
         if large:
-            _rebuild_pairs_table(session, found_at)
-        else:
+            try:
+                with session.begin_nested():
+                    _rebuild_pairs_table(session, found_at)
+            except DBAPIError as exc:
+                if getattr(exc.orig, "sqlstate", None) != _INSUFFICIENT_PRIVILEGE:
+                    raise
+                # e.g. no CREATE on the schema, or another role owns the table
+                LOG.warning("cannot rebuild duplicate_pairs (%s); merging row by row", exc.orig)
+                large = False
+        if not large:  # the per-pair ranking sorts every staged row: in memory
+            session.connection().exec_driver_sql(f"SET LOCAL work_mem = '{_MERGE_CACHE_KIB}kB'")
             ranked = select(
                 *(_SCAN.c[name] for name in _SCAN_COLUMNS),
                 func.row_number()
@@ -994,6 +1008,7 @@ def _rebuild_pairs_table(session: Session, found_at: datetime) -> None:
 # the whole table (PostgreSQL) instead of updating them row by row.
 _REBUILD_INDEXES_FROM = 100_000
 _MERGE_CACHE_KIB = 256 * 1024  # SQLite page cache and sorter memory, PostgreSQL work_mem
+_INSUFFICIENT_PRIVILEGE = "42501"  # PostgreSQL's SQLSTATE
 
 
 def decided_pairs(session: Session, product_pk: int) -> dict[tuple[int, int], str]:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, text
 
 from app.catalogue import repository as repo
 from app.catalogue.models import Base, DuplicatePair, utcnow
@@ -169,3 +170,41 @@ def test_a_merged_pairs_table_is_still_the_migrated_one(
     with db.write() as session:
         session.delete(repo.get_product(session, "p0"))
     assert _pairs(db) == {(p[1], p[2]): (0.93, 2, 3)}
+
+
+def test_a_role_that_may_not_create_tables_still_merges(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service role with rights on the tables but not on the schema (nor owning the pairs
+    table) cannot swap a new pairs table in: PostgreSQL's large merge falls back to the
+    row-by-row upsert, with the same result."""
+    if not database_url.startswith("postgresql"):
+        pytest.skip("PostgreSQL's table swap")
+    monkeypatch.setattr(repo, "_REBUILD_INDEXES_FROM", 0)
+    role = f"vs_writer_{uuid.uuid4().hex[:12]}"
+    owner = Database(database_url)
+    with owner.write() as session:
+        for statement in (
+            f"CREATE ROLE {role} LOGIN",
+            "GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON ALL TABLES IN SCHEMA public "
+            f"TO {role}",
+            f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}",
+        ):
+            session.execute(text(statement))
+    owner.dispose()
+    db = Database(database_url.replace("//postgres@", f"//{role}@", 1))
+    try:
+        p = _products(db, 3)
+        with db.write() as session:
+            repo.upsert_pairs(session, [_row(p[0], p[1], 0.95, (1, 2))])
+        _stage(db, [(p[0], p[1], 0.97, 10, 20), (p[1], p[2], 0.93, 2, 3), (p[1], p[2], 0.9, 2, 4)])
+        with db.write() as session:
+            repo.merge_scan_pairs(session, utcnow())
+            left = repo.count_scan_pairs(session)
+
+        assert "cannot rebuild duplicate_pairs" in caplog.text
+        assert "merging row by row" in caplog.text
+        assert left == 0
+        assert _pairs(db) == {(p[0], p[1]): (0.97, 10, 20), (p[1], p[2]): (0.93, 2, 3)}
+    finally:
+        db.dispose()
