@@ -298,7 +298,9 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="Inference precision; auto = fp16 on CUDA, bf16 on capable CPUs."
+        "auto",
+        description="Inference precision; auto = fp16 on CUDA, bf16 on CPUs where it agrees "
+        "with fp32 and is faster.",
     )
     data_dir: Path = Field(
         Path("~/.local/share/vsearch"),
