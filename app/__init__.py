@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -11,7 +12,7 @@ __version__ = "0.1.0"
 _SKYLAKEX_FLAGS = frozenset({"avx512f", "avx512dq", "avx512cd", "avx512bw", "avx512vl"})
 
 
-def openblas_core(cpuinfo: str, environ: dict[str, str] | os._Environ[str]) -> str | None:
+def openblas_core(cpuinfo: str, environ: Mapping[str, str]) -> str | None:
     """The OpenBLAS kernel set to ask for, or None to leave OpenBLAS's own choice.
 
     faiss-cpu's wheel bundles OpenBLAS 0.3.15, which takes Intel CPUs newer than itself
