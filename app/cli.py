@@ -1060,7 +1060,11 @@ def train(
     ),
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     mixed_precision: Annotated[
-        bool, typer.Option("--amp/--no-amp", help="bf16/fp16 autocast where supported.")
+        bool,
+        typer.Option(
+            "--amp/--no-amp",
+            help="bf16/fp16 autocast where supported (on a CPU only where timed faster than fp32).",
+        ),
     ] = True,
     val_gallery: Annotated[Path | None, typer.Option(help="Validation gallery.csv.")] = None,
     val_queries: Annotated[Path | None, typer.Option(help="Validation queries.csv.")] = None,

@@ -19,7 +19,7 @@ from app.inference.builders import randomise, write_model_dir
 from app.inference.runtime import load_model
 from app.training.losses import ArcFace
 from app.training.report import TrainingLog
-from app.training.train import TrainConfig, final_side, prepare_module
+from app.training.train import PrecisionChoice, TrainConfig, final_side, prepare_module
 
 runner = CliRunner()
 PRODUCTS = ("Fruit/Banana", "Fruit/Kiwi", "Packages/Milk/Arla-Standard-Milk")
@@ -132,6 +132,7 @@ def test_train_prints_json_lines_an_unattended_log_can_follow(
     assert [line["event"] for line in lines] == ["epoch", "epoch", "done"]
     assert [line["epoch"] for line in lines[:2]] == [1, 2]
     assert all(0.0 <= line["val_map_at_1000"] <= 1.0 for line in lines[:2])
+    assert all(line["precision"] in {"fp32", "bfloat16"} for line in lines[:2])
     assert lines[-1]["history"] == [{k: v for k, v in x.items() if k != "event"} for x in lines[:2]]
     progress = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
     assert progress[0]["event"] == "start"
@@ -314,3 +315,33 @@ def test_the_last_epochs_move_a_pooled_head_to_a_larger_side_by_default() -> Non
     assert final_side(224, 224, "flatten") == 224
     with pytest.raises(InvalidRequest, match="flatten head is tied to its input size"):
         final_side(224, 288, "flatten")
+
+
+def test_a_cpu_phase_trains_in_bf16_only_where_its_trial_steps_were_faster() -> None:
+    choice = PrecisionChoice(torch.bfloat16, timed=True)
+    slow_bf16 = {None: 1.5, torch.bfloat16: 2.0}
+    fast_bf16 = {None: 4.7, torch.bfloat16: 4.2}
+    for phase, seconds in (((224, False), slow_bf16), ((320, False), fast_bf16)):
+        tried = []
+        for _ in range(PrecisionChoice.TRIAL_STEPS):
+            dtype = choice.dtype(phase)
+            tried.append(dtype)
+            # The warm-up step of each precision is slow and must not decide.
+            warm = 10.0 if tried.count(dtype) == 1 else 0.0
+            choice.record(phase, dtype, seconds[dtype] + warm)
+        assert tried.count(None) == tried.count(torch.bfloat16) == 3
+    assert choice.dtype((224, False)) is None
+    assert choice.describe((224, False)) == {"precision": "fp32", "precision_speedup_vs_fp32": 0.75}
+    assert choice.dtype((320, False)) is torch.bfloat16
+    assert choice.describe((320, False))["precision"] == "bfloat16"
+    # A phase not yet timed starts its own trial.
+    assert choice.dtype((224, True)) is None
+
+
+def test_without_timing_the_candidate_precision_is_used_throughout() -> None:
+    assert PrecisionChoice(torch.float16, timed=False).dtype((224, False)) is torch.float16
+    untimed = PrecisionChoice(None, timed=True)
+    assert not untimed.timed
+    untimed.record((224, False), None, 1.0)
+    assert untimed.dtype((224, False)) is None
+    assert untimed.describe((224, False)) == {"precision": "fp32"}
