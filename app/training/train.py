@@ -99,20 +99,27 @@ class PrecisionChoice:
     A CPU can list bf16 instructions and still train slower in bf16 than in fp32
     (measured on a Xeon virtual machine without AMX: EfficientNet-Lite0 at 224 px, 2.05 s
     against 1.52 s per step of 32), and the balance can change with the image side. So
-    on a CPU the first `TRIAL_STEPS` steps of each phase (side, frozen or not) alternate
-    between fp32 and the candidate, timing the compute of each step (the first of each
-    is a warm-up), and the rest of the phase runs in the faster one. The trial steps are
-    ordinary training steps. On CUDA the candidate is used without timing.
+    on a CPU the first steps of each phase (side, frozen or not) are a trial: after
+    `PHASE_WARM_UP` untimed steps (new shapes, the data loader's first batches), blocks
+    of `TRIAL_BLOCK` steps in fp32, the candidate, the candidate and fp32 (the order
+    evens out a remaining trend), each step's compute timed, and the rest of the phase
+    runs in the faster one (median over its blocks without their first `WARM_UP` steps).
+    Blocks, not alternating steps: a step right after a switch pays for the switch
+    (alternating, fp32 steps took 2.7-3.4 s where a run of them took 1.5 s). The trial
+    steps are ordinary training steps. On CUDA the candidate is used without timing.
     """
 
-    TRIAL_STEPS = 6
+    PHASE_WARM_UP = 4
+    TRIAL_BLOCK = 4
+    WARM_UP = 1
+    BLOCKS = (False, True, True, False)  # True: the candidate
 
     def __init__(self, candidate: torch.dtype | None, *, timed: bool) -> None:
         self.candidate = candidate
         self.timed = timed and candidate is not None
         self.chosen: dict[Hashable, torch.dtype | None] = {}
         self.speedup: dict[Hashable, float] = {}
-        self._trials: dict[Hashable, list[tuple[torch.dtype | None, float]]] = {}
+        self._trials: dict[Hashable, list[float]] = {}
 
     def dtype(self, phase: Hashable) -> torch.dtype | None:
         """The autocast dtype for the next step of `phase` (None: fp32)."""
@@ -120,26 +127,30 @@ class PrecisionChoice:
             return self.candidate
         if phase in self.chosen:
             return self.chosen[phase]
-        return None if len(self._trials.get(phase, [])) % 2 == 0 else self.candidate
+        step = len(self._trials.get(phase, [])) - self.PHASE_WARM_UP
+        return self.candidate if step >= 0 and self.BLOCKS[step // self.TRIAL_BLOCK] else None
 
-    def record(self, phase: Hashable, dtype: torch.dtype | None, seconds: float) -> None:
-        """Note how long a step of `phase` in `dtype` took; decides after the trial."""
+    def record(self, phase: Hashable, seconds: float) -> None:
+        """Note how long the step of `phase` just taken took; decides after the trial."""
         if not self.timed or phase in self.chosen:
             return
         trials = self._trials.setdefault(phase, [])
-        trials.append((dtype, seconds))
-        if len(trials) < self.TRIAL_STEPS:
+        trials.append(seconds)
+        size, start = self.TRIAL_BLOCK, self.PHASE_WARM_UP
+        if len(trials) < start + len(self.BLOCKS) * size:
             return
-        # Skip each precision's first (warm-up) step.
-        fp32 = float(np.median([s for d, s in trials if d is None][1:]))
-        other = float(np.median([s for d, s in trials if d is not None][1:]))
+        timed: dict[bool, list[float]] = {False: [], True: []}
+        for i, kind in enumerate(self.BLOCKS):
+            timed[kind] += trials[start + i * size + self.WARM_UP : start + (i + 1) * size]
+        fp32, other = float(np.median(timed[False])), float(np.median(timed[True]))
         self.speedup[phase] = round(fp32 / other, 3)
         self.chosen[phase] = self.candidate if other < fp32 else None
         LOG.info(
-            "phase %s: %s at %.2fx the speed of fp32; training in %s",
+            "phase %s: %.2f s per step in fp32, %.2f s in %s; training in %s",
             phase,
+            fp32,
+            other,
             dtype_name(self.candidate),
-            self.speedup[phase],
             dtype_name(self.chosen[phase]),
         )
 
@@ -525,7 +536,7 @@ def train(
             if xbm is not None:
                 xbm.enqueue(embeddings, labels)
             losses.append(float(loss.detach()))
-            precision.record(phase, step_dtype, time.perf_counter() - step_started)
+            precision.record(phase, time.perf_counter() - step_started)
             if on_step is not None:
                 on_step(epoch, step + 1, len(loader), float(np.mean(losses[-20:])))
         record: dict[str, Any] = {

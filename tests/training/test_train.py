@@ -317,19 +317,24 @@ def test_the_last_epochs_move_a_pooled_head_to_a_larger_side_by_default() -> Non
         final_side(224, 288, "flatten")
 
 
-def test_a_cpu_phase_trains_in_bf16_only_where_its_trial_steps_were_faster() -> None:
+def test_a_cpu_phase_trains_in_bf16_only_where_its_trial_block_was_faster() -> None:
     choice = PrecisionChoice(torch.bfloat16, timed=True)
     slow_bf16 = {None: 1.5, torch.bfloat16: 2.0}
     fast_bf16 = {None: 4.7, torch.bfloat16: 4.2}
+    block = PrecisionChoice.TRIAL_BLOCK
     for phase, seconds in (((224, False), slow_bf16), ((320, False), fast_bf16)):
+        warm_up = PrecisionChoice.PHASE_WARM_UP
         tried = []
-        for _ in range(PrecisionChoice.TRIAL_STEPS):
+        for _ in range(warm_up + 4 * block):
             dtype = choice.dtype(phase)
             tried.append(dtype)
-            # The warm-up step of each precision is slow and must not decide.
-            warm = 10.0 if tried.count(dtype) == 1 else 0.0
-            choice.record(phase, dtype, seconds[dtype] + warm)
-        assert tried.count(None) == tried.count(torch.bfloat16) == 3
+            # The phase's first steps, and the first of each block (it pays for the
+            # switch), are slow and must not decide.
+            n = len(tried) - warm_up
+            warm = 10.0 if n <= 0 or n % block == 1 else 0.0
+            choice.record(phase, seconds[dtype] + warm)
+        fp32, bf16 = [None] * block, [torch.bfloat16] * block
+        assert tried == [None] * warm_up + fp32 + bf16 + bf16 + fp32
     assert choice.dtype((224, False)) is None
     assert choice.describe((224, False)) == {"precision": "fp32", "precision_speedup_vs_fp32": 0.75}
     assert choice.dtype((320, False)) is torch.bfloat16
@@ -342,6 +347,6 @@ def test_without_timing_the_candidate_precision_is_used_throughout() -> None:
     assert PrecisionChoice(torch.float16, timed=False).dtype((224, False)) is torch.float16
     untimed = PrecisionChoice(None, timed=True)
     assert not untimed.timed
-    untimed.record((224, False), None, 1.0)
+    untimed.record((224, False), 1.0)
     assert untimed.dtype((224, False)) is None
     assert untimed.describe((224, False)) == {"precision": "fp32"}
