@@ -10,7 +10,7 @@ import is still a dependency. Layers, lowest first (a package may import only it
 layer's package and lower layers):
 
     core <- imaging <- inference <- index <- catalogue, evaluation
-         <- services, training, benchmarks <- api, bulk <- main <- cli
+         <- services, training, benchmarks <- api, bulk <- main <- cli <- launcher
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "bulk": 6,
     "main": 7,
     "cli": 8,
+    "launcher": 9,
 }
 
 

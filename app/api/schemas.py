@@ -197,6 +197,10 @@ class ModelRead(BaseModel):
         "precision's on the calibration images at start (below 1: it was slower, fp32 runs).",
     )
     compiled: bool = False
+    allocator: str = Field(
+        "system",
+        description="The process's malloc: tcmalloc where installed (VS_ALLOCATOR), else system.",
+    )
     fallback: bool = Field(
         False, description="True when the hub model was unreachable and the generic model runs."
     )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from app.core.allocator import current_allocator
 from app.core.errors import ModelLoadError
 from app.inference.architecture import ModelConfig, TYArcFace
 from app.inference.loading import load_module
@@ -155,6 +156,7 @@ class Embedder:
             "precision_min_cosine_vs_fp32": self.precision_cosine,
             "precision_speedup_vs_fp32": self.precision_speedup,
             "compiled": self.compiled,
+            "allocator": current_allocator(),
         }
 
 
