@@ -1022,6 +1022,12 @@ def train(
     backbone_lr_scale: Annotated[
         float, typer.Option(help="Backbone lr = lr x this.")
     ] = _train_default("backbone_lr_scale"),
+    saturation_jitter: Annotated[
+        float, typer.Option(help="Colour jitter: saturation factor range (0: off).")
+    ] = _train_default("saturation_jitter"),
+    hue_jitter: Annotated[
+        float, typer.Option(help="Colour jitter: hue shift range, in turns (0: off).")
+    ] = _train_default("hue_jitter"),
     input_size: Annotated[int | None, typer.Option(help="Training/inference side (px).")] = None,
     embedding_dim: Annotated[
         int, typer.Option(help="Head size for pooled backbones.")
@@ -1077,6 +1083,13 @@ def train(
     val_gallery: Annotated[Path | None, typer.Option(help="Validation gallery.csv.")] = None,
     val_queries: Annotated[Path | None, typer.Option(help="Validation queries.csv.")] = None,
     val_images_root: Annotated[Path | None, typer.Option(help="Validation images root.")] = None,
+    keep: Annotated[
+        str,
+        typer.Option(
+            help="With a validation protocol, the epoch the output holds: best (highest "
+            "validation mAP@1000) or last. Without one, the last."
+        ),
+    ] = _train_default("keep"),
     restart: Annotated[
         bool, typer.Option("--restart", help="Ignore an existing checkpoint in OUT.")
     ] = False,
@@ -1116,6 +1129,8 @@ def train(
         batch_size=batch_size,
         lr=lr,
         backbone_lr_scale=backbone_lr_scale,
+        saturation_jitter=saturation_jitter,
+        hue_jitter=hue_jitter,
         input_size=input_size,
         embedding_dim=embedding_dim,
         scale=scale,
@@ -1136,6 +1151,7 @@ def train(
         val_queries=val_queries,
         val_images_root=val_images_root,
         resume=not restart,
+        keep=keep,
     )
     terminal = err.is_terminal
     log = TrainingLog(sys.stdout, None if terminal else sys.stderr, interval_s=log_interval)

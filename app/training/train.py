@@ -11,7 +11,7 @@ A backbone with a plain average-pooled head gets a projection head (Linear + Bat
 backbone is frozen for `freeze_epochs` (only the head and class centres learn), then
 trained at `backbone_lr_scale` times the learning rate, with AdamW and a one-cycle
 schedule. Each epoch ends with a checkpoint (resumable) and, when a validation protocol
-is given, its mAP@1000.
+is given, its mAP@1000; the output then holds the epoch with the best one (`keep`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ class TrainConfig:
     lr: float = 2e-3
     backbone_lr_scale: float = 0.25
     weight_decay: float = 1e-4
+    saturation_jitter: float = 0.0
+    hue_jitter: float = 0.0
     input_size: int | None = None
     embedding_dim: int = 512
     scale: float = 30.0
@@ -90,6 +92,7 @@ class TrainConfig:
     val_queries: Path | None = None
     val_images_root: Path | None = None
     resume: bool = True
+    keep: str = "best"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -199,15 +202,29 @@ def read_samples(path: Path, root: Path) -> tuple[list[Sample], list[str]]:
 
 
 class LabelledImages(Dataset[tuple[torch.Tensor, int]]):
-    """Decoded exactly as the service decodes, cropped to the box, then augmented."""
+    """Decoded exactly as the service decodes, cropped to the box, then augmented.
 
-    def __init__(self, samples: list[Sample], config: ModelConfig, size: int) -> None:
+    Brightness and contrast are jittered (lighting changes between photos); hue and
+    saturation are not by default: a product's colour is part of what it is (a yellow and
+    a green apple, a red and a blue shirt are different products), and on validation the
+    recipe without them was ahead (docs/benchmarks.md).
+    """
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        config: ModelConfig,
+        size: int,
+        *,
+        saturation: float = 0.0,
+        hue: float = 0.0,
+    ) -> None:
         self.samples = samples
         self.transform = T.Compose(
             [
                 T.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(0.75, 1.333)),
                 T.RandomHorizontalFlip(),
-                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.02),
+                T.ColorJitter(brightness=0.3, contrast=0.3, saturation=saturation, hue=hue),
                 T.ToTensor(),
                 T.Normalize(config.mean, config.std),
             ]
@@ -254,6 +271,57 @@ class WeightAverage:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["module"])
         self.steps = int(state["steps"])
+
+
+KEEP_CHOICES = ("best", "last")
+
+
+class KeptEpoch:
+    """Which epoch's weights the output model holds: the last, or the best on validation.
+
+    With `keep="best"` and a validation protocol, each epoch's validation mAP@1000 is
+    compared with the best so far and, when higher (ties keep the earlier epoch), the
+    weights, the class centres and the model config (the side changes for the last
+    epochs) are copied. The last epoch, at the lowest learning rate, is not always the
+    best: in every grocery-store run it was below the one before it (docs/benchmarks.md).
+    Without validation, or with `keep="last"`, the last epoch is kept.
+    """
+
+    def __init__(self, keep: str) -> None:
+        if keep not in KEEP_CHOICES:
+            raise InvalidRequest(f"unknown keep {keep!r} (best or last)")
+        self.keep = keep
+        self.epoch: int | None = None
+        self.score = float("-inf")
+        self.state: dict[str, torch.Tensor] | None = None
+        self.config: ModelConfig | None = None
+
+    def offer(
+        self, record: dict[str, Any], module: TYArcFace, arcface: ArcFace, *, score_key: str
+    ) -> bool:
+        """Note epoch `record`; True where its weights are now the ones kept."""
+        score = record.get(score_key)
+        if self.keep != "best" or score is None:
+            return self.keep == "last" or score is None
+        if score <= self.score:
+            return False
+        self.epoch, self.score = int(record["epoch"]), float(score)
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.state["arcface.weight"] = arcface.weight.detach().clone()
+        self.config = module.config
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "score": self.score,
+            "state": self.state,
+            "config": asdict(self.config) if self.config is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.score, self.state = state["epoch"], state["score"], state["state"]
+        self.config = ModelConfig(**state["config"]) if state["config"] is not None else None
 
 
 def _seed_everything(seed: int) -> torch.Generator:
@@ -397,6 +465,7 @@ def train(
     """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
     if config.subcenters < 1:
         raise InvalidRequest(f"subcenters must be at least 1, got {config.subcenters}")
+    kept = KeptEpoch(config.keep)
     generator = _seed_everything(config.seed)
     device = resolve_device(config.device)
     root = config.images_root or config.data.parent
@@ -424,7 +493,13 @@ def train(
 
     def make_loader(side: int) -> DataLoader[tuple[torch.Tensor, int]]:
         return DataLoader(
-            LabelledImages(samples, model_config, side),
+            LabelledImages(
+                samples,
+                model_config,
+                side,
+                saturation=config.saturation_jitter,
+                hue=config.hue_jitter,
+            ),
             batch_size=config.batch_size,
             shuffle=True,
             drop_last=True,
@@ -473,6 +548,8 @@ def train(
             xbm.load_state_dict(state["xbm"])
         if average is not None and state.get("ema"):
             average.load_state_dict(state["ema"])
+        if state.get("kept"):
+            kept.load_state_dict(state["kept"])
         torch.set_rng_state(state["torch_rng"])
         generator.set_state(state["loader_rng"])
         random.setstate(state["python_rng"])
@@ -556,6 +633,13 @@ def train(
             if val is not None:
                 record["ema_val_map_at_1000"] = round(float(val["map_at_1000"]), 4)
                 record["ema_val_top1"] = round(float(val["top1"]), 4)
+        final = average.module if average is not None else module
+        record["kept"] = kept.offer(
+            record,
+            final,
+            arcface,
+            score_key="ema_val_map_at_1000" if average else "val_map_at_1000",
+        )
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
@@ -570,11 +654,15 @@ def train(
             epoch,
             history,
             average,
+            kept,
         )
 
     final = average.module if average is not None else module
     state_dict = dict(final.state_dict())
     state_dict["arcface.weight"] = arcface.weight.detach()
+    kept_epoch = len(history)
+    if kept.epoch is not None and kept.state is not None and kept.config is not None:
+        kept_epoch, model_config, state_dict = kept.epoch, kept.config, kept.state
     write_model_dir(
         config.out,
         model_config,
@@ -587,6 +675,7 @@ def train(
         "classes": len(names),
         "images": len(samples),
         "epochs": config.epochs,
+        "kept_epoch": kept_epoch,
         "train_seconds": round(time.perf_counter() - started, 1),
         "history": history,
         "mixed_precision": dtype_name(amp_dtype),
@@ -606,9 +695,11 @@ def _save_checkpoint(
     epoch: int,
     history: list[dict[str, Any]],
     average: WeightAverage | None = None,
+    kept: KeptEpoch | None = None,
 ) -> None:
     state = {
         "ema": average.state_dict() if average is not None else None,
+        "kept": kept.state_dict() if kept is not None else None,
         "module": module.state_dict(),
         "arcface": arcface.state_dict(),
         "optimizer": optimizer.state_dict(),

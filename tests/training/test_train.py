@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import colorsys
 import csv
 import io
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -17,9 +20,17 @@ from app.core.errors import InvalidRequest, ModelLoadError
 from app.inference.architecture import GEM_INITIAL_P, ModelConfig, build_module
 from app.inference.builders import randomise, write_model_dir
 from app.inference.runtime import load_model
+from app.training import train as train_module
 from app.training.losses import ArcFace
 from app.training.report import TrainingLog
-from app.training.train import PrecisionChoice, TrainConfig, final_side, prepare_module
+from app.training.train import (
+    LabelledImages,
+    PrecisionChoice,
+    Sample,
+    TrainConfig,
+    final_side,
+    prepare_module,
+)
 
 runner = CliRunner()
 PRODUCTS = ("Fruit/Banana", "Fruit/Kiwi", "Packages/Milk/Arla-Standard-Milk")
@@ -101,7 +112,8 @@ def test_weight_average_is_validated_beside_the_trained_weights_and_saved(
     tiny_model_dir: Path, material: dict[str, Path], tmp_path: Path
 ) -> None:
     out = tmp_path / "ema"
-    args = _args(tiny_model_dir, material, out, material["queries"]) + ["--ema-decay", "0.9"]
+    args = _args(tiny_model_dir, material, out, material["queries"])
+    args += ["--ema-decay", "0.9", "--keep", "last"]
 
     result = runner.invoke(cli, args)
 
@@ -162,6 +174,8 @@ def test_the_documented_recipe_is_the_default() -> None:
     assert (config.final_size, config.final_epochs) == (None, 2)  # 224 -> 288 for a pooled head
     assert config.pooling is None  # measured, not kept
     assert config.ema_decay == 0.0  # measured, not kept
+    assert (config.hue_jitter, config.saturation_jitter) == (0.0, 0.0)  # colour is identity
+    assert config.keep == "best"
     result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
     assert "[default: 10]" in result.stdout
     assert "[default: 2048]" in result.stdout
@@ -212,6 +226,8 @@ def test_a_gem_head_trained_at_a_larger_size_for_the_last_epoch_is_served_as_tra
         "96",
         "--final-epochs",
         "1",
+        "--keep",
+        "last",
     ]
 
     result = runner.invoke(cli, args)
@@ -350,3 +366,99 @@ def test_without_timing_the_candidate_precision_is_used_throughout() -> None:
     untimed.record((224, False), 1.0)
     assert untimed.dtype((224, False)) is None
     assert untimed.describe((224, False)) == {"precision": "fp32"}
+
+
+def _hues(images: LabelledImages, config: ModelConfig, n: int) -> list[float]:
+    """The mean hue (in turns) of `n` augmented views of the dataset's one image."""
+    mean, std = torch.tensor(config.mean), torch.tensor(config.std)
+    hues = []
+    for _ in range(n):
+        tensor, _ = images[0]
+        rgb = (tensor * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
+        r, g, b = (float(c.mean()) for c in rgb)
+        hues.append(colorsys.rgb_to_hsv(r, g, b)[0])
+    return hues
+
+
+def test_hue_jitter_off_keeps_a_products_colour(tmp_path: Path) -> None:
+    # A flat yellow-green image: a colour that tells two products apart (a Golden Delicious
+    # from a Granny Smith) must come through augmentation unchanged when hue jitter is off.
+    path = tmp_path / "apple.png"
+    Image.new("RGB", (64, 64), (170, 190, 60)).save(path)
+    config = ModelConfig(
+        backbone_name="x", backbone_features=8, hidden_size=1, embedding_dim=8, input_size=32
+    )
+    samples = [Sample(path, 0, None)]
+    kept = LabelledImages(samples, config, 32, saturation=0.0, hue=0.0)
+    moved = LabelledImages(samples, config, 32, saturation=0.0, hue=0.1)
+    torch.manual_seed(0)
+    original = colorsys.rgb_to_hsv(170 / 255, 190 / 255, 60 / 255)[0]
+    assert max(abs(h - original) for h in _hues(kept, config, 12)) < 0.01
+    assert max(abs(h - original) for h in _hues(moved, config, 12)) > 0.03
+
+
+def test_colour_jitter_options_reach_the_recipe() -> None:
+    result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--hue-jitter" in result.stdout
+    assert "--saturation-jitter" in result.stdout
+
+
+@pytest.mark.slow
+def test_the_output_holds_the_epoch_best_on_validation(
+    pooled_model_dir: Path,
+    material: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Validation is scripted (epoch 2 best) so that the kept epoch is not the last; the
+    # weights each epoch ended with are captured where the checkpoint is written.
+    scores = itertools.cycle([0.5, 0.7, 0.6])
+    monkeypatch.setattr(
+        train_module, "validate", lambda *a, **k: {"map_at_1000": next(scores), "top1": 0.5}
+    )
+    ended: list[dict[str, torch.Tensor]] = []
+    save = train_module._save_checkpoint
+
+    def capture(path: Path, module: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        ended.append({k: v.clone() for k, v in module.state_dict().items()})
+        save(path, module, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", capture)
+    config = TrainConfig(
+        init=str(pooled_model_dir),
+        data=material["data"],
+        out=tmp_path / "best",
+        images_root=material["root"],
+        epochs=3,
+        batch_size=6,
+        xbm_size=24,
+        workers=0,
+        final_epochs=1,
+        final_size=96,
+        val_gallery=material["gallery"],
+        val_queries=material["queries"],
+        val_images_root=material["root"],
+    )
+
+    summary = train_module.train(config)
+
+    assert summary["kept_epoch"] == 2
+    assert [r["kept"] for r in summary["history"]] == [True, True, False]
+    saved = load_file(str(tmp_path / "best" / "model.safetensors"))
+    name = next(n for n in saved if n.startswith("backbone.") and saved[n].ndim == 4)
+    assert torch.equal(saved[name], ended[1][name])
+    assert not torch.equal(saved[name], ended[2][name])
+    # epoch 2 trained at the first side: the model is served at it, not at the last side's
+    served = json.loads((tmp_path / "best" / "config.json").read_text())
+    assert served["input_size"] in (64, [3, 64, 64])
+
+    last = train_module.train(
+        TrainConfig(**{**config.__dict__, "out": tmp_path / "last", "keep": "last"})
+    )
+    assert last["kept_epoch"] == 3
+
+
+def test_an_unknown_keep_is_refused() -> None:
+    config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"), keep="first")
+    with pytest.raises(InvalidRequest, match="unknown keep 'first'"):
+        train_module.train(config)
