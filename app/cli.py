@@ -211,6 +211,13 @@ def bench_embed(
     compile_model: Annotated[
         bool, typer.Option("--compile/--no-compile", help="Also measure the compiled model.")
     ] = True,
+    openvino: Annotated[
+        bool,
+        typer.Option(
+            "--openvino/--no-openvino",
+            help="Also measure the forward pass on OpenVINO (CPU, where it is installed).",
+        ),
+    ] = True,
     roofline: Annotated[
         bool, typer.Option("--roofline/--no-roofline", help="Measure the machine's GEMM peak.")
     ] = True,
@@ -234,6 +241,7 @@ def bench_embed(
         max_wait_ms=max_wait_ms,
         preprocess_threads=preprocess_threads,
         compile_model=compile_model,
+        openvino=openvino,
         roofline=roofline,
         progress=lambda msg: err.print(f"[dim]{msg}[/dim]"),
     )

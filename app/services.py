@@ -429,7 +429,10 @@ def _ready_embedder(settings: Settings, db: Database | None) -> tuple[Embedder, 
     embedder, fallback = load_embedder(settings)
     if db is not None:
         check_model_matches_catalogue(db, embedder.model_id)
-    if settings.compile:
+    if settings.runtime == "openvino" and embedder.use_openvino():
+        if settings.compile:
+            LOG.info("VS_COMPILE is not used: the forward pass runs on OpenVINO")
+    elif settings.compile:
         embedder.compile()
     if settings.warmup:
         embedder.warmup(sorted({1, settings.batch.max_size}))

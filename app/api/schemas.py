@@ -197,6 +197,9 @@ class ModelRead(BaseModel):
         "precision's on the calibration images at start (below 1: it was slower, fp32 runs).",
     )
     compiled: bool = False
+    runtime: Literal["torch", "openvino"] = Field(
+        "torch", description="What runs the forward pass (VS_RUNTIME): PyTorch or OpenVINO."
+    )
     allocator: str = Field(
         "system",
         description="The process's malloc: tcmalloc where installed (VS_ALLOCATOR), else system.",

@@ -370,6 +370,12 @@ class Settings(BaseSettings):
         False,
         description="torch.compile the model at start (about a minute; ~40% faster on CPU).",
     )
+    runtime: Literal["torch", "openvino"] = Field(
+        "torch",
+        description="What runs the forward pass: PyTorch, or OpenVINO's CPU runtime (CPU "
+        "only; needs the `openvino` extra; the model is converted at start, about half a "
+        "minute for ConvNeXt-Base; VS_COMPILE is then not used).",
+    )
     warmup: bool = Field(True, description="Run the model once at start (and check precision).")
 
     @field_validator("data_dir")

@@ -2,8 +2,8 @@
 
 The Embedder owns the inference-time choices: device, precision (backbone cast to fp16/bf16,
 head in fp32), `channels_last` inputs, `torch.inference_mode`, optional TorchInductor
-compilation and warm-up. `preprocess` is CPU work that any thread may do; `forward` runs on
-the BatchWorker's one thread.
+compilation or OpenVINO's CPU runtime, and warm-up. `preprocess` is CPU work that any
+thread may do; `forward` runs on the BatchWorker's one thread.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from app.core.allocator import current_allocator
 from app.core.errors import ModelLoadError
 from app.inference.architecture import ModelConfig, TYArcFace
 from app.inference.loading import load_module
+from app.inference.openvino_runtime import OpenVinoForward
 from app.inference.precision import DTYPES, Precision, candidate_precision, settle_precision
 from app.inference.preprocess import Preprocessor
 
@@ -62,6 +63,8 @@ class Embedder:
         # fp32 time / this precision's time on the calibration images (`auto` on a CPU)
         self.precision_speedup: float | None = None
         self.compiled = False
+        self.runtime = "torch"
+        self._openvino: OpenVinoForward | None = None
         self._forward_fn: Callable[[torch.Tensor], torch.Tensor] = module
         self.set_precision(precision)
 
@@ -81,6 +84,8 @@ class Embedder:
 
     def forward(self, batch: torch.Tensor) -> np.ndarray:
         """A (n, 3, S, S) float32 batch -> (n, embedding_dim) float32 unit rows."""
+        if self._openvino is not None:
+            return self._openvino(batch.numpy())
         if self.device.type == "cuda":
             batch = batch.pin_memory()
         with torch.inference_mode():
@@ -138,6 +143,43 @@ class Embedder:
         self.compiled = True
         return True
 
+    def use_openvino(self) -> bool:
+        """Run the forward pass on OpenVINO's CPU runtime from now on (`VS_RUNTIME=openvino`).
+
+        Converts the module at the precision settled on (a trace: half a minute for
+        ConvNeXt-Base on two cores). On ConvNeXt-Base/224 on a 2-core Xeon this is the
+        fastest path measured (docs/benchmarks.md). Only on a CPU; without OpenVINO
+        installed, or on any conversion failure, PyTorch stays and the log says why.
+        """
+        if self.device.type != "cpu":
+            LOG.warning("VS_RUNTIME=openvino runs on a CPU only; PyTorch stays on %s", self.device)
+            return False
+        try:
+            # trace the fp32 module (a bf16 backbone goes back to fp32 exactly for it)
+            self.module.backbone.to(dtype=torch.float32)
+            self._openvino = OpenVinoForward(
+                self.module, self.config.input_size, self.precision, torch.get_num_threads()
+            )
+        except ImportError:
+            LOG.warning(
+                "VS_RUNTIME=openvino but OpenVINO is not installed "
+                "(pip install 'visual-search[openvino]'); running PyTorch"
+            )
+            return False
+        except Exception:  # noqa: BLE001 - a faster runtime is an optimisation, never a failure
+            LOG.exception("OpenVINO could not convert the model; running PyTorch")
+            return False
+        finally:
+            self.set_precision(self.precision)
+        self.runtime = "openvino"
+        LOG.info(
+            "forward pass on OpenVINO %s (%s; converted in %.1f s)",
+            self._openvino.version,
+            self.precision,
+            self._openvino.convert_s,
+        )
+        return True
+
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the model once per batch size so the first request pays no set-up cost."""
         size = self.config.input_size
@@ -156,6 +198,7 @@ class Embedder:
             "precision_min_cosine_vs_fp32": self.precision_cosine,
             "precision_speedup_vs_fp32": self.precision_speedup,
             "compiled": self.compiled,
+            "runtime": self.runtime,
             "allocator": current_allocator(),
         }
 

@@ -17,7 +17,9 @@ from app.inference.builders import init_pretrained, init_random, randomise, writ
 
 runner = CliRunner()
 
-FAST = ["--images", "3", "--batch-sizes", "1,2", "--callers", "2", "--no-compile"]
+FAST = [
+    "--images", "3", "--batch-sizes", "1,2", "--callers", "2", "--no-compile", "--no-openvino"
+]  # fmt: skip
 
 
 def bench(model: Path | str, *extra: str) -> dict[str, Any]:
@@ -108,6 +110,30 @@ class TestEveryModelTheCliWrites:
         for row in report["rows"]:
             assert 0 < row["fraction_of_roofline"]
         assert report["best"]["fraction_of_roofline"] is not None
+
+
+class TestOpenVinoRows:
+    def test_the_service_path_on_openvino_beside_pytorch(self, tiny_model_dir: Path) -> None:
+        pytest.importorskip("openvino")
+
+        report = bench(tiny_model_dir, "--precision", "fp32", "--openvino")
+
+        rows = {row["name"]: row for row in report["rows"]}
+        assert {"worker_bs1_openvino", "worker_bs2_openvino"} <= set(rows)
+        ov_model_rows = [name for name in rows if name.startswith("model_") and "openvino" in name]
+        assert len(ov_model_rows) == 1
+        for name in ("worker_bs1_openvino", "worker_bs2_openvino"):
+            assert rows[name]["min_cosine_vs_reference"] >= 0.9999
+        assert report["model"]["runtime"] == "openvino"
+        assert report["openvino_convert_s"] > 0
+        machine = report["machine"]
+        # the fp32 roofline is the faster of PyTorch's and OpenVINO's matrix products
+        assert machine["gemm_gflops_fp32"] == max(
+            machine["gemm_gflops_fp32_torch"], machine["gemm_gflops_fp32_openvino"]
+        )
+        roofline = machine["gemm_gflops_fp32"] / machine["model_gflops_per_image"]
+        for row in report["rows"]:  # (the machine's figures are rounded, the rows' are not)
+            assert row["roofline_images_per_s"] == pytest.approx(roofline, rel=0.01)
 
 
 class TestErrorsAreOneLine:
