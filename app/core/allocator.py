@@ -48,6 +48,8 @@ def preload_command(
     preloaded = environ.get("LD_PRELOAD", "")
     if "malloc" in preloaded:  # the caller chose an allocator (tcmalloc, jemalloc)
         return None
+    if choice == "auto" and environ.get("VS_RUNTIME", "").strip().lower() == "openvino":
+        return None  # OpenVINO aborts under a preloaded tcmalloc ("free(): invalid pointer")
     if library is None:
         if choice == "tcmalloc":
             raise SystemExit(f"{ENV}=tcmalloc, but no libtcmalloc is installed")

@@ -154,6 +154,13 @@ class Embedder:
         if self.device.type != "cpu":
             LOG.warning("VS_RUNTIME=openvino runs on a CPU only; PyTorch stays on %s", self.device)
             return False
+        if current_allocator() == "tcmalloc":
+            LOG.warning(
+                "VS_RUNTIME=openvino does not run under a preloaded tcmalloc (it aborts with "
+                "'free(): invalid pointer'); running PyTorch. VS_ALLOCATOR=auto leaves "
+                "tcmalloc out when VS_RUNTIME=openvino is set"
+            )
+            return False
         try:
             # trace the fp32 module (a bf16 backbone goes back to fp32 exactly for it)
             self.module.backbone.to(dtype=torch.float32)

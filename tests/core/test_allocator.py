@@ -95,3 +95,12 @@ def test_the_console_script_starts_with_the_allocator() -> None:
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["vsearch"] == "app.launcher:main"
+
+
+def test_openvino_runtime_keeps_the_system_allocator() -> None:
+    """OpenVINO aborts under a preloaded tcmalloc, so `auto` leaves it out for it."""
+    argv = ["vsearch", "serve"]
+    assert preload_command(argv, {"VS_RUNTIME": "openvino"}, "libtcmalloc.so.4") is None
+    assert preload_command(argv, {"VS_RUNTIME": "torch"}, "libtcmalloc.so.4") is not None
+    forced = {"VS_RUNTIME": "openvino", "VS_ALLOCATOR": "tcmalloc"}
+    assert preload_command(argv, forced, "libtcmalloc.so.4") is not None
