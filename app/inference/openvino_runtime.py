@@ -8,7 +8,7 @@ the module does (the L2-normalised embedding); the inference precision follows t
 precision the service settled on (fp32 stays fp32: OpenVINO would otherwise pick bf16 on
 a CPU that has it).
 
-OpenVINO is an optional dependency (`pip install 'visual-search[openvino]'`); without it
+OpenVINO is an optional dependency (`pip install 'vsearch[openvino]'`); without it
 `OpenVinoForward` raises ImportError and the caller keeps PyTorch.
 """
 

@@ -170,7 +170,7 @@ class Embedder:
         except ImportError:
             LOG.warning(
                 "VS_RUNTIME=openvino but OpenVINO is not installed "
-                "(pip install 'visual-search[openvino]'); running PyTorch"
+                "(pip install 'vsearch[openvino]'); running PyTorch"
             )
             return False
         except Exception:  # noqa: BLE001 - a faster runtime is an optimisation, never a failure
