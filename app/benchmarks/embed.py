@@ -270,7 +270,7 @@ def run_embed_benchmark(
             measure("_compiled")
     openvino_s: float | None = None
     if openvino and embedder.device.type == "cpu" and openvino_version() is not None:
-        say("OpenVINO conversion (about half a minute for large models)")
+        say("OpenVINO conversion (seconds; longer on a busy machine)")
         started = time.perf_counter()
         if embedder.use_openvino():
             openvino_s = round(time.perf_counter() - started, 1)

@@ -373,8 +373,8 @@ class Settings(BaseSettings):
     runtime: Literal["torch", "openvino"] = Field(
         "torch",
         description="What runs the forward pass: PyTorch, or OpenVINO's CPU runtime (CPU "
-        "only; needs the `openvino` extra; the model is converted at start, about half a "
-        "minute for ConvNeXt-Base; VS_COMPILE is then not used).",
+        "only; needs the `openvino` extra; the model is converted at start, seconds for "
+        "ConvNeXt-Base; VS_COMPILE is then not used).",
     )
     warmup: bool = Field(True, description="Run the model once at start (and check precision).")
 

@@ -146,10 +146,11 @@ class Embedder:
     def use_openvino(self) -> bool:
         """Run the forward pass on OpenVINO's CPU runtime from now on (`VS_RUNTIME=openvino`).
 
-        Converts the module at the precision settled on (a trace: half a minute for
-        ConvNeXt-Base on two cores). On ConvNeXt-Base/224 on a 2-core Xeon this is the
-        fastest path measured (docs/benchmarks.md). Only on a CPU; without OpenVINO
-        installed, or on any conversion failure, PyTorch stays and the log says why.
+        Converts the module at the precision settled on (a trace: 7 s for ConvNeXt-Base
+        on an idle 2-core CPU). There its service path ran 20% faster than PyTorch eager,
+        just below compiled PyTorch, with no C++ compiler (docs/benchmarks.md). Only on a
+        CPU; without OpenVINO installed, or on any conversion failure, PyTorch stays and
+        the log says why.
         """
         if self.device.type != "cpu":
             LOG.warning("VS_RUNTIME=openvino runs on a CPU only; PyTorch stays on %s", self.device)
