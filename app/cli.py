@@ -1036,6 +1036,13 @@ def train(
     hue_jitter: Annotated[
         float, typer.Option(help="Colour jitter: hue shift range, in turns (0: off).")
     ] = _train_default("hue_jitter"),
+    class_sampling: Annotated[
+        float,
+        typer.Option(
+            help="Draw a product with n images in proportion to n^(1 - this): 0 plain "
+            "shuffling, 0.5 square-root, 1 every product equally often."
+        ),
+    ] = _train_default("class_sampling"),
     input_size: Annotated[int | None, typer.Option(help="Training/inference side (px).")] = None,
     embedding_dim: Annotated[
         int, typer.Option(help="Head size for pooled backbones.")
@@ -1139,6 +1146,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale,
         saturation_jitter=saturation_jitter,
         hue_jitter=hue_jitter,
+        class_sampling=class_sampling,
         input_size=input_size,
         embedding_dim=embedding_dim,
         scale=scale,

@@ -22,6 +22,7 @@ import json
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 import torchvision.transforms as T
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from app.core.errors import InvalidRequest, ModelLoadError
 from app.core.files import atomic_write
@@ -71,6 +72,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     saturation_jitter: float = 0.0
     hue_jitter: float = 0.0
+    class_sampling: float = 0.0
     input_size: int | None = None
     embedding_dim: int = 512
     scale: float = 30.0
@@ -435,6 +437,22 @@ def validate(
     return metrics
 
 
+def class_sampler(
+    samples: list[Sample], power: float, generator: torch.Generator
+) -> WeightedRandomSampler | None:
+    """Draw each epoch's images so that a product with n images is drawn in proportion
+    to n^(1 - power): 0 is plain shuffling (None), 0.5 square-root sampling, 1 every
+    product equally often. Draws are with replacement, as many per epoch as there are
+    images."""
+    if not 0.0 <= power <= 1.0:
+        raise InvalidRequest(f"class sampling must be between 0 and 1, got {power}")
+    if power == 0.0:
+        return None
+    counts = Counter(s.label for s in samples)
+    weights = [counts[s.label] ** -power for s in samples]
+    return WeightedRandomSampler(weights, len(samples), replacement=True, generator=generator)
+
+
 def check_validation_split(config: TrainConfig, samples: list[Sample]) -> None:
     """Refuse validation queries that are also training images.
 
@@ -471,6 +489,7 @@ def train(
     root = config.images_root or config.data.parent
     samples, names = read_samples(config.data, root)
     check_validation_split(config, samples)
+    sampler = class_sampler(samples, config.class_sampling, generator)
     module = prepare_module(config.init, config.embedding_dim, config.input_size, config.pooling)
     model_config = module.config
     size = model_config.input_size
@@ -501,7 +520,8 @@ def train(
                 hue=config.hue_jitter,
             ),
             batch_size=config.batch_size,
-            shuffle=True,
+            shuffle=sampler is None,
+            sampler=sampler,
             drop_last=True,
             num_workers=config.workers,
             generator=generator,

@@ -28,6 +28,7 @@ from app.training.train import (
     PrecisionChoice,
     Sample,
     TrainConfig,
+    class_sampler,
     final_side,
     prepare_module,
 )
@@ -462,3 +463,28 @@ def test_an_unknown_keep_is_refused() -> None:
     config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"), keep="first")
     with pytest.raises(InvalidRequest, match="unknown keep 'first'"):
         train_module.train(config)
+
+
+@pytest.mark.parametrize(
+    ("power", "expected_share_of_rare"),
+    [(0.5, 2 / (2 + 8)), (1.0, 1 / 2)],  # counts 4 and 64: sqrt 2 and 8; equal 1 and 1
+)
+def test_class_sampling_draws_products_by_their_image_count(
+    power: float, expected_share_of_rare: float
+) -> None:
+    samples = [Sample(Path(f"r{i}.jpg"), 0, None) for i in range(4)]
+    samples += [Sample(Path(f"c{i}.jpg"), 1, None) for i in range(64)]
+    sampler = class_sampler(samples, power, torch.Generator().manual_seed(0))
+    assert sampler is not None
+    draws = [samples[i].label for _ in range(300) for i in sampler]
+    assert len(draws) == 300 * len(samples)  # as many draws per epoch as images
+    assert draws.count(0) / len(draws) == pytest.approx(expected_share_of_rare, abs=0.01)
+
+
+def test_class_sampling_off_is_plain_shuffling_and_out_of_range_is_refused() -> None:
+    samples = [Sample(Path("a.jpg"), 0, None), Sample(Path("b.jpg"), 1, None)]
+    assert class_sampler(samples, 0.0, torch.Generator()) is None
+    with pytest.raises(InvalidRequest, match="between 0 and 1"):
+        class_sampler(samples, 1.5, torch.Generator())
+    result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--class-sampling" in result.stdout
