@@ -109,7 +109,10 @@ def load_embedder(settings: Settings) -> tuple[Embedder, bool]:
         The embedder and whether it is the fallback model.
     """
     try:
-        return load_model(settings.model, settings.device, settings.precision), False
+        return (
+            load_model(settings.model, settings.device, settings.precision, settings.runtime),
+            False,
+        )
     except ModelUnavailable as exc:
         if settings.model != DEFAULT_MODEL:
             raise
@@ -125,7 +128,7 @@ def load_embedder(settings: Settings) -> tuple[Embedder, bool]:
         )
         if not (target / CONFIG_FILE).is_file():
             init_pretrained(target)
-        return load_model(target, settings.device, settings.precision), True
+        return load_model(target, settings.device, settings.precision, settings.runtime), True
 
 
 def check_model_matches_catalogue(db: Database, model_id: str) -> None:
@@ -429,7 +432,7 @@ def _ready_embedder(settings: Settings, db: Database | None) -> tuple[Embedder, 
     embedder, fallback = load_embedder(settings)
     if db is not None:
         check_model_matches_catalogue(db, embedder.model_id)
-    if settings.runtime == "openvino" and embedder.use_openvino():
+    if embedder.runtime == "openvino":
         if settings.compile:
             LOG.info("VS_COMPILE is not used: the forward pass runs on OpenVINO")
     elif settings.compile:

@@ -374,7 +374,8 @@ class Settings(BaseSettings):
         "torch",
         description="What runs the forward pass: PyTorch, or OpenVINO's CPU runtime (CPU "
         "only; needs the `openvino` extra; the model is converted at start, seconds for "
-        "ConvNeXt-Base; VS_COMPILE is then not used).",
+        "ConvNeXt-Base; VS_COMPILE is then not used; VS_PRECISION=auto is settled on "
+        "OpenVINO's own timings).",
     )
     warmup: bool = Field(True, description="Run the model once at start (and check precision).")
 

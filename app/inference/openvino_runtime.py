@@ -14,6 +14,7 @@ OpenVINO is an optional dependency (`pip install 'vsearch[openvino]'`); without 
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import warnings
@@ -50,19 +51,40 @@ class OpenVinoForward:
         with torch.no_grad(), warnings.catch_warnings():
             # the TorchScript trace OpenVINO converts through warns of its own deprecation
             warnings.simplefilter("ignore", FutureWarning)
-            model = ov.convert_model(
+            self._model: Any = ov.convert_model(
                 module, example_input=example, input=[(-1, 3, input_size, input_size)]
             )
         self.convert_s = time.perf_counter() - started
+        self.threads = max(1, threads)
+        self.version = str(ov.__version__)
+        self._lock = threading.Lock()
+        self._compile(precision)
+
+    def _compile(self, precision: str) -> None:
+        import openvino as ov
+
         config = {
             "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[precision],
-            "INFERENCE_NUM_THREADS": max(1, threads),
+            "INFERENCE_NUM_THREADS": self.threads,
         }
-        self._compiled = ov.Core().compile_model(model, "CPU", config)
-        self._request = self._compiled.create_infer_request()
-        self._lock = threading.Lock()
-        self.version = str(ov.__version__)
+        compiled = ov.Core().compile_model(self._model, "CPU", config)
+        with self._lock:
+            self._compiled = compiled
+            self._request = compiled.create_infer_request()
+            self.precision = precision
+
+    def at(self, precision: str) -> OpenVinoForward:
+        """The same converted graph compiled at another precision (no second trace)."""
+        other = copy.copy(self)
+        other._lock = threading.Lock()
+        other._compile(precision)
+        return other
+
+    def release_graph(self) -> None:
+        """Drop the converted graph once no other precision will be compiled from it (it
+        holds a copy of the weights beside the compiled model's)."""
+        self._model = None
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with self._lock:

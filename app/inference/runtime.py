@@ -22,7 +22,15 @@ from app.core.errors import ModelLoadError
 from app.inference.architecture import ModelConfig, TYArcFace
 from app.inference.loading import load_module
 from app.inference.openvino_runtime import OpenVinoForward
-from app.inference.precision import DTYPES, Precision, candidate_precision, settle_precision
+from app.inference.precision import (
+    DTYPES,
+    PRECISION_MIN_COSINE,
+    Precision,
+    calibration_images,
+    candidate_precision,
+    settle_precision,
+    timed_pass,
+)
 from app.inference.preprocess import Preprocessor
 
 LOG = logging.getLogger(__name__)
@@ -143,14 +151,20 @@ class Embedder:
         self.compiled = True
         return True
 
-    def use_openvino(self) -> bool:
+    def use_openvino(self, wanted: Precision | None = None, *, auto: bool = False) -> bool:
         """Run the forward pass on OpenVINO's CPU runtime from now on (`VS_RUNTIME=openvino`).
 
-        Converts the module at the precision settled on (a trace: 7 s for ConvNeXt-Base
-        on an idle 2-core CPU). There its service path ran 20% faster than PyTorch eager,
-        just below compiled PyTorch, with no C++ compiler (docs/benchmarks.md). Only on a
-        CPU; without OpenVINO installed, or on any conversion failure, PyTorch stays and
-        the log says why.
+        Converts the module (a trace: 7 s for ConvNeXt-Base on an idle 2-core CPU) and
+        compiles it at `wanted` (default: the precision already settled on). There its
+        service path ran 20% faster than PyTorch eager, just below compiled PyTorch, with
+        no C++ compiler (docs/benchmarks.md). With `auto` and a low `wanted`, OpenVINO's
+        own fp32 and low-precision graphs are timed against each other on the calibration
+        images (PyTorch's timings say nothing about OpenVINO's kernels: on a CPU with
+        AVX512-BF16 and no AMX its bf16 graph ran at half the speed of its fp32 one) and
+        checked for agreement, as `settle_precision` does for PyTorch; call it on an fp32
+        module so that fp32 stays exact (`load_model(..., runtime="openvino")` does). Only
+        on a CPU; without OpenVINO installed, or on any conversion failure, PyTorch stays
+        and the log says why.
         """
         if self.device.type != "cpu":
             LOG.warning("VS_RUNTIME=openvino runs on a CPU only; PyTorch stays on %s", self.device)
@@ -162,31 +176,61 @@ class Embedder:
                 "tcmalloc out when VS_RUNTIME=openvino is set"
             )
             return False
+        wanted = wanted or self.precision
         try:
             # trace the fp32 module (a bf16 backbone goes back to fp32 exactly for it)
             self.module.backbone.to(dtype=torch.float32)
-            self._openvino = OpenVinoForward(
-                self.module, self.config.input_size, self.precision, torch.get_num_threads()
+            first = "fp32" if auto else wanted
+            forward = OpenVinoForward(
+                self.module, self.config.input_size, first, torch.get_num_threads()
             )
+            if auto and wanted != "fp32":
+                forward = self._settle_openvino_precision(forward, wanted)
+            forward.release_graph()
         except ImportError:
             LOG.warning(
                 "VS_RUNTIME=openvino but OpenVINO is not installed "
                 "(pip install 'vsearch[openvino]'); running PyTorch"
             )
+            self.set_precision(self.precision)
             return False
         except Exception:  # noqa: BLE001 - a faster runtime is an optimisation, never a failure
             LOG.exception("OpenVINO could not convert the model; running PyTorch")
-            return False
-        finally:
             self.set_precision(self.precision)
+            return False
+        self._openvino = forward
         self.runtime = "openvino"
+        self.set_precision(forward.precision)  # type: ignore[arg-type]
         LOG.info(
             "forward pass on OpenVINO %s (%s; converted in %.1f s)",
-            self._openvino.version,
-            self.precision,
-            self._openvino.convert_s,
+            forward.version,
+            forward.precision,
+            forward.convert_s,
         )
         return True
+
+    def _settle_openvino_precision(
+        self, fp32: OpenVinoForward, wanted: Precision
+    ) -> OpenVinoForward:
+        """OpenVINO at `wanted` if it agrees with its fp32 graph and is faster, else fp32."""
+        images = calibration_images(self.config.input_size)
+        batch = torch.stack([self.preprocess(image) for image in images]).numpy()
+        low = fp32.at(wanted)
+        reference, rows = fp32(batch), low(batch)  # also the warm passes
+        cosine = float(np.min(np.sum(rows * reference, axis=1)))
+        fp32_s = timed_pass(lambda: fp32(batch))
+        self.precision_speedup = round(fp32_s / timed_pass(lambda: low(batch)), 3)
+        if cosine >= PRECISION_MIN_COSINE and self.precision_speedup >= 1.0:
+            self.precision_cosine = cosine
+            return low
+        LOG.warning(
+            "OpenVINO in %s: %.2fx the speed of fp32, min cosine %.5f against it; using fp32",
+            wanted,
+            self.precision_speedup,
+            cosine,
+        )
+        self.precision_cosine = 1.0
+        return fp32
 
     def warmup(self, batch_sizes: Sequence[int] = (1,)) -> None:
         """Run the model once per batch size so the first request pays no set-up cost."""
@@ -212,7 +256,10 @@ class Embedder:
 
 
 def load_model(
-    path_or_hub_id: str | Path, device: str = "auto", precision: str = "auto"
+    path_or_hub_id: str | Path,
+    device: str = "auto",
+    precision: str = "auto",
+    runtime: str = "torch",
 ) -> Embedder:
     """Load a model directory (or hub id) strictly and pick its precision.
 
@@ -223,6 +270,9 @@ def load_model(
             only when its embeddings agree with fp32 (min cosine >= 0.999 on a fixed
             image set) and, on a CPU, it runs faster than fp32 there; otherwise the model
             falls back to fp32 and says so in the log.
+        runtime: `torch`, or `openvino` for OpenVINO's CPU runtime (`Embedder.use_openvino`,
+            which then settles the precision on OpenVINO's own timings); PyTorch where
+            OpenVINO cannot run, with the log saying why.
     """
     loaded = load_module(path_or_hub_id)
     config = loaded.config
@@ -231,7 +281,9 @@ def load_model(
     embedder = Embedder(
         loaded.module, config, model_id=loaded.model_id, device=dev, precision="fp32"
     )
-    settle_precision(embedder, wanted, auto=precision == "auto")
+    auto = precision == "auto"
+    if not (runtime == "openvino" and embedder.use_openvino(wanted, auto=auto)):
+        settle_precision(embedder, wanted, auto=auto)
     LOG.info(
         "loaded model %s (%s, %s head, %d-d) on %s in %s",
         loaded.model_id,

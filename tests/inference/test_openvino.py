@@ -59,6 +59,46 @@ class TestOpenVinoForward:
         assert embedder.describe()["runtime"] == "torch"
         assert np.array_equal(embedder.embed(images), before)
 
+    @pytest.mark.parametrize(("low_s", "kept"), [(2.0, "fp32"), (0.5, "bf16")])
+    def test_auto_precision_is_settled_on_openvinos_own_timings(
+        self,
+        tiny_model_dir: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        low_s: float,
+        kept: str,
+    ) -> None:
+        # PyTorch's bf16 timing says nothing about OpenVINO's bf16 kernels: the service
+        # times OpenVINO's fp32 graph (1 s here) against its bf16 graph (low_s)
+        times = iter([1.0, low_s])
+        monkeypatch.setattr("app.inference.runtime.timed_pass", lambda _run: next(times))
+        images = [pattern(90, 70, seed=i) for i in range(4)]
+        exact = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
+
+        embedder = load_model(tiny_model_dir, device="cpu", precision="fp32")
+        assert embedder.use_openvino("bf16", auto=True)
+
+        described = embedder.describe()
+        assert (described["runtime"], described["precision"]) == ("openvino", kept)
+        assert described["precision_speedup_vs_fp32"] == pytest.approx(1.0 / low_s)
+        rows = embedder.embed(images)
+        # fp32 from the exact fp32 weights; bf16 within the service's agreement bound
+        bound = 0.99999 if kept == "fp32" else 0.999
+        assert np.min(np.sum(rows * exact, axis=1)) >= bound
+
+    def test_load_model_with_the_openvino_runtime_keeps_fp32_exact(
+        self, tiny_model_dir: Path
+    ) -> None:
+        images = [pattern(90, 70, seed=i) for i in range(3)]
+        exact = load_model(tiny_model_dir, device="cpu", precision="fp32").embed(images)
+        embedder = load_model(tiny_model_dir, device="cpu", precision="auto", runtime="openvino")
+        assert embedder.runtime == "openvino"
+        described = embedder.describe()
+        if described["precision"] == "fp32":
+            assert np.min(np.sum(embedder.embed(images) * exact, axis=1)) >= 0.99999
+        else:  # a CPU whose OpenVINO bf16 graph timed faster than its fp32 one
+            assert described["precision_speedup_vs_fp32"] >= 1.0
+            assert described["precision_min_cosine_vs_fp32"] >= 0.999
+
     def test_gemm_throughput_is_measured(self) -> None:
         assert openvino_gemm_gflops(seconds=0.3, threads=1) > 1.0
 
