@@ -78,7 +78,7 @@ class TrainConfig:
     scale: float = 30.0
     margin: float = 0.3
     subcenters: int = 3
-    xbm_size: int = 2048
+    xbm_size: int = 4096
     xbm_weight: float = 1.0
     xbm_start_epoch: int = 1
     freeze_epochs: int = 1

@@ -170,7 +170,7 @@ def test_validation_queries_that_are_training_images_are_refused(
 def test_the_documented_recipe_is_the_default() -> None:
     config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"))
     assert config.epochs == 10
-    assert config.xbm_size == 2048
+    assert config.xbm_size == 4096  # ahead of 2048 on val on every epoch from 6 on
     assert config.subcenters == 3
     assert (config.final_size, config.final_epochs) == (None, 2)  # 224 -> 288 for a pooled head
     assert config.pooling is None  # measured, not kept
