@@ -269,6 +269,7 @@ def run_embed_benchmark(
             compile_s = round(time.perf_counter() - started, 1)
             measure("_compiled", embedder)
     openvino_s: float | None = None
+    openvino_model: dict[str, Any] | None = None
     if openvino and embedder.device.type == "cpu" and openvino_version() is not None:
         say("OpenVINO conversion (seconds; longer on a busy machine)")
         # a model of its own, converted from exact fp32 weights, its precision settled on
@@ -277,6 +278,7 @@ def run_embed_benchmark(
         on_openvino = load_model(model_dir, device=device, precision=precision, runtime="openvino")
         if on_openvino.runtime == "openvino":
             openvino_s = round(time.perf_counter() - started, 1)
+            openvino_model = on_openvino.describe()
             measure("_openvino", on_openvino)
     flops = model_gflops(embedder.config)
     machine: dict[str, float] = {"model_gflops_per_image": round(flops, 3)}
@@ -304,6 +306,7 @@ def run_embed_benchmark(
         "torch_threads": torch.get_num_threads(),
         "compile_s": compile_s,
         "openvino_convert_s": openvino_s,
+        "model_openvino": openvino_model,
         "machine": machine,
         "rows": rows,
         "best": {

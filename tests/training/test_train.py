@@ -179,7 +179,7 @@ def test_the_documented_recipe_is_the_default() -> None:
     assert config.keep == "best"
     result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
     assert "[default: 10]" in result.stdout
-    assert "[default: 2048]" in result.stdout
+    assert "[default: 4096]" in result.stdout
 
 
 def test_progress_lines_are_spaced_by_the_interval() -> None:
