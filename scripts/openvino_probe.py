@@ -24,34 +24,11 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
-import openvino.opset13 as ops
 import torch
 
 from app.benchmarks.embed import model_gflops
+from app.inference.openvino_runtime import openvino_gemm_gflops
 from app.inference.runtime import load_model
-
-
-def gemm_gflops(core: ov.Core, precision: str, threads: int, seconds: float = 0.5) -> float:
-    best = 0.0
-    rng = np.random.default_rng(0)
-    for n in (1024, 2048, 4096):
-        x = ops.parameter([n, n], np.float32)
-        w = ops.constant(rng.standard_normal((n, n), dtype=np.float32))
-        config = {
-            "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": precision,
-            "INFERENCE_NUM_THREADS": threads,
-        }
-        model = ov.Model([ops.matmul(x, w, False, False)], [x])
-        request = core.compile_model(model, "CPU", config).create_infer_request()
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        request.infer({0: a})
-        reps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            request.infer({0: a})
-            reps += 1
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def images_per_s(compiled: Any, batch: np.ndarray, streams: int, images: int) -> float:
@@ -91,7 +68,7 @@ def main() -> None:
         )
     core = ov.Core()
     flops = model_gflops(embedder.config)
-    gemm = {p: gemm_gflops(core, p, threads) for p in ("f32", "bf16")}
+    gemm = {p: openvino_gemm_gflops(1.5, threads, p) for p in ("f32", "bf16")}
     settings: dict[str, tuple[dict[str, Any], int]] = {
         "latency_f32": ({"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}, 1),
         "latency_bf16": ({"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16"}, 1),

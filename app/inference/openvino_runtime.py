@@ -93,7 +93,9 @@ class OpenVinoForward:
             return np.array(self._request.get_output_tensor(0).data, dtype=np.float32)
 
 
-def openvino_gemm_gflops(seconds: float = 1.5, threads: int | None = None) -> float:
+def openvino_gemm_gflops(
+    seconds: float = 1.5, threads: int | None = None, precision: str = "f32"
+) -> float:
     """Sustained fp32 matrix-multiply GFLOP/s through OpenVINO's CPU plugin (best of
     sizes 1024/2048/4096; an n x n input times a constant n x n weight, the shape of a
     linear layer), for rooflines that should not depend on PyTorch's own GEMM."""
@@ -106,7 +108,10 @@ def openvino_gemm_gflops(seconds: float = 1.5, threads: int | None = None) -> fl
         x = ops.parameter([n, n], np.float32)
         w = ops.constant(rng.standard_normal((n, n), dtype=np.float32))
         model = ov.Model([ops.matmul(x, w, False, False)], [x])
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config: dict[str, Any] = {
+            "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_PRECISION_HINT": precision,
+        }
         config["INFERENCE_NUM_THREADS"] = threads or torch.get_num_threads()
         request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
         a = rng.standard_normal((n, n), dtype=np.float32)
