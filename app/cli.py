@@ -1101,8 +1101,10 @@ def train(
     keep: Annotated[
         str,
         typer.Option(
-            help="With a validation protocol, the epoch the output holds: best (highest "
-            "validation mAP@1000) or last. Without one, the last."
+            help="The epoch the output holds: best (with a validation protocol the highest "
+            "validation mAP@1000; without one the first epoch at --final-size, the best in "
+            "every validated run of the recipe, where training then stops), last, or an "
+            "epoch number (training stops after it; the schedule still spans --epochs)."
         ),
     ] = _train_default("keep"),
     restart: Annotated[

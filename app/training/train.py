@@ -278,6 +278,36 @@ class WeightAverage:
 KEEP_CHOICES = ("best", "last")
 
 
+def parse_keep(keep: str, epochs: int) -> str | int:
+    """`best`, `last`, or an epoch number in 1..`epochs` (training stops after it)."""
+    if keep in KEEP_CHOICES:
+        return keep
+    try:
+        number = int(keep)
+    except ValueError:
+        raise InvalidRequest(f"unknown keep {keep!r} (best, last or an epoch number)") from None
+    if not 1 <= number <= epochs:
+        raise InvalidRequest(f"keep {number} is not an epoch of 1..{epochs}")
+    return number
+
+
+def stop_epoch(keep: str | int, epochs: int, final_epochs: int, validated: bool) -> int:
+    """How many epochs of the `epochs`-long schedule to train before the output is written.
+
+    An epoch number stops there. `best` without a validation protocol stops after the
+    first epoch at the final side: in every validated grocery-store run of the recipe
+    (final sides of 288 and 320 px, one to three final epochs, 10 or 12 epochs; chosen on
+    the val split, docs/benchmarks.md) that epoch had the best validation mAP@1000, and
+    the ones after it, at lower learning rates, fell back. With validation, `best` trains
+    the whole schedule and keeps the best epoch; `last` trains it and keeps the last.
+    """
+    if isinstance(keep, int):
+        return keep
+    if keep == "best" and not validated and final_epochs > 0:
+        return epochs - final_epochs + 1
+    return epochs
+
+
 class KeptEpoch:
     """Which epoch's weights the output model holds: the last, or the best on validation.
 
@@ -289,10 +319,9 @@ class KeptEpoch:
     Without validation, or with `keep="last"`, the last epoch is kept.
     """
 
-    def __init__(self, keep: str) -> None:
-        if keep not in KEEP_CHOICES:
-            raise InvalidRequest(f"unknown keep {keep!r} (best or last)")
-        self.keep = keep
+    def __init__(self, keep: str | int) -> None:
+        # an epoch number stops training there: what is kept is then the last epoch
+        self.keep = keep if isinstance(keep, str) else "last"
         self.epoch: int | None = None
         self.score = float("-inf")
         self.state: dict[str, torch.Tensor] | None = None
@@ -483,7 +512,8 @@ def train(
     """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
     if config.subcenters < 1:
         raise InvalidRequest(f"subcenters must be at least 1, got {config.subcenters}")
-    kept = KeptEpoch(config.keep)
+    keep = parse_keep(config.keep, config.epochs)
+    kept = KeptEpoch(keep)
     generator = _seed_everything(config.seed)
     device = resolve_device(config.device)
     root = config.images_root or config.data.parent
@@ -495,6 +525,8 @@ def train(
     size = model_config.input_size
     final_size = final_side(size, config.final_size, model_config.head)
     final_epochs = min(config.final_epochs, config.epochs) if final_size != size else 0
+    validated = config.val_gallery is not None and config.val_queries is not None
+    stop = stop_epoch(keep, config.epochs, final_epochs, validated)
     module.to(device)
     module.to(memory_format=torch.channels_last)
     arcface = ArcFace(
@@ -576,6 +608,11 @@ def train(
         np.random.set_state(state["numpy_rng"])
         start_epoch, history = state["epoch"] + 1, state["history"]
         LOG.info("resuming from epoch %d", start_epoch + 1)
+        if start_epoch > stop:
+            raise InvalidRequest(
+                f"the checkpoint in {config.out} is past epoch {stop}, where this run stops "
+                "(--keep); --restart trains afresh"
+            )
 
     if on_start is not None:
         on_start(
@@ -584,6 +621,7 @@ def train(
                 "images": len(samples),
                 "steps_per_epoch": len(loader),
                 "epochs": config.epochs,
+                "stop_after_epoch": stop,
                 "first_epoch": start_epoch + 1,
                 "device": str(device),
                 "mixed_precision": dtype_name(amp_dtype),
@@ -591,7 +629,7 @@ def train(
             }
         )
     started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start_epoch, stop):
         if final_epochs and epoch == max(start_epoch, config.epochs - final_epochs):
             # The last epochs train at a higher resolution (FixRes: random resized crops
             # make objects look larger in training than in a plain resize at test time),
@@ -695,6 +733,7 @@ def train(
         "classes": len(names),
         "images": len(samples),
         "epochs": config.epochs,
+        "trained_epochs": len(history),
         "kept_epoch": kept_epoch,
         "train_seconds": round(time.perf_counter() - started, 1),
         "history": history,

@@ -30,7 +30,9 @@ from app.training.train import (
     TrainConfig,
     class_sampler,
     final_side,
+    parse_keep,
     prepare_module,
+    stop_epoch,
 )
 
 runner = CliRunner()
@@ -463,6 +465,56 @@ def test_an_unknown_keep_is_refused() -> None:
     config = TrainConfig(init="m", data=Path("d.csv"), out=Path("o"), keep="first")
     with pytest.raises(InvalidRequest, match="unknown keep 'first'"):
         train_module.train(config)
+    with pytest.raises(InvalidRequest, match="keep 11 is not an epoch of 1..10"):
+        train_module.train(TrainConfig(init="m", data=Path("d.csv"), out=Path("o"), keep="11"))
+
+
+def test_where_training_stops() -> None:
+    # best without validation: the first epoch at the final side (epoch 9 of the recipe's 10)
+    assert stop_epoch(parse_keep("best", 10), 10, 2, validated=False) == 9
+    assert stop_epoch("best", 12, 3, validated=False) == 10
+    # with validation the whole schedule runs and the best epoch is kept
+    assert stop_epoch("best", 10, 2, validated=True) == 10
+    assert stop_epoch("last", 10, 2, validated=False) == 10
+    # no final phase: nothing to stop at
+    assert stop_epoch("best", 10, 0, validated=False) == 10
+    # an epoch number stops there, with or without validation
+    assert parse_keep("7", 10) == 7
+    assert stop_epoch(parse_keep("7", 10), 10, 2, validated=True) == 7
+
+
+@pytest.mark.slow
+def test_without_validation_training_stops_after_the_first_epoch_at_the_final_side(
+    pooled_model_dir: Path, material: dict[str, Path], tmp_path: Path
+) -> None:
+    config = TrainConfig(
+        init=str(pooled_model_dir),
+        data=material["data"],
+        out=tmp_path / "recipe",
+        images_root=material["root"],
+        epochs=3,
+        batch_size=6,
+        xbm_size=24,
+        workers=0,
+        final_epochs=2,
+        final_size=96,
+    )
+
+    summary = train_module.train(config)
+
+    assert (summary["epochs"], summary["trained_epochs"], summary["kept_epoch"]) == (3, 2, 2)
+    assert [r["input_size"] for r in summary["history"]] == [64, 96]
+    served = json.loads((config.out / "config.json").read_text())
+    assert served["input_size"] in (96, [3, 96, 96])
+    # the learning rate followed the 3-epoch schedule: it stopped short of its end
+    scheduler = torch.load(config.out / "checkpoint.pt", weights_only=False)["scheduler"]
+    assert scheduler["total_steps"] == 3 * 3
+    assert scheduler["last_epoch"] == 2 * 3
+    # a checkpoint from a run that went further is not silently taken for this one
+    last = TrainConfig(**{**config.__dict__, "out": tmp_path / "last", "keep": "last"})
+    assert train_module.train(last)["trained_epochs"] == 3
+    with pytest.raises(InvalidRequest, match="is past epoch 2"):
+        train_module.train(TrainConfig(**{**last.__dict__, "keep": "best"}))
 
 
 @pytest.mark.parametrize(
