@@ -40,6 +40,7 @@ from app.imaging.decode import DecodeLimits, ImageDecoder
 from app.inference.architecture import ModelConfig, TYArcFace
 from app.inference.loading import CONFIG_FILE, load_module, resolve_model_dir
 from app.inference.openvino_runtime import openvino_gemm_gflops, openvino_version
+from app.inference.precision import cpu_supports_bf16
 from app.inference.runtime import Embedder, load_model
 from app.inference.worker import BatchWorker
 
@@ -284,11 +285,13 @@ def run_embed_benchmark(
     machine: dict[str, float] = {"model_gflops_per_image": round(flops, 3)}
     if roofline:
         say("machine roofline")
-        gemm = {"fp32": gemm_gflops(torch.float32), "bf16": gemm_gflops(torch.bfloat16)}
-        machine |= {
-            "gemm_gflops_fp32_torch": round(gemm["fp32"], 1),
-            "gemm_gflops_bf16": round(gemm["bf16"], 1),
-        }
+        gemm = {"fp32": gemm_gflops(torch.float32)}
+        machine["gemm_gflops_fp32_torch"] = round(gemm["fp32"], 1)
+        # Without native bf16 (AVX2 only) a bf16 GEMM is emulated: minutes for the 4096
+        # size, and no row runs in bf16 unless asked for.
+        if cpu_supports_bf16() or any(row["precision"] == "bf16" for row in rows):
+            gemm["bf16"] = gemm_gflops(torch.bfloat16)
+            machine["gemm_gflops_bf16"] = round(gemm["bf16"], 1)
         if openvino_s is not None:
             ov_fp32 = openvino_gemm_gflops()
             machine["gemm_gflops_fp32_openvino"] = round(ov_fp32, 1)
