@@ -316,7 +316,8 @@ class KeptEpoch:
     weights, the class centres and the model config (the side changes for the last
     epochs) are copied. The last epoch, at the lowest learning rate, is not always the
     best: in every grocery-store run it was below the one before it (docs/benchmarks.md).
-    Without validation, or with `keep="last"`, the last epoch is kept.
+    Without validation, or with `keep="last"` or an epoch number, the last epoch trained
+    is kept (where training stops: `stop_epoch`).
     """
 
     def __init__(self, keep: str | int) -> None:
