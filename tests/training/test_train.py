@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -406,6 +407,24 @@ def test_colour_jitter_options_reach_the_recipe() -> None:
     assert "--saturation-jitter" in result.stdout
 
 
+def _small_config(
+    model_dir: Path, material: dict[str, Path], out: Path, **overrides: Any
+) -> TrainConfig:
+    """Three short epochs of the 64 px pooled model, the last ones at 96 px."""
+    return TrainConfig(
+        init=str(model_dir),
+        data=material["data"],
+        out=out,
+        images_root=material["root"],
+        epochs=3,
+        batch_size=6,
+        xbm_size=24,
+        workers=0,
+        final_size=96,
+        **overrides,
+    )
+
+
 @pytest.mark.slow
 def test_the_output_holds_the_epoch_best_on_validation(
     pooled_model_dir: Path,
@@ -427,17 +446,11 @@ def test_the_output_holds_the_epoch_best_on_validation(
         save(path, module, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(train_module, "_save_checkpoint", capture)
-    config = TrainConfig(
-        init=str(pooled_model_dir),
-        data=material["data"],
-        out=tmp_path / "best",
-        images_root=material["root"],
-        epochs=3,
-        batch_size=6,
-        xbm_size=24,
-        workers=0,
+    config = _small_config(
+        pooled_model_dir,
+        material,
+        tmp_path / "best",
         final_epochs=1,
-        final_size=96,
         val_gallery=material["gallery"],
         val_queries=material["queries"],
         val_images_root=material["root"],
@@ -487,18 +500,7 @@ def test_where_training_stops() -> None:
 def test_without_validation_training_stops_after_the_first_epoch_at_the_final_side(
     pooled_model_dir: Path, material: dict[str, Path], tmp_path: Path
 ) -> None:
-    config = TrainConfig(
-        init=str(pooled_model_dir),
-        data=material["data"],
-        out=tmp_path / "recipe",
-        images_root=material["root"],
-        epochs=3,
-        batch_size=6,
-        xbm_size=24,
-        workers=0,
-        final_epochs=2,
-        final_size=96,
-    )
+    config = _small_config(pooled_model_dir, material, tmp_path / "recipe", final_epochs=2)
 
     summary = train_module.train(config)
 
