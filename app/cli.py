@@ -1183,10 +1183,16 @@ def train(
         disable=not terminal,
     )
     task = progress.add_task("train", total=None, epoch="-", loss="-", val="")
+    last_epoch = epochs
+
+    def on_start(info: dict[str, Any]) -> None:
+        nonlocal last_epoch
+        last_epoch = info.get("stop_after_epoch", epochs)  # --keep may stop before --epochs
+        log.start(info)
 
     def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
         progress.update(
-            task, completed=step, total=steps, epoch=f"{epoch + 1}/{epochs}", loss=f"{loss:.3f}"
+            task, completed=step, total=steps, epoch=f"{epoch + 1}/{last_epoch}", loss=f"{loss:.3f}"
         )
         log.step(epoch, step, steps, loss)
 
@@ -1196,7 +1202,7 @@ def train(
         log.epoch(epoch, record)
 
     with progress:
-        summary = run_training(config, on_start=log.start, on_step=on_step, on_epoch=on_epoch)
+        summary = run_training(config, on_start=on_start, on_step=on_step, on_epoch=on_epoch)
     log.done(summary)
 
 
