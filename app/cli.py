@@ -1036,6 +1036,13 @@ def train(
     hue_jitter: Annotated[
         float, typer.Option(help="Colour jitter: hue shift range, in turns (0: off).")
     ] = _train_default("hue_jitter"),
+    crop_scale: Annotated[
+        float,
+        typer.Option(
+            help="Random resized crops keep at least this fraction of the image's area "
+            "(0-1; 1: no crop, only the aspect ratio varies)."
+        ),
+    ] = _train_default("crop_scale"),
     class_sampling: Annotated[
         float,
         typer.Option(
@@ -1148,6 +1155,7 @@ def train(
         backbone_lr_scale=backbone_lr_scale,
         saturation_jitter=saturation_jitter,
         hue_jitter=hue_jitter,
+        crop_scale=crop_scale,
         class_sampling=class_sampling,
         input_size=input_size,
         embedding_dim=embedding_dim,

@@ -72,6 +72,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     saturation_jitter: float = 0.0
     hue_jitter: float = 0.0
+    crop_scale: float = 0.35
     class_sampling: float = 0.0
     input_size: int | None = None
     embedding_dim: int = 512
@@ -220,11 +221,12 @@ class LabelledImages(Dataset[tuple[torch.Tensor, int]]):
         *,
         saturation: float = 0.0,
         hue: float = 0.0,
+        crop_scale: float = 0.35,
     ) -> None:
         self.samples = samples
         self.transform = T.Compose(
             [
-                T.RandomResizedCrop(size, scale=(0.35, 1.0), ratio=(0.75, 1.333)),
+                T.RandomResizedCrop(size, scale=(crop_scale, 1.0), ratio=(0.75, 1.333)),
                 T.RandomHorizontalFlip(),
                 T.ColorJitter(brightness=0.3, contrast=0.3, saturation=saturation, hue=hue),
                 T.ToTensor(),
@@ -513,6 +515,8 @@ def train(
     """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
     if config.subcenters < 1:
         raise InvalidRequest(f"subcenters must be at least 1, got {config.subcenters}")
+    if not 0.0 < config.crop_scale <= 1.0:
+        raise InvalidRequest(f"crop scale must be in (0, 1], got {config.crop_scale}")
     keep = parse_keep(config.keep, config.epochs)
     kept = KeptEpoch(keep)
     generator = _seed_everything(config.seed)
@@ -551,6 +555,7 @@ def train(
                 side,
                 saturation=config.saturation_jitter,
                 hue=config.hue_jitter,
+                crop_scale=config.crop_scale,
             ),
             batch_size=config.batch_size,
             shuffle=sampler is None,

@@ -401,6 +401,39 @@ def test_hue_jitter_off_keeps_a_products_colour(tmp_path: Path) -> None:
     assert max(abs(h - original) for h in _hues(moved, config, 12)) > 0.03
 
 
+def test_crop_scale_bounds_how_much_of_the_image_a_crop_keeps(tmp_path: Path) -> None:
+    # A 64 px image whose left half is black and right half white: a crop that keeps the
+    # whole area (scale 1, square aspect) sees both halves, one that may keep a tenth of it
+    # sometimes sees one colour only.
+    path = tmp_path / "halves.png"
+    image = Image.new("RGB", (64, 64), (0, 0, 0))
+    image.paste((255, 255, 255), (32, 0, 64, 64))
+    image.save(path)
+    config = ModelConfig(
+        backbone_name="x", backbone_features=8, hidden_size=1, embedding_dim=8, input_size=32
+    )
+    samples = [Sample(path, 0, None)]
+    std = torch.tensor(config.std)
+    mean = torch.tensor(config.mean)
+
+    def one_coloured(crop_scale: float) -> int:
+        images = LabelledImages(samples, config, 32, crop_scale=crop_scale)
+        count = 0
+        for _ in range(200):
+            tensor, _ = images[0]
+            grey = (tensor * std[:, None, None] + mean[:, None, None]).mean(0)
+            count += int(float(grey.max() - grey.min()) < 0.5)
+        return count
+
+    torch.manual_seed(0)
+    assert one_coloured(1.0) == 0
+    assert one_coloured(0.1) > 5
+    with pytest.raises(InvalidRequest, match="crop scale must be in"):
+        train_module.train(TrainConfig(init="m", data=Path("d.csv"), out=Path("o"), crop_scale=0))
+    result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--crop-scale" in result.stdout
+
+
 def test_colour_jitter_options_reach_the_recipe() -> None:
     result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
     assert "--hue-jitter" in result.stdout
