@@ -179,6 +179,7 @@ def test_the_documented_recipe_is_the_default() -> None:
     assert config.pooling is None  # measured, not kept
     assert config.ema_decay == 0.0  # measured, not kept
     assert (config.hue_jitter, config.saturation_jitter) == (0.0, 0.0)  # colour is identity
+    assert config.crop_scale == 0.6  # ahead of 0.35 on val at the kept epoch
     assert config.keep == "best"
     result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
     assert "[default: 10]" in result.stdout
