@@ -223,7 +223,7 @@ class LabelledImages(Dataset[tuple[torch.Tensor, int]]):
         *,
         saturation: float = 0.0,
         hue: float = 0.0,
-        crop_scale: float = 0.6,
+        crop_scale: float = TrainConfig.crop_scale,
     ) -> None:
         self.samples = samples
         self.transform = T.Compose(
