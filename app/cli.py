@@ -1090,6 +1090,13 @@ def train(
     final_epochs: Annotated[
         int, typer.Option(help="Epochs at --final-size at the end (0: none).")
     ] = _train_default("final_epochs"),
+    final_crop_scale: Annotated[
+        float | None,
+        typer.Option(
+            help="--crop-scale for the epochs at --final-size (default: --crop-scale; "
+            "1: the whole image, as it is served)."
+        ),
+    ] = _train_default("final_crop_scale"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = _train_default("seed"),
     workers: Annotated[int, typer.Option(help="Data-loading processes.")] = _train_default(
         "workers"
@@ -1169,6 +1176,7 @@ def train(
         pooling=pooling,
         final_size=final_size,
         final_epochs=final_epochs,
+        final_crop_scale=final_crop_scale,
         seed=seed,
         workers=workers,
         device=device,

@@ -87,6 +87,7 @@ class TrainConfig:
     pooling: str | None = None
     final_size: int | None = None
     final_epochs: int = 2
+    final_crop_scale: float | None = None
     seed: int = 0
     workers: int = 1
     device: str = "auto"
@@ -517,8 +518,12 @@ def train(
     """Fine-tune; returns a summary (per-epoch loss and validation, times, output)."""
     if config.subcenters < 1:
         raise InvalidRequest(f"subcenters must be at least 1, got {config.subcenters}")
-    if not 0.0 < config.crop_scale <= 1.0:
-        raise InvalidRequest(f"crop scale must be in (0, 1], got {config.crop_scale}")
+    for name, value in (
+        ("crop scale", config.crop_scale),
+        ("final crop scale", config.final_crop_scale),
+    ):
+        if value is not None and not 0.0 < value <= 1.0:
+            raise InvalidRequest(f"{name} must be in (0, 1], got {value}")
     keep = parse_keep(config.keep, config.epochs)
     kept = KeptEpoch(keep)
     generator = _seed_everything(config.seed)
@@ -549,7 +554,7 @@ def train(
         else None
     )
 
-    def make_loader(side: int) -> DataLoader[tuple[torch.Tensor, int]]:
+    def make_loader(side: int, crop_scale: float) -> DataLoader[tuple[torch.Tensor, int]]:
         return DataLoader(
             LabelledImages(
                 samples,
@@ -557,7 +562,7 @@ def train(
                 side,
                 saturation=config.saturation_jitter,
                 hue=config.hue_jitter,
-                crop_scale=config.crop_scale,
+                crop_scale=crop_scale,
             ),
             batch_size=config.batch_size,
             shuffle=sampler is None,
@@ -569,7 +574,7 @@ def train(
             persistent_workers=config.workers > 0,
         )
 
-    loader = make_loader(size)
+    loader = make_loader(size, config.crop_scale)
     head_params = [p for n, p in module.named_parameters() if not n.startswith("backbone.")]
     optimizer = torch.optim.AdamW(
         [
@@ -646,7 +651,10 @@ def train(
             module.config = model_config
             if average is not None:
                 average.module.config = model_config
-            loader = make_loader(final_size)
+            final_crop = config.final_crop_scale
+            loader = make_loader(
+                final_size, config.crop_scale if final_crop is None else final_crop
+            )
         frozen = epoch < config.freeze_epochs
         module.train()
         module.backbone.requires_grad_(not frozen)

@@ -553,6 +553,37 @@ def test_without_validation_training_stops_after_the_first_epoch_at_the_final_si
         train_module.train(TrainConfig(**{**last.__dict__, "keep": "best"}))
 
 
+@pytest.mark.slow
+def test_the_epochs_at_the_final_side_take_their_own_crop_scale(
+    pooled_model_dir: Path,
+    material: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    made: list[tuple[int, float]] = []
+    original = train_module.LabelledImages
+
+    def record(samples: Any, config: Any, size: int, **kwargs: Any) -> Any:
+        made.append((size, kwargs["crop_scale"]))
+        return original(samples, config, size, **kwargs)
+
+    monkeypatch.setattr(train_module, "LabelledImages", record)
+    config = _small_config(pooled_model_dir, material, tmp_path / "same", final_epochs=1)
+    train_module.train(TrainConfig(**{**config.__dict__, "keep": "last"}))
+    assert made == [(64, 0.6), (96, 0.6)]  # by default the final epochs crop as the others
+
+    made.clear()
+    whole = TrainConfig(
+        **{**config.__dict__, "out": tmp_path / "whole", "keep": "last", "final_crop_scale": 1.0}
+    )
+    assert train_module.train(whole)["trained_epochs"] == 3
+    assert made == [(64, 0.6), (96, 1.0)]
+    with pytest.raises(InvalidRequest, match="final crop scale must be in"):
+        train_module.train(TrainConfig(**{**config.__dict__, "final_crop_scale": 1.5}))
+    result = runner.invoke(cli, ["train", "--help"], env={"COLUMNS": "200"})
+    assert "--final-crop-scale" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("power", "expected_share_of_rare"),
     [(0.5, 2 / (2 + 8)), (1.0, 1 / 2)],  # counts 4 and 64: sqrt 2 and 8; equal 1 and 1
