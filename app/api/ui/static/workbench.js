@@ -215,7 +215,7 @@ async function fillQueue() {
   if (review.loading) return review.loading;
   if (review.exhausted) return;
   const generation = review.generation;
-  review.loading = (async () => {
+  const loading = (async () => {
     try {
       const page = await api(
         "GET",
@@ -229,10 +229,11 @@ async function fillQueue() {
       review.cursor = page.next_cursor;
       review.exhausted = !page.next_cursor;
     } finally {
-      review.loading = null;
+      if (review.loading === loading) review.loading = null; // not a newer queue's load
     }
   })();
-  return review.loading;
+  review.loading = loading;
+  return loading;
 }
 
 async function resetQueue() {
@@ -241,15 +242,24 @@ async function resetQueue() {
   review.cursor = null;
   review.exhausted = false;
   review.loading = null;
+  // Until the new queue's first pair is shown there is nothing to decide: the old pair
+  // leaves the screen at once, so a key pressed meanwhile never acts on a pair not shown.
   review.current = null;
+  const container = document.getElementById("pair");
+  container.replaceChildren(el("p", { class: "empty" }, "Loading pairs…"));
+  container.dataset.pair = "";
   await nextPair();
 }
 
 async function nextPair() {
+  const generation = review.generation;
   while (review.queue.length < 10 && !review.exhausted) {
     await fillQueue();
+    if (generation !== review.generation) return; // a newer queue shows its own pair
   }
-  review.current = review.queue.shift() || null;
+  let pair = review.queue.shift() || null;
+  while (pair && review.seen.has(pairKey(pair.a, pair.b))) pair = review.queue.shift() || null;
+  review.current = pair;
   renderPair(document.getElementById("pair"), review.current);
   // prefetch the next thumbnails so the following key press shows them at once
   for (const pair of review.queue.slice(0, 3)) {
