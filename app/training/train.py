@@ -537,6 +537,9 @@ def train(
     size = model_config.input_size
     final_size = final_side(size, config.final_size, model_config.head)
     final_epochs = min(config.final_epochs, config.epochs) if final_size != size else 0
+    final_crop_scale = (
+        config.crop_scale if config.final_crop_scale is None else config.final_crop_scale
+    )
     validated = config.val_gallery is not None and config.val_queries is not None
     stop = stop_epoch(keep, config.epochs, final_epochs, validated)
     module.to(device)
@@ -651,10 +654,7 @@ def train(
             module.config = model_config
             if average is not None:
                 average.module.config = model_config
-            final_crop = config.final_crop_scale
-            loader = make_loader(
-                final_size, config.crop_scale if final_crop is None else final_crop
-            )
+            loader = make_loader(final_size, final_crop_scale)
         frozen = epoch < config.freeze_epochs
         module.train()
         module.backbone.requires_grad_(not frozen)

@@ -248,7 +248,13 @@ async function resetQueue() {
   const container = document.getElementById("pair");
   container.replaceChildren(el("p", { class: "empty" }, "Loading pairs…"));
   container.dataset.pair = "";
-  await nextPair();
+  try {
+    await nextPair();
+  } catch (err) {
+    // not left saying "Loading" when the load failed (no key, server gone)
+    container.replaceChildren(el("p", { class: "error" }, err.message));
+    throw err;
+  }
 }
 
 async function nextPair() {
@@ -569,7 +575,7 @@ function setupReview() {
   }
   body.addEventListener("keychange", () => {
     loadStats();
-    resetQueue();
+    resetQueue().catch((err) => toast(err.message));
   });
   loadStats();
   resetQueue().catch((err) => toast(err.message));
